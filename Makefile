@@ -1,0 +1,43 @@
+# `make test` works on a fresh machine: it creates .venv, installs everything
+# (torch pinned to the CPU wheel; override TORCH_SPEC for a CUDA build), builds
+# the C++ extension and runs the whole test suite (slow cases included).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_SPEC ?= torch==2.13.0
+DEPS := triton transformers safetensors tokenizers tqdm numpy pytest pytest-benchmark hypothesis ninja cmake matplotlib
+BENCH_DEPS := liger-kernel trl
+
+.PHONY: venv build test test-fast bench bench-quick demo clean
+
+$(VENV)/.installed: setup.py pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q $(DEPS)
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(VENV)/.peers: $(VENV)/.installed
+	$(PIP) install -q $(BENCH_DEPS) "$(TORCH_SPEC)"
+	touch $@
+
+build: venv
+	$(PIP) install -q --no-build-isolation -e .
+
+test: build
+	$(PY) -m pytest -q tests
+
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: build $(VENV)/.peers
+	$(PY) -m bench
+
+bench-quick: build $(VENV)/.peers
+	$(PY) -m bench --quick
+
+clean:
+	rm -rf build *.egg-info mmr1_kernels/_C*.so

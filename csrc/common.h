@@ -1,0 +1,145 @@
+// Shared helpers for the mmr1 CPU kernels.
+//
+// The inner loops are written as plain scalar C++ over contiguous fp32 data so
+// that GCC/Clang auto-vectorize them (-O3 -mavx2 -mfma -fopenmp-simd, see
+// CMakeLists.txt); `#pragma omp simd reduction(...)` lets the compiler reorder
+// the fp32 sums into vector lanes without -ffast-math (which would also break
+// the NaN/inf handling the kernels rely on).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace mmr1 {
+
+// exp(x) for fp32, vectorizable. Cephes-style: x = n*ln2 + r, |r| <= ln2/2,
+// exp(r) by a degree-6 polynomial (max rel. error ~1.2e-7, i.e. ~1 ulp),
+// 2^n built in the exponent bits. libm's expf is a function call the
+// vectorizer cannot inline (glibc's vector variants need -ffast-math), and it
+// costs ~4x more per element in the softmax passes here.
+// Inputs below -87.3 return exactly 0 (softmax of -inf logits), NaN stays NaN.
+static inline float exp_approx(float x) {
+  const float xc = x > 88.3762626647949f ? 88.3762626647949f
+                                         : (x < -87.3365478515625f ? -87.3365478515625f : x);
+  const float n = std::nearbyint(xc * 1.44269504088896341f);
+  float r = std::fma(n, -0.693359375f, xc);
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r + 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float y = p * scale;
+  // (x != x) keeps NaN; x < -87.33 underflows to exact 0.
+  return (x != x) ? x : (x < -87.3365478515625f ? 0.0f : y);
+}
+
+template <typename T>
+static inline float to_f32(T v) {
+  return static_cast<float>(v);
+}
+
+// Copy `n` elements of a row into an fp32 scratch buffer. For bf16 this is a
+// 16-bit shift per element and vectorizes; for fp16 the F16C conversion is used
+// when compiled with -mf16c. fp32 rows are read in place (no copy), see
+// RowReader below.
+template <typename T>
+static inline void load_row_f32(const T* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
+}
+
+// Gives an fp32 pointer to a row window: the row itself for fp32 input, or a
+// per-thread scratch buffer filled once for bf16/fp16 (so later passes over the
+// window hit L1/L2 in fp32 instead of converting again).
+template <typename T>
+struct RowReader {
+  std::vector<float> scratch;
+  explicit RowReader(int64_t n) : scratch(static_cast<size_t>(n)) {}
+  const float* read(const T* src, int64_t n) {
+    load_row_f32(src, scratch.data(), n);
+    return scratch.data();
+  }
+};
+
+template <>
+struct RowReader<float> {
+  explicit RowReader(int64_t) {}
+  const float* read(const float* src, int64_t) { return src; }
+};
+
+static inline float row_max(const float* __restrict z, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = z[i] > m ? z[i] : m;
+  return m;
+}
+
+// sum_i exp((z_i - m) * inv_t)
+static inline float row_sum_exp(const float* __restrict z, int64_t n, float m, float inv_t) {
+  float s = 0.0f;
+  const float shift = m * inv_t;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += exp_approx(std::fma(z[i], inv_t, -shift));
+  return s;
+}
+
+// Row addressing for logits given as [N, V] or [B, T, V] with unit stride on V
+// (e.g. the common `logits[:, :-1]` view, which cannot be flattened to 2-D
+// without a copy of the whole tensor).
+struct RowIndexer {
+  int64_t rows_per_batch;  // T (or N for 2-D input)
+  int64_t stride_batch;    // element stride of dim 0 for 3-D, unused for 2-D
+  int64_t stride_row;      // element stride between consecutive rows
+  int64_t offset(int64_t n) const {
+    return (n / rows_per_batch) * stride_batch + (n % rows_per_batch) * stride_row;
+  }
+};
+
+static inline RowIndexer make_row_indexer(const at::Tensor& logits) {
+  if (logits.dim() == 2) return {logits.size(0) > 0 ? logits.size(0) : 1, 0, logits.stride(0)};
+  return {logits.size(1) > 0 ? logits.size(1) : 1, logits.stride(0), logits.stride(1)};
+}
+
+static inline int64_t num_rows(const at::Tensor& logits) {
+  return logits.dim() == 2 ? logits.size(0) : logits.size(0) * logits.size(1);
+}
+
+void check_logits(const at::Tensor& logits, const char* op);
+void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const char* name, const char* op);
+
+}  // namespace mmr1
+
+// Dispatch over the three logits dtypes the kernels accept.
+#define MMR1_DISPATCH_LOGITS(dtype, name, ...)                                             \
+  [&] {                                                                                    \
+    switch (dtype) {                                                                       \
+      case at::kFloat: {                                                                   \
+        using scalar_t = float;                                                            \
+        return __VA_ARGS__();                                                              \
+      }                                                                                    \
+      case at::kBFloat16: {                                                                \
+        using scalar_t = c10::BFloat16;                                                    \
+        return __VA_ARGS__();                                                              \
+      }                                                                                    \
+      case at::kHalf: {                                                                    \
+        using scalar_t = c10::Half;                                                        \
+        return __VA_ARGS__();                                                              \
+      }                                                                                    \
+      default:                                                                             \
+        TORCH_CHECK(false, name, ": logits must be float32, bfloat16 or float16, got ", dtype); \
+    }                                                                                      \
+  }()

@@ -1,0 +1,21 @@
+"""mmr1_kernels: fused kernels for GRPO on autoregressive (image) generators.
+
+Public ops (each validates its arguments and dispatches by device: C++ on CPU,
+Triton on CUDA, the pure-PyTorch reference elsewhere; all are torch.library
+ops under ``torch.ops.mmr1`` and compose with torch.compile):
+
+- token_logprobs, grpo_loss                      from logits
+- fused_linear_logprobs, fused_linear_grpo_loss  from hidden states + head weight
+- group_advantages                               group-relative advantages
+"""
+from ._library import HAS_CPP, HAS_TRITON, backend_for
+from .logprob import grpo_loss, token_logprobs
+from .fused_linear import fused_linear_grpo_loss, fused_linear_logprobs
+from .advantages import group_advantages
+from . import reference
+
+__all__ = [
+    "token_logprobs", "grpo_loss", "fused_linear_logprobs", "fused_linear_grpo_loss", "group_advantages",
+    "reference", "backend_for", "HAS_CPP", "HAS_TRITON",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,296 @@
+"""Log-probs and GRPO loss straight from hidden states: logits are never materialized.
+
+The head is applied chunk by chunk over token rows, and only to the vocab
+window's rows of the weight (``weight[lo:hi]``, a view): for Lumina's image
+window (8192 of 65536 ids) that is 1/8 of the head FLOPs and 1/8 of the
+logits. Per chunk of C rows:
+
+    z   = h_c @ W_win^T                  [C, W]  (the only vocab-sized buffer)
+    fwd = mmr1::grpo_token_loss(z, ...)   fused log-prob / ratio / k3-KL
+    z  <- mmr1::logprob_backward_(z, ...) dloss/dz written over z (in place)
+    dh_c = z @ W_win ;  dW_win += z^T @ h_c   (fp32 accumulation)
+
+so peak extra memory is O(C x W) + the [W, d] weight-grad accumulator, never
+O(N x V). The loss op computes its gradients during the forward (the loss is
+a scalar, so the backward only scales them): 3 GEMMs per chunk instead of the
+4 a recompute-in-backward design needs. ``fused_linear_logprobs`` (reference
+and old-policy log-probs, usually under no_grad) saves only the fp32
+logsumexp and recomputes the chunk logits in its backward.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks as C
+from . import reference as ref
+from ._library import _lib, impl, op
+
+_lib.define(
+    "fused_linear_logprobs(Tensor hidden, Tensor weight, Tensor targets, Tensor? mask, float temperature, "
+    "int vocab_lo, int vocab_hi, int chunk_size) -> (Tensor logprobs, Tensor lse)"
+)
+_lib.define(
+    "fused_linear_logprobs_backward(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_logprobs, "
+    "float temperature, int vocab_lo, int vocab_hi, int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight_window)"
+)
+_lib.define(
+    "fused_linear_grpo_loss(Tensor hidden, Tensor weight, Tensor targets, Tensor advantages, Tensor token_weights, "
+    "Tensor? mask, Tensor? old_logprobs, Tensor? ref_logprobs, float temperature, int vocab_lo, int vocab_hi, "
+    "float eps_low, float eps_high, float beta, int chunk_size, bool compute_grad) -> (Tensor loss, "
+    "Tensor logprobs, Tensor ratio, Tensor kl, Tensor grad_hidden, Tensor grad_weight_window)"
+)
+
+# Rows per chunk so that one chunk of fp32 logits is ~32 MiB: 1024 rows at the
+# 8192-wide image window, 128 rows at a full 65536 vocab. Larger chunks buy
+# little GEMM efficiency and cost memory linearly.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def auto_chunk_size(num_rows: int, window: int) -> int:
+    return max(1, min(max(num_rows, 1), CHUNK_ELEMENTS // window))
+
+
+def _opt(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
+    return None if t is None else t[s:e]
+
+
+class _WeightGradAccumulator:
+    """dW_win += z^T @ h in fp32 (a bf16 accumulator would lose the small per-chunk terms)."""
+
+    def __init__(self, window_weight: torch.Tensor):
+        self.exact = window_weight.dtype == torch.float32
+        self.acc = torch.zeros(window_weight.shape, dtype=torch.float32, device=window_weight.device)
+
+    def add(self, dz: torch.Tensor, h: torch.Tensor) -> None:
+        if self.exact:
+            self.acc.addmm_(dz.t(), h)
+        else:
+            self.acc += torch.mm(dz.t(), h).float()
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.acc.to(dtype)
+
+
+@impl("fused_linear_logprobs", "CompositeExplicitAutograd")
+def _fl_logprobs(hidden, weight, targets, mask, temperature, vocab_lo, vocab_hi, chunk_size):
+    N, W = hidden.shape[0], vocab_hi - vocab_lo
+    w_win = weight[vocab_lo:vocab_hi]
+    local = targets - vocab_lo
+    logp = hidden.new_empty(N, dtype=torch.float32)
+    lse = hidden.new_empty(N, dtype=torch.float32)
+    for s in range(0, N, chunk_size):
+        e = min(s + chunk_size, N)
+        z = torch.mm(hidden[s:e], w_win.t())
+        lp, ls = op("token_logprobs")(z, local[s:e], _opt(mask, s, e), temperature, 0, W)
+        logp[s:e], lse[s:e] = lp, ls
+    return logp, lse
+
+
+@impl("fused_linear_logprobs_backward", "CompositeExplicitAutograd")
+def _fl_logprobs_backward(hidden, weight, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, chunk_size):
+    N, W = hidden.shape[0], vocab_hi - vocab_lo
+    w_win = weight[vocab_lo:vocab_hi]
+    local = targets - vocab_lo
+    grad_hidden = torch.empty_like(hidden)
+    gw = _WeightGradAccumulator(w_win)
+    for s in range(0, N, chunk_size):
+        e = min(s + chunk_size, N)
+        h = hidden[s:e]
+        z = torch.mm(h, w_win.t())
+        op("logprob_backward_")(z, local[s:e], lse[s:e], grad_logprobs[s:e], temperature, 0, W)
+        torch.mm(z, w_win, out=grad_hidden[s:e])
+        gw.add(z, h)
+    return grad_hidden, gw.result(weight.dtype)
+
+
+@impl("fused_linear_grpo_loss", "CompositeExplicitAutograd")
+def _fl_grpo(hidden, weight, targets, advantages, token_weights, mask, old_logprobs, ref_logprobs, temperature,
+             vocab_lo, vocab_hi, eps_low, eps_high, beta, chunk_size, compute_grad):
+    N, W = hidden.shape[0], vocab_hi - vocab_lo
+    w_win = weight[vocab_lo:vocab_hi]
+    local = targets - vocab_lo
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    loss = torch.zeros((), **f32)
+    logp, ratio, kl = (torch.empty(N, **f32) for _ in range(3))
+    grad_hidden = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
+    gw = _WeightGradAccumulator(w_win) if compute_grad else None
+    for s in range(0, N, chunk_size):
+        e = min(s + chunk_size, N)
+        h = hidden[s:e]
+        z = torch.mm(h, w_win.t())
+        lp, lse, tl, coef, r, k = op("grpo_token_loss")(
+            z, local[s:e], advantages[s:e], _opt(mask, s, e), _opt(old_logprobs, s, e), _opt(ref_logprobs, s, e),
+            temperature, 0, W, eps_low, eps_high, beta)
+        w_c = token_weights[s:e]
+        loss += (tl * w_c).sum()
+        logp[s:e], ratio[s:e], kl[s:e] = lp, r, k
+        if compute_grad:
+            op("logprob_backward_")(z, local[s:e], lse, coef * w_c, temperature, 0, W)
+            torch.mm(z, w_win, out=grad_hidden[s:e])
+            gw.add(z, h)
+    grad_w = gw.result(weight.dtype) if compute_grad else weight.new_empty(0)
+    return loss, logp, ratio, kl, grad_hidden, grad_w
+
+
+@torch.library.register_fake("mmr1::fused_linear_logprobs")
+def _fl_logprobs_fake(hidden, weight, targets, mask, temperature, vocab_lo, vocab_hi, chunk_size):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.register_fake("mmr1::fused_linear_logprobs_backward")
+def _fl_logprobs_backward_fake(hidden, weight, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi,
+                               chunk_size):
+    return torch.empty_like(hidden), weight.new_empty(vocab_hi - vocab_lo, weight.shape[1])
+
+
+@torch.library.register_fake("mmr1::fused_linear_grpo_loss")
+def _fl_grpo_fake(hidden, weight, targets, advantages, token_weights, mask, old_logprobs, ref_logprobs, temperature,
+                  vocab_lo, vocab_hi, eps_low, eps_high, beta, chunk_size, compute_grad):
+    n = hidden.shape[0]
+    f32 = dict(dtype=torch.float32)
+    gh = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
+    gw = weight.new_empty(vocab_hi - vocab_lo, weight.shape[1]) if compute_grad else weight.new_empty(0)
+    return hidden.new_empty((), **f32), hidden.new_empty(n, **f32), hidden.new_empty(n, **f32), \
+        hidden.new_empty(n, **f32), gh, gw
+
+
+def _full_weight_grad(grad_window, weight_shape, lo, hi):
+    # [W, d] window gradient -> [V, d] (zeros outside the window).
+    return F.pad(grad_window, (0, 0, lo, weight_shape[0] - hi))
+
+
+def _setup_fl_logprobs(ctx, inputs, output):
+    hidden, weight, targets, mask, temperature, lo, hi, chunk = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[1], mask)
+    ctx.params = (temperature, lo, hi, chunk)
+
+
+def _backward_fl_logprobs(ctx, grad_logp, grad_lse):
+    hidden, weight, targets, lse, mask = ctx.saved_tensors
+    temperature, lo, hi, chunk = ctx.params
+    g = grad_logp.float().contiguous()
+    if mask is not None:
+        g = torch.where(mask, g, torch.zeros_like(g))
+    gh, gw = op("fused_linear_logprobs_backward")(hidden, weight, targets, lse, g, temperature, lo, hi, chunk)
+    gw = _full_weight_grad(gw, weight.shape, lo, hi) if ctx.needs_input_grad[1] else None
+    return (gh if ctx.needs_input_grad[0] else None), gw, None, None, None, None, None, None
+
+
+torch.library.register_autograd("mmr1::fused_linear_logprobs", _backward_fl_logprobs,
+                                setup_context=_setup_fl_logprobs)
+
+
+def _setup_fl_grpo(ctx, inputs, output):
+    weight, lo, hi = inputs[1], inputs[9], inputs[10]
+    ctx.save_for_backward(output[4], output[5])
+    ctx.params = (tuple(weight.shape), lo, hi)
+
+
+def _backward_fl_grpo(ctx, grad_loss, *_unused):
+    gh, gw = ctx.saved_tensors
+    if gh.numel() == 0 and gw.numel() == 0:
+        raise RuntimeError("fused_linear_grpo_loss was called with compute_grad=False; it has no backward")
+    weight_shape, lo, hi = ctx.params
+    g = grad_loss.to(gh.dtype)
+    grad_hidden = gh * g if ctx.needs_input_grad[0] else None
+    grad_weight = _full_weight_grad(gw * g.to(gw.dtype), weight_shape, lo, hi) if ctx.needs_input_grad[1] else None
+    return (grad_hidden, grad_weight) + (None,) * 14
+
+
+torch.library.register_autograd("mmr1::fused_linear_grpo_loss", _backward_fl_grpo, setup_context=_setup_fl_grpo)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _check_linear(hidden, weight):
+    C.check_tensor("hidden", hidden, dtypes=C.LOGIT_DTYPES)
+    C.check_tensor("weight", weight, dtypes=C.LOGIT_DTYPES, ndim=2, device=hidden.device)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape [..., d], got {tuple(hidden.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, d={hidden.shape[-1]}], got {tuple(weight.shape)}")
+
+
+def _chunk(chunk_size, N, W):
+    if chunk_size is None:
+        return auto_chunk_size(N, W)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          temperature: float = 1.0, vocab_range: Optional[Tuple[int, int]] = None,
+                          mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """log softmax((hidden @ weight[lo:hi].T) / T)[targets], fp32, shaped like ``targets``.
+
+    hidden [..., d], weight [V, d] (the untied lm_head), targets [...] absolute
+    ids. Differentiable w.r.t. hidden and weight; peak extra memory
+    O(chunk_size x window).
+    """
+    _check_linear(hidden, weight)
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    C.check_tensor("targets", targets, dtypes=(torch.int64, torch.int32), device=hidden.device)
+    C.check_shape("targets", targets, lead)
+    tgt = targets.reshape(-1).long().contiguous()
+    temperature = C.check_scalar("temperature", temperature, low=0.0, low_inclusive=False)
+    lo, hi = C.vocab_window(vocab_range, weight.shape[0])
+    m = C.as_mask("mask", mask, lead, hidden.device)
+    m = m.reshape(-1).contiguous() if m is not None else None
+    C.check_targets_in_window(tgt, lo, hi, m)
+    logp, _ = op("fused_linear_logprobs")(h, weight, tgt, m, temperature, lo, hi, _chunk(chunk_size, h.shape[0], hi - lo))
+    return logp.reshape(lead)
+
+
+def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           advantages: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                           old_logprobs: Optional[torch.Tensor] = None, ref_logprobs: Optional[torch.Tensor] = None,
+                           *, temperature: float = 1.0, vocab_range: Optional[Tuple[int, int]] = None,
+                           eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, loss_type: str = "grpo",
+                           chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """GRPO loss from hidden states [B, T, d] and the head weight [V, d]; see ``grpo_loss``.
+
+    Returns ``(loss, metrics)``; the loss is differentiable w.r.t. ``hidden``
+    and ``weight`` (gradients are computed chunk by chunk during the forward).
+    """
+    _check_linear(hidden, weight)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, T, d], got {tuple(hidden.shape)}")
+    B, T, d = hidden.shape
+    dev = hidden.device
+    C.check_tensor("targets", targets, dtypes=(torch.int64, torch.int32), device=dev)
+    C.check_shape("targets", targets, (B, T))
+    tgt = targets.reshape(-1).long().contiguous()
+    if loss_type not in ref.LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {ref.LOSS_TYPES}, got {loss_type!r}")
+    temperature = C.check_scalar("temperature", temperature, low=0.0, low_inclusive=False)
+    eps_low = C.check_scalar("eps_low", eps_low, low=0.0, high=1.0)
+    eps_high = C.check_scalar("eps_high", eps_high, low=0.0)
+    beta = C.check_scalar("beta", beta, low=0.0)
+    lo, hi = C.vocab_window(vocab_range, weight.shape[0])
+    C.check_tensor("advantages", advantages, device=dev, ndim=(1, 2))
+    adv = advantages[:, None].expand(B, T) if advantages.dim() == 1 else advantages
+    adv = C.as_float_vector("advantages", adv, (B, T), dev)
+    m2d = C.as_mask("mask", mask, (B, T), dev)
+    if m2d is None:
+        m2d = torch.ones(B, T, dtype=torch.bool, device=dev)
+    m = m2d.reshape(-1).contiguous()
+    old = C.as_float_vector("old_logprobs", old_logprobs, (B, T), dev) if old_logprobs is not None else None
+    if beta != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs [B, T] is required when beta != 0")
+    refl = C.as_float_vector("ref_logprobs", ref_logprobs, (B, T), dev) if ref_logprobs is not None else None
+    C.check_targets_in_window(tgt, lo, hi, m)
+    w = ref.loss_weights(m2d, loss_type).reshape(-1).contiguous()
+    compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss, logp, ratio, kl, _, _ = op("fused_linear_grpo_loss")(
+        hidden.reshape(B * T, d), weight, tgt, adv, w, m, old, refl, temperature, lo, hi, eps_low, eps_high, beta,
+        _chunk(chunk_size, B * T, hi - lo), compute_grad)
+    return loss, ref.grpo_metrics(logp, ratio, kl, adv, m, eps_low, eps_high)

@@ -1,0 +1,269 @@
+"""Fused token log-prob / GRPO loss ops: registration and public API.
+
+Ops (schemas in _library.py):
+  mmr1::token_logprobs    logits -> (logp, lse)                     fp32 [N]
+  mmr1::grpo_token_loss   logits -> (logp, lse, loss, dloss/dlogp, ratio, kl)  fp32 [N]
+  mmr1::logprob_backward  (logits, lse, g) -> dz = g/T (onehot - softmax) [N, V]
+  mmr1::logprob_backward_ the same, written into the logits' storage
+
+Backends: C++ (CPU), Triton (CUDA), reference (anything else). Autograd is
+registered on the forward ops; their backward is the fused backward op, so
+the [N, V] softmax is never stored between forward and backward (only the
+fp32 logsumexp per token is).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import _checks as C
+from . import reference as ref
+from ._library import HAS_TRITON, impl, op
+
+# --------------------------------------------------------------------------- reference fallback
+
+
+def _rows(logits: torch.Tensor) -> int:
+    return logits.shape[0] if logits.dim() == 2 else logits.shape[0] * logits.shape[1]
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    return logits.reshape(_rows(logits), logits.shape[-1])
+
+
+@impl("token_logprobs", "CompositeExplicitAutograd")
+def _token_logprobs_ref(logits, targets, mask, temperature, vocab_lo, vocab_hi):
+    return ref.token_logprobs(_as_rows(logits), targets, temperature, vocab_lo, vocab_hi, mask=mask)
+
+
+@impl("grpo_token_loss", "CompositeExplicitAutograd")
+def _grpo_token_loss_ref(logits, targets, advantages, mask, old_logprobs, ref_logprobs, temperature, vocab_lo,
+                         vocab_hi, eps_low, eps_high, beta, inplace_backward=False):
+    logp, lse = ref.token_logprobs(_as_rows(logits), targets, temperature, vocab_lo, vocab_hi, mask=mask)
+    with torch.enable_grad():
+        x = logp.detach().requires_grad_(True)
+        loss, ratio, kl = ref.grpo_token_terms(x, advantages, old_logprobs, ref_logprobs, eps_low, eps_high, beta)
+        (coef,) = torch.autograd.grad(loss.sum(), x)
+    if mask is not None:
+        zero = torch.zeros_like(logp)
+        loss, coef, kl = (torch.where(mask, t, zero) for t in (loss, coef, kl))
+        ratio = torch.where(mask, ratio, torch.ones_like(ratio))
+    return logp, lse, loss.detach(), coef, ratio.detach(), kl.detach()
+
+
+@impl("logprob_backward", "CompositeExplicitAutograd")
+def _logprob_backward_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
+    return ref.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi)
+
+
+@impl("logprob_backward_", "CompositeExplicitAutograd")
+def _logprob_backward_inplace_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
+    logits.copy_(ref.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi))
+
+
+# --------------------------------------------------------------------------- Triton (CUDA)
+if HAS_TRITON:
+
+    @impl("token_logprobs", "CUDA")
+    def _token_logprobs_cuda(logits, targets, mask, temperature, vocab_lo, vocab_hi):
+        from .gpu import logprob as K
+
+        return K.logprob_forward(logits, targets, mask, temperature, vocab_lo, vocab_hi)
+
+    @impl("grpo_token_loss", "CUDA")
+    def _grpo_token_loss_cuda(logits, targets, advantages, mask, old_logprobs, ref_logprobs, temperature, vocab_lo,
+                              vocab_hi, eps_low, eps_high, beta, inplace_backward=False):
+        from .gpu import logprob as K
+
+        return K.logprob_forward(logits, targets, mask, temperature, vocab_lo, vocab_hi, advantages, old_logprobs,
+                                 ref_logprobs, eps_low, eps_high, beta)
+
+    @impl("logprob_backward", "CUDA")
+    def _logprob_backward_cuda(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
+        from .gpu import logprob as K
+
+        return K.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi)
+
+    @impl("logprob_backward_", "CUDA")
+    def _logprob_backward_inplace_cuda(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
+        from .gpu import logprob as K
+
+        K.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, out=logits)
+
+
+# --------------------------------------------------------------------------- fake (meta) impls
+
+
+def _fp32_rows(logits, k):
+    n = _rows(logits)
+    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(k))
+
+
+@torch.library.register_fake("mmr1::token_logprobs")
+def _token_logprobs_fake(logits, targets, mask, temperature, vocab_lo, vocab_hi):
+    return _fp32_rows(logits, 2)
+
+
+@torch.library.register_fake("mmr1::grpo_token_loss")
+def _grpo_token_loss_fake(logits, targets, advantages, mask, old_logprobs, ref_logprobs, temperature, vocab_lo,
+                          vocab_hi, eps_low, eps_high, beta, inplace_backward=False):
+    return _fp32_rows(logits, 6)
+
+
+@torch.library.register_fake("mmr1::logprob_backward")
+def _logprob_backward_fake(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("mmr1::logprob_backward_")
+def _logprob_backward_inplace_fake(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
+    return None
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _masked_grad(g, mask):
+    g = g.float().contiguous()
+    return torch.where(mask, g, torch.zeros_like(g)) if mask is not None else g
+
+
+def _setup_logprobs(ctx, inputs, output):
+    logits, targets, mask, temperature, lo, hi = inputs
+    ctx.save_for_backward(logits, targets, output[1], mask)
+    ctx.params = (temperature, lo, hi)
+
+
+def _backward_logprobs(ctx, grad_logp, grad_lse):
+    # lse is returned for reuse (e.g. entropy, z-loss) and is not differentiable.
+    logits, targets, lse, mask = ctx.saved_tensors
+    g = _masked_grad(grad_logp, mask)
+    dz = op("logprob_backward")(logits, targets, lse, g, *ctx.params)
+    return dz, None, None, None, None, None
+
+
+torch.library.register_autograd("mmr1::token_logprobs", _backward_logprobs, setup_context=_setup_logprobs)
+
+
+def _setup_grpo(ctx, inputs, output):
+    logits, targets, _adv, mask, _old, _ref, temperature, lo, hi, *_rest, inplace = inputs
+    ctx.save_for_backward(logits, targets, output[1], output[3], mask)
+    ctx.params = (temperature, lo, hi)
+    ctx.inplace = inplace
+
+
+def _backward_grpo(ctx, grad_logp, grad_lse, grad_loss, grad_coef, grad_ratio, grad_kl):
+    # d/dz of sum(g_loss * loss + g_logp * logp) = (g_loss * dloss/dlogp + g_logp) * dlogp/dz
+    logits, targets, lse, coef, mask = ctx.saved_tensors
+    g = torch.zeros_like(coef)
+    if grad_loss is not None:
+        g = g + grad_loss.float() * coef
+    if grad_logp is not None:
+        g = g + grad_logp.float()
+    g = _masked_grad(g, mask)
+    if ctx.inplace:
+        op("logprob_backward_")(logits, targets, lse, g, *ctx.params)
+        dz = logits
+    else:
+        dz = op("logprob_backward")(logits, targets, lse, g, *ctx.params)
+    return (dz,) + (None,) * 12
+
+
+torch.library.register_autograd("mmr1::grpo_token_loss", _backward_grpo, setup_context=_setup_grpo)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _prepare_logits(logits):
+    C.check_tensor("logits", logits, dtypes=C.LOGIT_DTYPES)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape [..., V] with at least 2 dims, got {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty vocab dim")
+    if logits.dim() > 3:
+        logits = logits.reshape(-1, logits.shape[-1])
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return logits
+
+
+def _prepare_targets(targets, logits_shape, device):
+    C.check_tensor("targets", targets, dtypes=(torch.int64, torch.int32), device=device)
+    C.check_shape("targets", targets, logits_shape[:-1])
+    return targets.reshape(-1).long().contiguous()
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   vocab_range: Optional[Tuple[int, int]] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log softmax(logits / T over the vocab window)[targets], fp32, shaped like ``targets``.
+
+    Never materializes the [N, V] log-softmax; differentiable w.r.t. ``logits``.
+    ``logits`` [..., V] (fp32/bf16/fp16, any leading strides with a unit vocab
+    stride, e.g. ``model_logits[:, :-1]``); ``targets`` [...] int64;
+    ``vocab_range=(lo, hi)`` restricts the softmax to ids lo..hi-1 (targets of
+    unmasked tokens must lie inside); ``mask`` [...] bool: masked tokens get 0
+    and are not read.
+    """
+    shape = logits.shape if isinstance(logits, torch.Tensor) else None
+    logits = _prepare_logits(logits)
+    tgt = _prepare_targets(targets, shape, logits.device)
+    temperature = C.check_scalar("temperature", temperature, low=0.0, low_inclusive=False)
+    lo, hi = C.vocab_window(vocab_range, logits.shape[-1])
+    m = C.as_mask("mask", mask, shape[:-1], logits.device)
+    m = m.reshape(-1).contiguous() if m is not None else None
+    C.check_targets_in_window(tgt, lo, hi, m)
+    logp, _ = op("token_logprobs")(logits, tgt, m, temperature, lo, hi)
+    return logp.reshape(shape[:-1])
+
+
+def grpo_loss(logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
+              mask: Optional[torch.Tensor] = None, old_logprobs: Optional[torch.Tensor] = None,
+              ref_logprobs: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
+              vocab_range: Optional[Tuple[int, int]] = None, eps_low: float = 0.2, eps_high: float = 0.2,
+              beta: float = 0.0, loss_type: str = "grpo",
+              inplace_backward: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Fused GRPO loss (clipped surrogate + beta * k3 KL) from logits [B, T, V].
+
+    Returns ``(loss, metrics)``: a scalar fp32 loss differentiable w.r.t.
+    ``logits``, and 0-dim tensors ``ratio_mean``, ``clip_low_frac``,
+    ``clip_high_frac``, ``kl_mean``, ``logp_mean`` (masked token means).
+    ``advantages`` [B] or [B, T]; ``old_logprobs``/``ref_logprobs`` [B, T]
+    (old defaults to the detached current log-probs; ref is needed when
+    beta != 0). ``loss_type``: grpo (mean of per-sequence token means), bnpo /
+    dapo (token sum / mask sum), dr_grpo (token sum / (B*T)).
+    ``inplace_backward=True`` writes d loss/d logits into the logits' storage
+    (no second [B, T, V] buffer; the logits are destroyed by backward).
+    """
+    C.check_tensor("logits", logits, dtypes=C.LOGIT_DTYPES, ndim=3)
+    B, T, V = logits.shape
+    logits = _prepare_logits(logits)
+    dev = logits.device
+    tgt = _prepare_targets(targets, (B, T, V), dev)
+    if loss_type not in ref.LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {ref.LOSS_TYPES}, got {loss_type!r}")
+    temperature = C.check_scalar("temperature", temperature, low=0.0, low_inclusive=False)
+    eps_low = C.check_scalar("eps_low", eps_low, low=0.0, high=1.0)
+    eps_high = C.check_scalar("eps_high", eps_high, low=0.0)
+    beta = C.check_scalar("beta", beta, low=0.0)
+    lo, hi = C.vocab_window(vocab_range, V)
+    C.check_tensor("advantages", advantages, device=dev, ndim=(1, 2))
+    adv = advantages[:, None].expand(B, T) if advantages.dim() == 1 else advantages
+    adv = C.as_float_vector("advantages", adv, (B, T), dev)
+    m2d = C.as_mask("mask", mask, (B, T), dev)
+    if m2d is None:
+        m2d = torch.ones(B, T, dtype=torch.bool, device=dev)
+    m = m2d.reshape(-1).contiguous()
+    old = C.as_float_vector("old_logprobs", old_logprobs, (B, T), dev) if old_logprobs is not None else None
+    if beta != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs [B, T] is required when beta != 0")
+    refl = C.as_float_vector("ref_logprobs", ref_logprobs, (B, T), dev) if ref_logprobs is not None else None
+    C.check_targets_in_window(tgt, lo, hi, m)
+
+    logp, _lse, token_loss, _coef, ratio, kl = op("grpo_token_loss")(
+        logits, tgt, adv, m, old, refl, temperature, lo, hi, eps_low, eps_high, beta, inplace_backward)
+    w = ref.loss_weights(m2d, loss_type).reshape(-1)
+    loss = (token_loss * w).sum()
+    metrics = ref.grpo_metrics(logp.detach(), ratio, kl, adv, m, eps_low, eps_high)
+    return loss, metrics

@@ -1,0 +1,193 @@
+"""Pure-PyTorch reference implementations: the executable spec of every op.
+
+These follow ../DESIGN.md "Kernel semantics" literally and favour clarity over
+speed (they materialize [N, V] log-softmax, loop over groups in Python where it
+is clearer, ...). They serve three purposes:
+
+1. the oracle for tests (run in float64),
+2. the baseline ("eager reference") in benchmarks,
+3. the fallback implementation for devices without a dedicated kernel
+   (registered under CompositeExplicitAutograd in mmr1_kernels._library).
+
+All functions take a ``dtype`` for the math (float32 by default, float64 for the
+oracle). Nothing here validates arguments: the public wrappers do that.
+"""
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "batch", "gdpo")
+LOG_RATIO_CLAMP = 20.0
+
+
+# --------------------------------------------------------------------------- log-probs
+def token_logprobs(logits, targets, temperature=1.0, vocab_lo=0, vocab_hi=None, mask=None, dtype=torch.float32):
+    """log softmax(logits[..., lo:hi] / T)[target] and the logsumexp, per token.
+
+    logits [..., V], targets [...] (absolute vocab ids). Returns (logp, lse) with
+    the shape of ``targets``. A target outside the window gives NaN; a masked
+    token gives (0, 0).
+    """
+    hi = logits.shape[-1] if vocab_hi is None else vocab_hi
+    z = logits[..., vocab_lo:hi].to(dtype) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    local = targets.long() - vocab_lo
+    inside = (local >= 0) & (local < hi - vocab_lo)
+    z_t = z.gather(-1, local.clamp(0, hi - vocab_lo - 1).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(inside, z_t - lse, torch.full_like(lse, float("nan")))
+    if mask is not None:
+        keep = mask.bool()
+        logp = torch.where(keep, logp, torch.zeros_like(logp))
+        lse = torch.where(keep, lse, torch.zeros_like(lse))
+    return logp, lse
+
+
+def grpo_token_terms(logp, advantages, old_logprobs=None, ref_logprobs=None, eps_low=0.2, eps_high=0.2, beta=0.0):
+    """Per-token clipped surrogate + beta * k3 KL, differentiable in ``logp``.
+
+    Returns (token_loss, ratio, kl). ``old_logprobs=None`` means on-policy
+    (old = logp.detach(): ratio 1, gradient -A).
+    """
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
+    ratio = torch.exp((logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    adv = advantages.to(logp.dtype)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if beta != 0.0:
+        delta = (ref_logprobs.to(logp.dtype) - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = torch.exp(delta) - delta - 1.0
+        loss = loss + beta * kl
+    return loss, ratio, kl
+
+
+def loss_weights(mask, loss_type):
+    """Per-token weights w with loss = sum(w * token_loss), for mask [B, T]."""
+    mask = mask.to(torch.float32) if not mask.is_floating_point() else mask
+    B, T = mask.shape
+    if loss_type == "grpo":  # mean over sequences of the masked token mean
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / B
+    if loss_type in ("bnpo", "dapo"):  # masked token sum / mask sum
+        return mask / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":  # masked sum / (B * T)
+        return mask / float(B * T)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def grpo_metrics(logp, ratio, kl, advantages, mask, eps_low, eps_high):
+    """Masked token means of the quantities a GRPO trainer logs (all detached)."""
+    with torch.no_grad():
+        m = mask.to(logp.dtype)
+        count = m.sum().clamp(min=1.0)
+        adv = advantages.to(logp.dtype)
+        low = ((ratio < 1.0 - eps_low) & (adv < 0)).to(logp.dtype)
+        high = ((ratio > 1.0 + eps_high) & (adv > 0)).to(logp.dtype)
+        return {
+            "ratio_mean": (ratio * m).sum() / count,
+            "clip_low_frac": (low * m).sum() / count,
+            "clip_high_frac": (high * m).sum() / count,
+            "kl_mean": (kl * m).sum() / count,
+            "logp_mean": (logp * m).sum() / count,
+        }
+
+
+def grpo_loss(logits, targets, advantages, mask=None, old_logprobs=None, ref_logprobs=None, *, temperature=1.0,
+              vocab_range=None, eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo", dtype=torch.float32):
+    """GRPO loss from logits [B, T, V]; differentiable w.r.t. ``logits``. Returns (loss, metrics)."""
+    B, T = targets.shape
+    lo, hi = vocab_range if vocab_range is not None else (0, logits.shape[-1])
+    if mask is None:
+        mask = torch.ones(B, T, dtype=torch.bool, device=targets.device)
+    adv = advantages.to(dtype)
+    adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv
+    logp, _ = token_logprobs(logits, targets, temperature, lo, hi, mask=mask, dtype=dtype)
+    token_loss, ratio, kl = grpo_token_terms(logp, adv, old_logprobs, ref_logprobs, eps_low, eps_high, beta)
+    w = loss_weights(mask, loss_type).to(dtype)
+    loss = (token_loss * w).sum()
+    return loss, grpo_metrics(logp, ratio, kl, adv, mask, eps_low, eps_high)
+
+
+def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask=None, old_logprobs=None, ref_logprobs=None,
+                           **kwargs):
+    """The same as ``grpo_loss`` with logits = hidden @ weight.T (materialized)."""
+    return grpo_loss(hidden @ weight.T, targets, advantages, mask, old_logprobs, ref_logprobs, **kwargs)
+
+
+def logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
+    """dz = g/T * (onehot(y) - softmax(z/T)) on the window, 0 outside; in the logits dtype."""
+    z = logits[..., vocab_lo:vocab_hi].float() / temperature
+    g = grad_logprobs.reshape(z.shape[:-1]).float()
+    p = torch.exp(z - lse.reshape(z.shape[:-1]).unsqueeze(-1))
+    dz = -(g / temperature).unsqueeze(-1) * p
+    local = (targets.reshape(z.shape[:-1]) - vocab_lo).long()
+    inside = (local >= 0) & (local < vocab_hi - vocab_lo)
+    dz.scatter_add_(-1, local.clamp(0, vocab_hi - vocab_lo - 1).unsqueeze(-1),
+                    torch.where(inside, g / temperature, torch.zeros_like(g)).unsqueeze(-1))
+    dz = torch.where((g == 0).unsqueeze(-1), torch.zeros_like(dz), dz)
+    out = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+    out[..., vocab_lo:vocab_hi] = dz.to(logits.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- advantages
+def _group_stats(values, index, num_groups, unbiased):
+    """Per-group (count, mean, std) of ``values`` (float64, NaN = missing), shifted two-pass."""
+    valid = ~torch.isnan(values)
+    v = torch.where(valid, values, torch.zeros_like(values))
+    count = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, index, valid.to(values.dtype))
+    # shift: the first valid value of each group (exact zero deviations for constant groups)
+    order = torch.arange(values.numel(), device=values.device)
+    first = torch.full((num_groups,), values.numel(), dtype=torch.long, device=values.device)
+    first = first.scatter_reduce(0, index[valid], order[valid], reduce="amin")
+    shift = torch.where(count > 0, v[first.clamp(max=max(values.numel() - 1, 0))] if values.numel() else count, 0.0)
+    dev = torch.where(valid, v - shift[index], torch.zeros_like(v))
+    mean = shift + torch.zeros_like(count).index_add_(0, index, dev) / count.clamp(min=1)
+    mean = torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
+    d2 = torch.where(valid, (v - mean[index]) ** 2, torch.zeros_like(v))
+    m2 = torch.zeros_like(count).index_add_(0, index, d2)
+    dof = count - 1 if unbiased else count
+    std = torch.where((count > 1) & (dof > 0), torch.sqrt(m2 / dof.clamp(min=1)), torch.zeros_like(m2))
+    return count, mean, std, shift
+
+
+def group_advantages(rewards, group_index, num_groups, weights=None, mode="grpo", eps=1e-4, unbiased=True,
+                     dtype=torch.float64):
+    """rewards [N, R], group_index [N] dense in [0, G). Returns (adv fp32 [N], group_mean [G], group_std [G])."""
+    r = rewards.to(dtype)
+    N, R = r.shape
+    w = torch.ones(R, dtype=dtype, device=r.device) if weights is None else weights.to(dtype)
+    nan = torch.isnan(r)
+    any_valid = (~nan).any(dim=1)
+    combined = torch.where(nan, torch.zeros_like(r), r * w).sum(dim=1)
+    combined = torch.where(any_valid, combined, torch.full_like(combined, float("nan")))
+    count, mean, std, shift = _group_stats(combined, group_index, num_groups, unbiased)
+    valid = ~torch.isnan(combined)
+    if mode == "gdpo":
+        summed = torch.zeros(N, dtype=dtype, device=r.device)
+        for j in range(R):
+            _, m_j, s_j, _ = _group_stats(r[:, j], group_index, num_groups, unbiased)
+            z = (r[:, j] - m_j[group_index]) / (s_j[group_index] + eps)
+            summed = summed + w[j] * torch.where(nan[:, j], torch.zeros_like(z), z)
+        summed = torch.where(any_valid, summed, torch.full_like(summed, float("nan")))
+        zero = torch.zeros(N, dtype=torch.long, device=r.device)
+        _, bm, bs, _ = _group_stats(summed, zero, 1, unbiased)
+        adv = (summed - bm[0]) / (bs[0] + eps)
+    elif mode == "grpo":
+        adv = (combined - mean[group_index]) / (std[group_index] + eps)
+    elif mode == "dr_grpo":
+        adv = combined - mean[group_index]
+    elif mode == "batch":
+        zero = torch.zeros(N, dtype=torch.long, device=r.device)
+        _, _, bs, _ = _group_stats(combined, zero, 1, unbiased)
+        adv = (combined - mean[group_index]) / (bs[0] + eps)
+    elif mode == "rloo":
+        n = count[group_index]
+        xs = combined - shift[group_index]
+        total = torch.zeros_like(count).index_add_(0, group_index, torch.where(valid, xs, torch.zeros_like(xs)))
+        adv = torch.where(n > 1, xs - (total[group_index] - xs) / (n - 1).clamp(min=1), torch.zeros_like(xs))
+    else:
+        raise ValueError(f"mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    return adv.float(), mean.float(), std.float()
