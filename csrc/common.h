@@ -47,6 +47,19 @@ static inline float exp_approx(float x) {
   return (x != x) ? x : (x < -87.3365478515625f ? 0.0f : y);
 }
 
+// fp64 logits (gradcheck, high-precision validation) are computed in fp64 with
+// libm's exp; every other dtype computes in fp32.
+static inline double exp_approx(double x) { return std::exp(x); }
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
 template <typename T>
 static inline float to_f32(T v) {
   return static_cast<float>(v);
@@ -81,17 +94,25 @@ struct RowReader<float> {
   const float* read(const float* src, int64_t) { return src; }
 };
 
-static inline float row_max(const float* __restrict z, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
+template <>
+struct RowReader<double> {
+  explicit RowReader(int64_t) {}
+  const double* read(const double* src, int64_t) { return src; }
+};
+
+template <typename acc_t>
+static inline acc_t row_max(const acc_t* __restrict z, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) m = z[i] > m ? z[i] : m;
   return m;
 }
 
 // sum_i exp((z_i - m) * inv_t)
-static inline float row_sum_exp(const float* __restrict z, int64_t n, float m, float inv_t) {
-  float s = 0.0f;
-  const float shift = m * inv_t;
+template <typename acc_t>
+static inline acc_t row_sum_exp(const acc_t* __restrict z, int64_t n, acc_t m, acc_t inv_t) {
+  acc_t s = 0;
+  const acc_t shift = m * inv_t;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += exp_approx(std::fma(z[i], inv_t, -shift));
   return s;
@@ -121,6 +142,11 @@ static inline int64_t num_rows(const at::Tensor& logits) {
 void check_logits(const at::Tensor& logits, const char* op);
 void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const char* name, const char* op);
 
+// Per-token vectors (log-probs, lse, advantages, ...) are fp64 for fp64 logits, fp32 otherwise.
+static inline at::ScalarType acc_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 }  // namespace mmr1
 
 // Dispatch over the three logits dtypes the kernels accept.
@@ -129,6 +155,10 @@ void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const ch
     switch (dtype) {                                                                       \
       case at::kFloat: {                                                                   \
         using scalar_t = float;                                                            \
+        return __VA_ARGS__();                                                              \
+      }                                                                                    \
+      case at::kDouble: {                                                                  \
+        using scalar_t = double;                                                           \
         return __VA_ARGS__();                                                              \
       }                                                                                    \
       case at::kBFloat16: {                                                                \
@@ -140,6 +170,6 @@ void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const ch
         return __VA_ARGS__();                                                              \
       }                                                                                    \
       default:                                                                             \
-        TORCH_CHECK(false, name, ": logits must be float32, bfloat16 or float16, got ", dtype); \
+        TORCH_CHECK(false, name, ": logits must be float32, bfloat16, float16 or float64, got ", dtype); \
     }                                                                                      \
   }()

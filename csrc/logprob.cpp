@@ -18,65 +18,67 @@ namespace {
 
 constexpr int64_t kRowGrain = 8;  // rows per parallel task: ~256 KiB of fp32 logits at V=8192
 
+template <typename acc_t>
 struct GrpoParams {
-  float eps_low, eps_high, beta;
-  bool has_old, has_ref;
+  acc_t eps_low, eps_high, beta;
 };
 
+template <typename acc_t>
 struct TokenGrpo {
-  float loss, coef, ratio, kl;
+  acc_t loss, coef, ratio, kl;
 };
 
 // Per-token clipped surrogate + k3 KL and d(loss)/d(logp). Log-ratio and the KL
 // exponent are clamped to +-20 (exp(20) = 4.9e8) so one stale old log-prob
 // cannot overflow the loss; the clamp's gradient is 0 outside the range.
-static inline TokenGrpo grpo_token(float logp, float old, float ref, float adv, const GrpoParams& p) {
-  TokenGrpo out;
-  const float log_ratio = logp - old;
-  const bool lr_clamped = log_ratio > 20.0f || log_ratio < -20.0f;
-  const float ratio = std::exp(std::min(std::max(log_ratio, -20.0f), 20.0f));
-  const float unclipped = ratio * adv;
-  const float r_clip = std::min(std::max(ratio, 1.0f - p.eps_low), 1.0f + p.eps_high);
-  const float clipped = r_clip * adv;
+template <typename acc_t>
+static inline TokenGrpo<acc_t> grpo_token(acc_t logp, acc_t old, acc_t ref, acc_t adv, const GrpoParams<acc_t>& p) {
+  const acc_t lim = 20, one = 1;
+  TokenGrpo<acc_t> out;
+  const acc_t log_ratio = logp - old;
+  const bool lr_clamped = log_ratio > lim || log_ratio < -lim;
+  const acc_t ratio = std::exp(std::min(std::max(log_ratio, -lim), lim));
+  const acc_t unclipped = ratio * adv;
+  const acc_t clipped = std::min(std::max(ratio, one - p.eps_low), one + p.eps_high) * adv;
   // -min(unclipped, clipped): the gradient flows only when the unclipped term is the min.
   out.loss = -std::min(unclipped, clipped);
-  out.coef = (unclipped <= clipped && !lr_clamped) ? -adv * ratio : 0.0f;
+  out.coef = (unclipped <= clipped && !lr_clamped) ? -adv * ratio : acc_t(0);
   out.ratio = ratio;
-  out.kl = 0.0f;
-  if (p.beta != 0.0f) {
-    const float delta_raw = ref - logp;
-    const bool d_clamped = delta_raw > 20.0f || delta_raw < -20.0f;
-    const float delta = std::min(std::max(delta_raw, -20.0f), 20.0f);
-    const float e = std::exp(delta);
-    out.kl = e - delta - 1.0f;
+  out.kl = 0;
+  if (p.beta != 0) {
+    const acc_t delta_raw = ref - logp;
+    const bool d_clamped = delta_raw > lim || delta_raw < -lim;
+    const acc_t delta = std::min(std::max(delta_raw, -lim), lim);
+    const acc_t e = std::exp(delta);
+    out.kl = e - delta - one;
     out.loss += p.beta * out.kl;
-    if (!d_clamped) out.coef += p.beta * (1.0f - e);
+    if (!d_clamped) out.coef += p.beta * (one - e);
   }
   return out;
 }
 
-template <typename scalar_t>
-void logprob_rows(const at::Tensor& logits, const int64_t* targets, const bool* mask, float inv_t,
-                  int64_t lo, int64_t hi, float* logp_out, float* lse_out, int64_t begin, int64_t end) {
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+void logprob_rows(const at::Tensor& logits, const int64_t* targets, const bool* mask, acc_t inv_t, int64_t lo,
+                  int64_t hi, acc_t* logp_out, acc_t* lse_out, int64_t begin, int64_t end) {
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   const RowIndexer idx = make_row_indexer(logits);
   const int64_t W = hi - lo;
   RowReader<scalar_t> reader(W);
   for (int64_t n = begin; n < end; ++n) {
     if (mask != nullptr && !mask[n]) {
-      logp_out[n] = 0.0f;
-      lse_out[n] = 0.0f;
+      logp_out[n] = 0;
+      lse_out[n] = 0;
       continue;
     }
-    const float* z = reader.read(base + idx.offset(n) + lo, W);
-    const float m = row_max(z, W);
-    const float s = row_sum_exp(z, W, m, inv_t);
-    const float lse = m * inv_t + std::log(s);
+    const acc_t* z = reader.read(base + idx.offset(n) + lo, W);
+    const acc_t m = row_max(z, W);
+    // all -inf window: logsumexp is -inf (z - max would be -inf - -inf = NaN)
+    const acc_t lse = m == -std::numeric_limits<acc_t>::infinity() ? m : m * inv_t + std::log(row_sum_exp(z, W, m, inv_t));
     const int64_t t = targets[n] - lo;
     // A target outside the window is rejected by the Python wrapper in checked
     // mode; here it must still never be read out of bounds, so it gives NaN.
     lse_out[n] = lse;
-    logp_out[n] = (t >= 0 && t < W) ? z[t] * inv_t - lse : std::numeric_limits<float>::quiet_NaN();
+    logp_out[n] = (t >= 0 && t < W) ? z[t] * inv_t - lse : std::numeric_limits<acc_t>::quiet_NaN();
   }
 }
 
@@ -97,14 +99,15 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits, 
                                                       int64_t lo, int64_t hi) {
   check_common(logits, targets, mask, temperature, lo, hi, "mmr1::token_logprobs");
   const int64_t N = num_rows(logits);
-  auto opts = logits.options().dtype(at::kFloat);
+  auto opts = logits.options().dtype(acc_dtype(logits));
   at::Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts);
-  const float inv_t = static_cast<float>(1.0 / temperature);
   const int64_t* tgt = targets.const_data_ptr<int64_t>();
   const bool* mk = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
   MMR1_DISPATCH_LOGITS(logits.scalar_type(), "mmr1::token_logprobs", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, N, kRowGrain, [&](int64_t b, int64_t e) {
-      logprob_rows<scalar_t>(logits, tgt, mk, inv_t, lo, hi, logp.data_ptr<float>(), lse.data_ptr<float>(), b, e);
+      logprob_rows<scalar_t>(logits, tgt, mk, inv_t, lo, hi, logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), b, e);
     });
   });
   return {logp, lse};
@@ -118,40 +121,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "mmr1::grpo_token_loss";
   check_common(logits, targets, mask, temperature, lo, hi, op);
   const int64_t N = num_rows(logits);
-  check_vector(advantages, N, at::kFloat, "advantages", op);
-  if (old_logprobs.has_value()) check_vector(*old_logprobs, N, at::kFloat, "old_logprobs", op);
-  if (ref_logprobs.has_value()) check_vector(*ref_logprobs, N, at::kFloat, "ref_logprobs", op);
+  const at::ScalarType acc = acc_dtype(logits);
+  check_vector(advantages, N, acc, "advantages", op);
+  if (old_logprobs.has_value()) check_vector(*old_logprobs, N, acc, "old_logprobs", op);
+  if (ref_logprobs.has_value()) check_vector(*ref_logprobs, N, acc, "ref_logprobs", op);
   TORCH_CHECK(beta == 0.0 || ref_logprobs.has_value(), op, ": ref_logprobs is required when beta != 0");
 
-  auto opts = logits.options().dtype(at::kFloat);
+  auto opts = logits.options().dtype(acc);
   at::Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts), loss = at::empty({N}, opts),
              coef = at::empty({N}, opts), ratio = at::empty({N}, opts), kl = at::empty({N}, opts);
-  const float inv_t = static_cast<float>(1.0 / temperature);
   const int64_t* tgt = targets.const_data_ptr<int64_t>();
   const bool* mk = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
-  const float* adv = advantages.const_data_ptr<float>();
-  const float* old = old_logprobs.has_value() ? old_logprobs->const_data_ptr<float>() : nullptr;
-  const float* ref = ref_logprobs.has_value() ? ref_logprobs->const_data_ptr<float>() : nullptr;
-  const GrpoParams p{static_cast<float>(eps_low), static_cast<float>(eps_high), static_cast<float>(beta),
-                     old != nullptr, ref != nullptr};
   MMR1_DISPATCH_LOGITS(logits.scalar_type(), op, [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    const acc_t* adv = advantages.const_data_ptr<acc_t>();
+    const acc_t* old = old_logprobs.has_value() ? old_logprobs->const_data_ptr<acc_t>() : nullptr;
+    const acc_t* ref = ref_logprobs.has_value() ? ref_logprobs->const_data_ptr<acc_t>() : nullptr;
+    const GrpoParams<acc_t> p{static_cast<acc_t>(eps_low), static_cast<acc_t>(eps_high), static_cast<acc_t>(beta)};
+    acc_t *lp = logp.data_ptr<acc_t>(), *lo_ = loss.data_ptr<acc_t>(), *co = coef.data_ptr<acc_t>(),
+          *ra = ratio.data_ptr<acc_t>(), *kl_ = kl.data_ptr<acc_t>();
     at::parallel_for(0, N, kRowGrain, [&](int64_t b, int64_t e) {
-      float* lp = logp.data_ptr<float>();
-      logprob_rows<scalar_t>(logits, tgt, mk, inv_t, lo, hi, lp, lse.data_ptr<float>(), b, e);
+      logprob_rows<scalar_t>(logits, tgt, mk, inv_t, lo, hi, lp, lse.data_ptr<acc_t>(), b, e);
       for (int64_t n = b; n < e; ++n) {
         if (mk != nullptr && !mk[n]) {
-          loss.data_ptr<float>()[n] = 0.0f;
-          coef.data_ptr<float>()[n] = 0.0f;
-          ratio.data_ptr<float>()[n] = 1.0f;
-          kl.data_ptr<float>()[n] = 0.0f;
+          lo_[n] = 0;
+          co[n] = 0;
+          ra[n] = 1;
+          kl_[n] = 0;
           continue;
         }
         // old = logp.detach() when no old log-probs are given: ratio 1, gradient -A.
-        const TokenGrpo g = grpo_token(lp[n], old ? old[n] : lp[n], ref ? ref[n] : 0.0f, adv[n], p);
-        loss.data_ptr<float>()[n] = g.loss;
-        coef.data_ptr<float>()[n] = g.coef;
-        ratio.data_ptr<float>()[n] = g.ratio;
-        kl.data_ptr<float>()[n] = g.kl;
+        const TokenGrpo<acc_t> g = grpo_token<acc_t>(lp[n], old ? old[n] : lp[n], ref ? ref[n] : acc_t(0), adv[n], p);
+        lo_[n] = g.loss;
+        co[n] = g.coef;
+        ra[n] = g.ratio;
+        kl_[n] = g.kl;
       }
     });
   });
@@ -161,28 +166,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // dz = g/T * (onehot(y) - softmax(z/T)) on the window, 0 outside. `out` may be
 // the logits themselves (in-place backward): every element is read before the
 // same element is written, and bf16/fp16 rows are first copied to fp32 scratch.
-template <typename scalar_t>
-void backward_rows(const at::Tensor& logits, const int64_t* targets, const float* lse, const float* grad,
-                   float inv_t, int64_t lo, int64_t hi, const at::Tensor& out, int64_t begin, int64_t end) {
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+void backward_rows(const at::Tensor& logits, const int64_t* targets, const acc_t* lse, const acc_t* grad,
+                   acc_t inv_t, int64_t lo, int64_t hi, const at::Tensor& out, int64_t begin, int64_t end) {
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   scalar_t* obase = static_cast<scalar_t*>(out.data_ptr());
   const RowIndexer idx = make_row_indexer(logits), oidx = make_row_indexer(out);
   const int64_t V = logits.size(-1), W = hi - lo;
   RowReader<scalar_t> reader(W);
-  std::vector<float> dz(static_cast<size_t>(W));
+  std::vector<acc_t> dz(static_cast<size_t>(W));
   const scalar_t zero = static_cast<scalar_t>(0.0f);
   for (int64_t n = begin; n < end; ++n) {
     scalar_t* orow = obase + oidx.offset(n);
     for (int64_t j = 0; j < lo; ++j) orow[j] = zero;
     for (int64_t j = hi; j < V; ++j) orow[j] = zero;
-    const float g = grad[n];
-    if (g == 0.0f) {  // masked token: no softmax needed
+    const acc_t g = grad[n];
+    if (g == 0) {  // masked token: no softmax needed
       for (int64_t j = lo; j < hi; ++j) orow[j] = zero;
       continue;
     }
-    const float* z = reader.read(base + idx.offset(n) + lo, W);
-    const float scale = -g * inv_t, shift = lse[n];
-    float* d = dz.data();
+    const acc_t* z = reader.read(base + idx.offset(n) + lo, W);
+    const acc_t scale = -g * inv_t, shift = lse[n];
+    acc_t* d = dz.data();
 #pragma omp simd
     for (int64_t j = 0; j < W; ++j) d[j] = scale * exp_approx(std::fma(z[j], inv_t, -shift));
     const int64_t t = targets[n] - lo;
@@ -197,19 +202,20 @@ void check_backward(const at::Tensor& logits, const at::Tensor& targets, const a
                     const at::Tensor& grad, double temperature, int64_t lo, int64_t hi, const char* op) {
   check_common(logits, targets, c10::nullopt, temperature, lo, hi, op);
   const int64_t N = num_rows(logits);
-  check_vector(lse, N, at::kFloat, "lse", op);
-  check_vector(grad, N, at::kFloat, "grad_logprobs", op);
+  check_vector(lse, N, acc_dtype(logits), "lse", op);
+  check_vector(grad, N, acc_dtype(logits), "grad_logprobs", op);
 }
 
 void run_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                   const at::Tensor& grad, double temperature, int64_t lo, int64_t hi, const at::Tensor& out,
                   const char* op) {
   const int64_t N = num_rows(logits);
-  const float inv_t = static_cast<float>(1.0 / temperature);
   MMR1_DISPATCH_LOGITS(logits.scalar_type(), op, [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, N, kRowGrain, [&](int64_t b, int64_t e) {
-      backward_rows<scalar_t>(logits, targets.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(),
-                              grad.const_data_ptr<float>(), inv_t, lo, hi, out, b, e);
+      backward_rows<scalar_t>(logits, targets.const_data_ptr<int64_t>(), lse.const_data_ptr<acc_t>(),
+                              grad.const_data_ptr<acc_t>(), inv_t, lo, hi, out, b, e);
     });
   });
 }

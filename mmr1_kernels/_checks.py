@@ -9,11 +9,19 @@ for such inputs (they produce NaN / a status code instead).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 is accepted for validation and gradcheck: computed in fp64 by the C++
+# kernels and the reference (per-token outputs are then fp64 too).
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-token vectors (log-probs, advantages, ...) for logits of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tracing() -> bool:
@@ -93,7 +101,57 @@ def as_mask(name: str, mask, shape, device) -> Optional[torch.Tensor]:
     return mask
 
 
-def as_float_vector(name: str, t, shape, device) -> torch.Tensor:
+def as_float_vector(name: str, t, shape, device, dtype=torch.float32) -> torch.Tensor:
     check_tensor(name, t, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), device=device)
     check_shape(name, t, shape)
-    return t.detach().float().contiguous().reshape(-1)
+    return t.detach().to(dtype).contiguous().reshape(-1)
+
+
+@dataclass
+class GrpoArgs:
+    """Validated, flattened [B*T] inputs shared by grpo_loss and fused_linear_grpo_loss."""
+
+    targets: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor  # bool [B*T]
+    old_logprobs: Optional[torch.Tensor]
+    ref_logprobs: Optional[torch.Tensor]
+    token_weights: torch.Tensor  # loss = sum(token_weights * token_loss)
+    vocab_lo: int
+    vocab_hi: int
+    temperature: float
+    eps_low: float
+    eps_high: float
+    beta: float
+
+
+def grpo_args(B: int, T: int, V: int, device, vec_dtype, targets, advantages, mask, old_logprobs, ref_logprobs,
+              temperature, vocab_range, eps_low, eps_high, beta, loss_type) -> GrpoArgs:
+    from .reference import LOSS_TYPES, loss_weights
+
+    check_tensor("targets", targets, dtypes=(torch.int64, torch.int32), device=device)
+    check_shape("targets", targets, (B, T))
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    temperature = check_scalar("temperature", temperature, low=0.0, low_inclusive=False)
+    eps_low = check_scalar("eps_low", eps_low, low=0.0, high=1.0)
+    eps_high = check_scalar("eps_high", eps_high, low=0.0)
+    beta = check_scalar("beta", beta, low=0.0)
+    lo, hi = vocab_window(vocab_range, V)
+    check_tensor("advantages", advantages, device=device, ndim=(1, 2))
+    if advantages.dim() == 1:
+        check_shape("advantages", advantages, (B,))
+        advantages = advantages[:, None].expand(B, T)
+    adv = as_float_vector("advantages", advantages, (B, T), device, vec_dtype)
+    m2d = as_mask("mask", mask, (B, T), device)
+    if m2d is None:
+        m2d = torch.ones(B, T, dtype=torch.bool, device=device)
+    if beta != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs [B, T] is required when beta != 0")
+    old = as_float_vector("old_logprobs", old_logprobs, (B, T), device, vec_dtype) if old_logprobs is not None else None
+    ref = as_float_vector("ref_logprobs", ref_logprobs, (B, T), device, vec_dtype) if ref_logprobs is not None else None
+    tgt = targets.reshape(-1).long().contiguous()
+    m = m2d.reshape(-1).contiguous()
+    check_targets_in_window(tgt, lo, hi, m)
+    w = loss_weights(m2d, loss_type).reshape(-1).to(vec_dtype).contiguous()
+    return GrpoArgs(tgt, adv, m, old, ref, w, lo, hi, temperature, eps_low, eps_high, beta)

@@ -61,8 +61,9 @@ class _WeightGradAccumulator:
     """dW_win += z^T @ h in fp32 (a bf16 accumulator would lose the small per-chunk terms)."""
 
     def __init__(self, window_weight: torch.Tensor):
-        self.exact = window_weight.dtype == torch.float32
-        self.acc = torch.zeros(window_weight.shape, dtype=torch.float32, device=window_weight.device)
+        self.exact = window_weight.dtype in (torch.float32, torch.float64)
+        acc = torch.float64 if window_weight.dtype == torch.float64 else torch.float32
+        self.acc = torch.zeros(window_weight.shape, dtype=acc, device=window_weight.device)
 
     def add(self, dz: torch.Tensor, h: torch.Tensor) -> None:
         if self.exact:
@@ -79,8 +80,8 @@ def _fl_logprobs(hidden, weight, targets, mask, temperature, vocab_lo, vocab_hi,
     N, W = hidden.shape[0], vocab_hi - vocab_lo
     w_win = weight[vocab_lo:vocab_hi]
     local = targets - vocab_lo
-    logp = hidden.new_empty(N, dtype=torch.float32)
-    lse = hidden.new_empty(N, dtype=torch.float32)
+    logp = hidden.new_empty(N, dtype=C.acc_dtype(hidden.dtype))
+    lse = hidden.new_empty(N, dtype=C.acc_dtype(hidden.dtype))
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)
         z = torch.mm(hidden[s:e], w_win.t())
@@ -112,7 +113,7 @@ def _fl_grpo(hidden, weight, targets, advantages, token_weights, mask, old_logpr
     N, W = hidden.shape[0], vocab_hi - vocab_lo
     w_win = weight[vocab_lo:vocab_hi]
     local = targets - vocab_lo
-    f32 = dict(dtype=torch.float32, device=hidden.device)
+    f32 = dict(dtype=C.acc_dtype(hidden.dtype), device=hidden.device)
     loss = torch.zeros((), **f32)
     logp, ratio, kl = (torch.empty(N, **f32) for _ in range(3))
     grad_hidden = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
@@ -137,8 +138,8 @@ def _fl_grpo(hidden, weight, targets, advantages, token_weights, mask, old_logpr
 
 @torch.library.register_fake("mmr1::fused_linear_logprobs")
 def _fl_logprobs_fake(hidden, weight, targets, mask, temperature, vocab_lo, vocab_hi, chunk_size):
-    n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+    n, dtype = hidden.shape[0], C.acc_dtype(hidden.dtype)
+    return hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype)
 
 
 @torch.library.register_fake("mmr1::fused_linear_logprobs_backward")
@@ -151,7 +152,7 @@ def _fl_logprobs_backward_fake(hidden, weight, targets, lse, grad_logprobs, temp
 def _fl_grpo_fake(hidden, weight, targets, advantages, token_weights, mask, old_logprobs, ref_logprobs, temperature,
                   vocab_lo, vocab_hi, eps_low, eps_high, beta, chunk_size, compute_grad):
     n = hidden.shape[0]
-    f32 = dict(dtype=torch.float32)
+    f32 = dict(dtype=C.acc_dtype(hidden.dtype))
     gh = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
     gw = weight.new_empty(vocab_hi - vocab_lo, weight.shape[1]) if compute_grad else weight.new_empty(0)
     return hidden.new_empty((), **f32), hidden.new_empty(n, **f32), hidden.new_empty(n, **f32), \
@@ -172,7 +173,7 @@ def _setup_fl_logprobs(ctx, inputs, output):
 def _backward_fl_logprobs(ctx, grad_logp, grad_lse):
     hidden, weight, targets, lse, mask = ctx.saved_tensors
     temperature, lo, hi, chunk = ctx.params
-    g = grad_logp.float().contiguous()
+    g = grad_logp.to(lse.dtype).contiguous()
     if mask is not None:
         g = torch.where(mask, g, torch.zeros_like(g))
     gh, gw = op("fused_linear_logprobs_backward")(hidden, weight, targets, lse, g, temperature, lo, hi, chunk)
@@ -265,32 +266,11 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, d], got {tuple(hidden.shape)}")
     B, T, d = hidden.shape
-    dev = hidden.device
-    C.check_tensor("targets", targets, dtypes=(torch.int64, torch.int32), device=dev)
-    C.check_shape("targets", targets, (B, T))
-    tgt = targets.reshape(-1).long().contiguous()
-    if loss_type not in ref.LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {ref.LOSS_TYPES}, got {loss_type!r}")
-    temperature = C.check_scalar("temperature", temperature, low=0.0, low_inclusive=False)
-    eps_low = C.check_scalar("eps_low", eps_low, low=0.0, high=1.0)
-    eps_high = C.check_scalar("eps_high", eps_high, low=0.0)
-    beta = C.check_scalar("beta", beta, low=0.0)
-    lo, hi = C.vocab_window(vocab_range, weight.shape[0])
-    C.check_tensor("advantages", advantages, device=dev, ndim=(1, 2))
-    adv = advantages[:, None].expand(B, T) if advantages.dim() == 1 else advantages
-    adv = C.as_float_vector("advantages", adv, (B, T), dev)
-    m2d = C.as_mask("mask", mask, (B, T), dev)
-    if m2d is None:
-        m2d = torch.ones(B, T, dtype=torch.bool, device=dev)
-    m = m2d.reshape(-1).contiguous()
-    old = C.as_float_vector("old_logprobs", old_logprobs, (B, T), dev) if old_logprobs is not None else None
-    if beta != 0.0 and ref_logprobs is None:
-        raise ValueError("ref_logprobs [B, T] is required when beta != 0")
-    refl = C.as_float_vector("ref_logprobs", ref_logprobs, (B, T), dev) if ref_logprobs is not None else None
-    C.check_targets_in_window(tgt, lo, hi, m)
-    w = ref.loss_weights(m2d, loss_type).reshape(-1).contiguous()
+    a = C.grpo_args(B, T, weight.shape[0], hidden.device, C.acc_dtype(hidden.dtype), targets, advantages, mask,
+                    old_logprobs, ref_logprobs, temperature, vocab_range, eps_low, eps_high, beta, loss_type)
     compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss, logp, ratio, kl, _, _ = op("fused_linear_grpo_loss")(
-        hidden.reshape(B * T, d), weight, tgt, adv, w, m, old, refl, temperature, lo, hi, eps_low, eps_high, beta,
-        _chunk(chunk_size, B * T, hi - lo), compute_grad)
-    return loss, ref.grpo_metrics(logp, ratio, kl, adv, m, eps_low, eps_high)
+        hidden.reshape(B * T, d), weight, a.targets, a.advantages, a.token_weights, a.mask, a.old_logprobs,
+        a.ref_logprobs, a.temperature, a.vocab_lo, a.vocab_hi, a.eps_low, a.eps_high, a.beta,
+        _chunk(chunk_size, B * T, a.vocab_hi - a.vocab_lo), compute_grad)
+    return loss, ref.grpo_metrics(logp, ratio, kl, a.advantages, a.mask, a.eps_low, a.eps_high)

@@ -34,13 +34,15 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
 
 @impl("token_logprobs", "CompositeExplicitAutograd")
 def _token_logprobs_ref(logits, targets, mask, temperature, vocab_lo, vocab_hi):
-    return ref.token_logprobs(_as_rows(logits), targets, temperature, vocab_lo, vocab_hi, mask=mask)
+    return ref.token_logprobs(_as_rows(logits), targets, temperature, vocab_lo, vocab_hi, mask=mask,
+                              dtype=C.acc_dtype(logits.dtype))
 
 
 @impl("grpo_token_loss", "CompositeExplicitAutograd")
 def _grpo_token_loss_ref(logits, targets, advantages, mask, old_logprobs, ref_logprobs, temperature, vocab_lo,
                          vocab_hi, eps_low, eps_high, beta, inplace_backward=False):
-    logp, lse = ref.token_logprobs(_as_rows(logits), targets, temperature, vocab_lo, vocab_hi, mask=mask)
+    logp, lse = ref.token_logprobs(_as_rows(logits), targets, temperature, vocab_lo, vocab_hi, mask=mask,
+                                   dtype=C.acc_dtype(logits.dtype))
     with torch.enable_grad():
         x = logp.detach().requires_grad_(True)
         loss, ratio, kl = ref.grpo_token_terms(x, advantages, old_logprobs, ref_logprobs, eps_low, eps_high, beta)
@@ -65,10 +67,14 @@ def _logprob_backward_inplace_ref(logits, targets, lse, grad_logprobs, temperatu
 # --------------------------------------------------------------------------- Triton (CUDA)
 if HAS_TRITON:
 
+    # The Triton kernels compute in fp32; fp64 logits (validation only) take the reference.
+
     @impl("token_logprobs", "CUDA")
     def _token_logprobs_cuda(logits, targets, mask, temperature, vocab_lo, vocab_hi):
         from .gpu import logprob as K
 
+        if logits.dtype == torch.float64:
+            return _token_logprobs_ref(logits, targets, mask, temperature, vocab_lo, vocab_hi)
         return K.logprob_forward(logits, targets, mask, temperature, vocab_lo, vocab_hi)
 
     @impl("grpo_token_loss", "CUDA")
@@ -76,6 +82,9 @@ if HAS_TRITON:
                               vocab_hi, eps_low, eps_high, beta, inplace_backward=False):
         from .gpu import logprob as K
 
+        if logits.dtype == torch.float64:
+            return _grpo_token_loss_ref(logits, targets, advantages, mask, old_logprobs, ref_logprobs, temperature,
+                                        vocab_lo, vocab_hi, eps_low, eps_high, beta)
         return K.logprob_forward(logits, targets, mask, temperature, vocab_lo, vocab_hi, advantages, old_logprobs,
                                  ref_logprobs, eps_low, eps_high, beta)
 
@@ -83,12 +92,16 @@ if HAS_TRITON:
     def _logprob_backward_cuda(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
         from .gpu import logprob as K
 
+        if logits.dtype == torch.float64:
+            return _logprob_backward_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi)
         return K.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi)
 
     @impl("logprob_backward_", "CUDA")
     def _logprob_backward_inplace_cuda(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
         from .gpu import logprob as K
 
+        if logits.dtype == torch.float64:
+            return _logprob_backward_inplace_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi)
         K.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, out=logits)
 
 
@@ -96,8 +109,8 @@ if HAS_TRITON:
 
 
 def _fp32_rows(logits, k):
-    n = _rows(logits)
-    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(k))
+    n, dtype = _rows(logits), C.acc_dtype(logits.dtype)
+    return tuple(logits.new_empty(n, dtype=dtype) for _ in range(k))
 
 
 @torch.library.register_fake("mmr1::token_logprobs")
@@ -124,8 +137,8 @@ def _logprob_backward_inplace_fake(logits, targets, lse, grad_logprobs, temperat
 # --------------------------------------------------------------------------- autograd
 
 
-def _masked_grad(g, mask):
-    g = g.float().contiguous()
+def _masked_grad(g, mask, dtype):
+    g = g.to(dtype).contiguous()
     return torch.where(mask, g, torch.zeros_like(g)) if mask is not None else g
 
 
@@ -138,7 +151,7 @@ def _setup_logprobs(ctx, inputs, output):
 def _backward_logprobs(ctx, grad_logp, grad_lse):
     # lse is returned for reuse (e.g. entropy, z-loss) and is not differentiable.
     logits, targets, lse, mask = ctx.saved_tensors
-    g = _masked_grad(grad_logp, mask)
+    g = _masked_grad(grad_logp, mask, lse.dtype)
     dz = op("logprob_backward")(logits, targets, lse, g, *ctx.params)
     return dz, None, None, None, None, None
 
@@ -158,10 +171,10 @@ def _backward_grpo(ctx, grad_logp, grad_lse, grad_loss, grad_coef, grad_ratio, g
     logits, targets, lse, coef, mask = ctx.saved_tensors
     g = torch.zeros_like(coef)
     if grad_loss is not None:
-        g = g + grad_loss.float() * coef
+        g = g + grad_loss.to(coef.dtype) * coef
     if grad_logp is not None:
-        g = g + grad_logp.float()
-    g = _masked_grad(g, mask)
+        g = g + grad_logp.to(coef.dtype)
+    g = _masked_grad(g, mask, coef.dtype)
     if ctx.inplace:
         op("logprob_backward_")(logits, targets, lse, g, *ctx.params)
         dz = logits
@@ -239,31 +252,10 @@ def grpo_loss(logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Ten
     C.check_tensor("logits", logits, dtypes=C.LOGIT_DTYPES, ndim=3)
     B, T, V = logits.shape
     logits = _prepare_logits(logits)
-    dev = logits.device
-    tgt = _prepare_targets(targets, (B, T, V), dev)
-    if loss_type not in ref.LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {ref.LOSS_TYPES}, got {loss_type!r}")
-    temperature = C.check_scalar("temperature", temperature, low=0.0, low_inclusive=False)
-    eps_low = C.check_scalar("eps_low", eps_low, low=0.0, high=1.0)
-    eps_high = C.check_scalar("eps_high", eps_high, low=0.0)
-    beta = C.check_scalar("beta", beta, low=0.0)
-    lo, hi = C.vocab_window(vocab_range, V)
-    C.check_tensor("advantages", advantages, device=dev, ndim=(1, 2))
-    adv = advantages[:, None].expand(B, T) if advantages.dim() == 1 else advantages
-    adv = C.as_float_vector("advantages", adv, (B, T), dev)
-    m2d = C.as_mask("mask", mask, (B, T), dev)
-    if m2d is None:
-        m2d = torch.ones(B, T, dtype=torch.bool, device=dev)
-    m = m2d.reshape(-1).contiguous()
-    old = C.as_float_vector("old_logprobs", old_logprobs, (B, T), dev) if old_logprobs is not None else None
-    if beta != 0.0 and ref_logprobs is None:
-        raise ValueError("ref_logprobs [B, T] is required when beta != 0")
-    refl = C.as_float_vector("ref_logprobs", ref_logprobs, (B, T), dev) if ref_logprobs is not None else None
-    C.check_targets_in_window(tgt, lo, hi, m)
-
+    a = C.grpo_args(B, T, V, logits.device, C.acc_dtype(logits.dtype), targets, advantages, mask, old_logprobs,
+                    ref_logprobs, temperature, vocab_range, eps_low, eps_high, beta, loss_type)
     logp, _lse, token_loss, _coef, ratio, kl = op("grpo_token_loss")(
-        logits, tgt, adv, m, old, refl, temperature, lo, hi, eps_low, eps_high, beta, inplace_backward)
-    w = ref.loss_weights(m2d, loss_type).reshape(-1)
-    loss = (token_loss * w).sum()
-    metrics = ref.grpo_metrics(logp.detach(), ratio, kl, adv, m, eps_low, eps_high)
-    return loss, metrics
+        logits, a.targets, a.advantages, a.mask, a.old_logprobs, a.ref_logprobs, a.temperature, a.vocab_lo,
+        a.vocab_hi, a.eps_low, a.eps_high, a.beta, inplace_backward)
+    loss = (token_loss * a.token_weights).sum()
+    return loss, ref.grpo_metrics(logp.detach(), ratio, kl, a.advantages, a.mask, a.eps_low, a.eps_high)

@@ -65,7 +65,7 @@ def grpo_token_terms(logp, advantages, old_logprobs=None, ref_logprobs=None, eps
 
 def loss_weights(mask, loss_type):
     """Per-token weights w with loss = sum(w * token_loss), for mask [B, T]."""
-    mask = mask.to(torch.float32) if not mask.is_floating_point() else mask
+    mask = mask.to(torch.float32) if not mask.is_floating_point() else mask  # weights are fp32 (fp64 in callers that need it)
     B, T = mask.shape
     if loss_type == "grpo":  # mean over sequences of the masked token mean
         return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / B
@@ -104,6 +104,11 @@ def grpo_loss(logits, targets, advantages, mask=None, old_logprobs=None, ref_log
     adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv
     logp, _ = token_logprobs(logits, targets, temperature, lo, hi, mask=mask, dtype=dtype)
     token_loss, ratio, kl = grpo_token_terms(logp, adv, old_logprobs, ref_logprobs, eps_low, eps_high, beta)
+    # masked tokens contribute nothing, even if their old/ref log-probs are padding (NaN/inf)
+    keep = mask.bool()
+    token_loss = torch.where(keep, token_loss, torch.zeros_like(token_loss))
+    ratio = torch.where(keep, ratio, torch.ones_like(ratio))
+    kl = torch.where(keep, kl, torch.zeros_like(kl))
     w = loss_weights(mask, loss_type).to(dtype)
     loss = (token_loss * w).sum()
     return loss, grpo_metrics(logp, ratio, kl, adv, mask, eps_low, eps_high)
@@ -117,8 +122,9 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask=None, old_l
 
 def logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
     """dz = g/T * (onehot(y) - softmax(z/T)) on the window, 0 outside; in the logits dtype."""
-    z = logits[..., vocab_lo:vocab_hi].float() / temperature
-    g = grad_logprobs.reshape(z.shape[:-1]).float()
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits[..., vocab_lo:vocab_hi].to(acc) / temperature
+    g = grad_logprobs.reshape(z.shape[:-1]).to(acc)
     p = torch.exp(z - lse.reshape(z.shape[:-1]).unsqueeze(-1))
     dz = -(g / temperature).unsqueeze(-1) * p
     local = (targets.reshape(z.shape[:-1]) - vocab_lo).long()

@@ -113,3 +113,11 @@ def group_advantages(rewards, group_index, num_groups, weights, mode, eps, unbia
         adv = torch.where(n > 1, xs - (ssum[gi] - xs) / (n - 1).clamp(min=1), 0.0)
     adv = torch.where(any_valid, adv, 0.0)
     return adv.float(), mean, std
+
+
+def aot_specs():
+    from ..aot import KernelSpec
+
+    sig = {"values_ptr": "*fp32", "order_ptr": "*i64", "starts_ptr": "*i64", "mean_ptr": "*fp32", "std_ptr": "*fp32",
+           "count_ptr": "*fp32", "shift_ptr": "*fp32", "ssum_ptr": "*fp32"}
+    yield KernelSpec("group_stats", group_stats_kernel, sig, dict(UNBIASED=True, BLOCK=BLOCK), 4)

@@ -20,10 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-# 4096 fp32 lanes x 8 warps: 16 elements per thread per tile keeps the online
-# max/sum in registers (checked: 0 spills for sm_80/sm_90, see tests/test_aot.py)
-# while giving each load 16 B per thread for bf16/fp16 and fp32 alike.
-FWD_BLOCK_V = 4096
+# 2048 lanes x 8 warps = 8 elements per thread per tile. At 4096 x 8 warps
+# ptxas caps sm_90 at 64 registers/thread and spills 8 B to the stack
+# (measured with mmr1_kernels.aot); 2048 x 8 needs 32 registers, 0 spills on
+# sm_80 and sm_90, and a bf16 tile is still 4 KiB per load (W=8192: 4 tiles).
+FWD_BLOCK_V = 2048
 FWD_WARPS = 8
 BWD_BLOCK_V = 2048
 BWD_WARPS = 4
@@ -171,7 +172,7 @@ def logprob_forward(logits, targets, mask, temperature, vocab_lo, vocab_hi, adva
         1.0 / temperature, eps_low, eps_high, beta,
         HAS_MASK=mask is not None, HAS_OLD=old_logprobs is not None,
         HAS_REF=compute_loss and beta != 0.0 and ref_logprobs is not None, COMPUTE_LOSS=compute_loss,
-        BLOCK_V=_fwd_block(W), num_warps=FWD_WARPS if W >= 2048 else 4,
+        BLOCK_V=_fwd_block(W), num_warps=FWD_WARPS,
     )
     return (logp, lse, loss, coef, ratio, kl) if compute_loss else (logp, lse)
 
@@ -192,3 +193,23 @@ def logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo,
         BLOCK_V=BWD_BLOCK_V, num_warps=BWD_WARPS,
     )
     return out
+
+
+def aot_specs():
+    """Launch configurations compiled ahead of time by tests/test_aot.py (sm_80/sm_90, no spills)."""
+    from ..aot import KernelSpec
+
+    vec = {name: "*fp32" for name in ("adv_ptr", "old_ptr", "ref_ptr", "logp_ptr", "lse_ptr", "loss_ptr",
+                                      "coef_ptr", "ratio_ptr", "kl_ptr")}
+    scalars = {"rows_per_batch": "i64", "stride_b": "i64", "stride_t": "i64", "vocab_lo": "i64", "W": "i64",
+               "inv_t": "fp32", "eps_low": "fp32", "eps_high": "fp32", "beta": "fp32"}
+    for dtype in ("fp32", "bf16", "fp16"):
+        for loss in (False, True):
+            sig = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "mask_ptr": "*i1", **vec, **scalars}
+            const = dict(HAS_MASK=True, HAS_OLD=loss, HAS_REF=loss, COMPUTE_LOSS=loss, BLOCK_V=FWD_BLOCK_V)
+            yield KernelSpec(f"logprob_fwd[{dtype},loss={loss}]", logprob_fwd_kernel, sig, const, FWD_WARPS)
+        sig = {"logits_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "targets_ptr": "*i64", "lse_ptr": "*fp32",
+               "grad_ptr": "*fp32", "rows_per_batch": "i64", "stride_b": "i64", "stride_t": "i64",
+               "out_stride_b": "i64", "out_stride_t": "i64", "vocab_lo": "i64", "vocab_hi": "i64", "V": "i64",
+               "inv_t": "fp32"}
+        yield KernelSpec(f"logprob_bwd[{dtype}]", logprob_bwd_kernel, sig, dict(BLOCK_V=BWD_BLOCK_V), BWD_WARPS)

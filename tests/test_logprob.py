@@ -1,0 +1,370 @@
+"""token_logprobs / grpo_loss: every backend against the fp64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmr1_kernels as K
+from mmr1_kernels import reference as R
+from mmr1_kernels._library import op
+
+from conftest import GRAD_TOLERANCES, TOLERANCES, requires_cpp, triton_device
+
+# (name, leading shape, V, vocab window)
+SHAPES = [
+    ("N1_V1", (1,), 1, None),
+    ("N5_V3", (5,), 3, None),
+    ("N7_V8191", (7,), 8191, None),
+    ("N3_V65536_window", (3,), 65536, (4, 8196)),
+    ("B2T3_V1000_window", (2, 3), 1000, (100, 900)),
+]
+REGIMES = ["normal", "large", "negative", "with_neg_inf"]
+
+
+def make_logits(lead, V, regime, dtype, device="cpu", strided=False):
+    shape = (*lead, V)
+    if strided and len(lead) == 2:  # logits[:, :-1] of a [B, T+1, V] tensor: not flattenable to 2-D
+        base = make_logits((lead[0], lead[1] + 1), V, regime, dtype, device)
+        return base[:, :-1]
+    z = torch.randn(shape, dtype=torch.float64)
+    if regime == "normal":
+        z = z * 3
+    elif regime == "large":
+        z = z * 1e4
+    elif regime == "negative":
+        z = -1e4 + z
+    elif regime == "with_neg_inf":
+        z = z * 3
+        z[..., ::7] = float("-inf")
+    return z.to(dtype).to(device)
+
+
+def make_targets(lead, V, window, logits):
+    lo, hi = window if window else (0, V)
+    t = torch.randint(lo, hi, lead)
+    # never target a -inf logit (its log-prob is -inf, fine, but it makes errors inf - inf)
+    finite = torch.isfinite(logits.gather(-1, t.unsqueeze(-1).to(logits.device)).squeeze(-1).cpu())
+    return torch.where(finite, t, torch.full_like(t, lo + 1 if hi - lo > 1 else lo))
+
+
+def scaled_close(actual, expected, dtype, scale, grad=False):
+    atol, rtol = (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol * max(1.0, scale),
+                               rtol=rtol, equal_nan=True)
+
+
+def oracle(logits, targets, mask, T, lo, hi, adv=None, old=None, ref=None, eps_low=0.2, eps_high=0.2, beta=0.0):
+    z = logits.reshape(-1, logits.shape[-1]).double().cpu()
+    logp, lse = R.token_logprobs(z, targets.cpu(), T, lo, hi, mask=None if mask is None else mask.cpu(),
+                                 dtype=torch.float64)
+    if adv is None:
+        return logp, lse
+    loss, ratio, kl = R.grpo_token_terms(logp, adv.double().cpu(), None if old is None else old.double().cpu(),
+                                         None if ref is None else ref.double().cpu(), eps_low, eps_high, beta)
+    return logp, lse, loss, ratio, kl
+
+
+def forward(backend, logits, targets, mask, T, lo, hi, *grpo):
+    if backend == "ops":
+        if grpo:
+            return op("grpo_token_loss")(logits, targets, *grpo[:1], mask, *grpo[1:3], T, lo, hi, *grpo[3:])
+        return op("token_logprobs")(logits, targets, mask, T, lo, hi)
+    from mmr1_kernels.gpu import logprob as G
+
+    if grpo:
+        adv, old, ref, el, eh, beta = grpo
+        return G.logprob_forward(logits, targets, mask, T, lo, hi, adv, old, ref, el, eh, beta)
+    return G.logprob_forward(logits, targets, mask, T, lo, hi)
+
+
+BACKENDS = [
+    pytest.param("ops", torch.float32, id="cpu-fp32"),
+    pytest.param("ops", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("ops", torch.float16, id="cpu-fp16"),
+    pytest.param("ops", torch.float64, id="cpu-fp64"),
+    pytest.param("triton", torch.float32, id="triton-fp32"),
+    pytest.param("triton", torch.float16, id="triton-fp16"),
+]
+
+
+def _device(backend, request):
+    if backend == "triton":
+        request.getfixturevalue("triton_kernels")
+        return triton_device()
+    return "cpu"
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("name,lead,V,window", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_token_logprobs_matches_fp64(request, backend, dtype, name, lead, V, window, regime, T):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("fp64 runs on the reference")
+    dev = _device(backend, request)
+    logits = make_logits(lead, V, regime, dtype, dev, strided=True)
+    targets = make_targets(lead, V, window, logits).reshape(-1).to(dev)
+    lo, hi = window if window else (0, V)
+    logp, lse = forward(backend, logits, targets, None, T, lo, hi)
+    ref_logp, ref_lse = oracle(logits, targets, None, T, lo, hi)
+    scale = float(logits[..., lo:hi].double().abs().nan_to_num(posinf=0, neginf=0).max()) / T
+    scaled_close(logp, ref_logp, dtype, scale)
+    scaled_close(lse, ref_lse, dtype, scale)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("with_old", [False, True])
+def test_grpo_token_loss_matches_fp64(request, backend, dtype, beta, with_old):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("fp64 runs on the reference")
+    dev = _device(backend, request)
+    N, V, lo, hi = 37, 3001, 1, 2049
+    logits = make_logits((N,), V, "normal", dtype, dev)
+    targets = make_targets((N,), V, (lo, hi), logits).to(dev)
+    mask = (torch.rand(N) > 0.25).to(dev)
+    mask[0] = False
+    vec = torch.float64 if dtype == torch.float64 else torch.float32
+    ref_logp, _ = oracle(logits, targets, None, 0.9, lo, hi)
+    adv = torch.randn(N, dtype=vec).to(dev)
+    old = (ref_logp + 0.3 * torch.randn(N, dtype=torch.float64)).to(vec).to(dev) if with_old else None
+    ref = (ref_logp + 0.3 * torch.randn(N, dtype=torch.float64)).to(vec).to(dev)
+    outs = forward(backend, logits, targets, mask, 0.9, lo, hi, adv, old, ref, 0.2, 0.28, beta)
+    logp, lse, loss, coef, ratio, kl = outs
+    e_logp, e_lse, e_loss, e_ratio, e_kl = oracle(logits, targets, mask, 0.9, lo, hi, adv, old, ref, 0.2, 0.28, beta)
+    m = mask.cpu()
+    for got, exp in [(logp, e_logp), (lse, e_lse), (loss, e_loss), (ratio, e_ratio), (kl, e_kl)]:
+        exp = torch.where(m, exp, torch.zeros_like(exp)) if exp is not e_ratio else torch.where(m, exp, 1.0)
+        scaled_close(got, exp, dtype, 30.0)
+    # d loss / d logp by autograd of the reference
+    x = e_logp.clone().requires_grad_(True)
+    l2, _, _ = R.grpo_token_terms(x, adv.double().cpu(), None if old is None else old.double().cpu(),
+                                  ref.double().cpu(), 0.2, 0.28, beta)
+    (e_coef,) = torch.autograd.grad(l2.sum(), x)
+    scaled_close(coef, torch.where(m, e_coef, 0.0), dtype, 30.0)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_logprob_backward_matches_fp64(request, backend, dtype, inplace):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("fp64 runs on the reference")
+    dev = _device(backend, request)
+    B, T_, V, lo, hi, temp = 3, 4, 2500, 7, 2100, 1.3
+    logits = make_logits((B, T_), V, "normal", dtype, dev, strided=True)
+    targets = make_targets((B, T_), V, (lo, hi), logits).reshape(-1).to(dev)
+    _, lse = oracle(logits, targets, None, temp, lo, hi)
+    vec = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.randn(B * T_, dtype=vec)
+    g[2] = 0.0  # a masked token: zero gradient row
+    lse_v, g_v = lse.to(vec).to(dev), g.to(dev)
+    expected = R.logprob_backward(logits.double().cpu(), targets.cpu(), lse, g.double(), temp, lo, hi)
+    if backend == "ops":
+        if inplace:
+            out = logits.clone()
+            op("logprob_backward_")(out, targets, lse_v, g_v, temp, lo, hi)
+        else:
+            out = op("logprob_backward")(logits, targets, lse_v, g_v, temp, lo, hi)
+    else:
+        from mmr1_kernels.gpu import logprob as G
+
+        out = G.logprob_backward(logits, targets, lse_v, g_v, temp, lo, hi, out=logits.clone() if inplace else None)
+    assert out.dtype == dtype and out.shape == logits.shape
+    scaled_close(out, expected, dtype, float(expected.abs().max()), grad=True)
+    assert torch.all(out[..., :lo] == 0) and torch.all(out[..., hi:] == 0)
+    assert torch.all(out.reshape(-1, V)[2] == 0)
+
+
+# --------------------------------------------------------------------------- public API + autograd
+
+
+def _grpo_inputs(B=4, T=9, V=700, dtype=torch.float32, window=(50, 650)):
+    logits = (torch.randn(B, T, V, dtype=torch.float64) * 2).to(dtype)
+    targets = torch.randint(*window, (B, T))
+    mask = torch.rand(B, T) > 0.2
+    mask[1] = False  # a fully masked sequence
+    targets[~mask] = -100  # padding outside the window is fine where masked
+    ref_logp, _ = R.token_logprobs(logits.double(), targets.clamp(min=0), 1.0, *window, dtype=torch.float64)
+    old = (ref_logp + 0.25 * torch.randn(B, T, dtype=torch.float64)).float()
+    ref = (ref_logp + 0.25 * torch.randn(B, T, dtype=torch.float64)).float()
+    return logits, targets, mask, torch.randn(B), old, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss_type", list(R.LOSS_TYPES))
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_grpo_loss_and_grad_vs_reference(dtype, loss_type, temperature):
+    logits, targets, mask, adv, old, ref = _grpo_inputs(dtype=dtype)
+    kw = dict(temperature=temperature, vocab_range=(50, 650), eps_low=0.2, eps_high=0.28, beta=0.04,
+              loss_type=loss_type)
+    x = logits.clone().requires_grad_(True)
+    loss, metrics = K.grpo_loss(x, targets, adv, mask, old, ref, **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    xr = logits.double().clone().requires_grad_(True)
+    eloss, emetrics = R.grpo_loss(xr, targets.clamp(min=0), adv, mask, old, ref, dtype=torch.float64, **kw)
+    (egrad,) = torch.autograd.grad(eloss, xr)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    scaled_close(loss, eloss, dtype, 10.0)
+    for k in emetrics:
+        scaled_close(metrics[k], emetrics[k], dtype, 30.0)
+    assert grad.dtype == dtype
+    scaled_close(grad, egrad, dtype, float(egrad.abs().max()), grad=True)
+    assert torch.all(grad[1] == 0), "fully masked sequence must get zero gradient"
+
+
+def test_grpo_loss_inplace_backward_reuses_logits_storage():
+    logits, targets, mask, adv, old, ref = _grpo_inputs()
+    x = logits.clone().requires_grad_(True)
+    loss, _ = K.grpo_loss(x, targets, adv, mask, old, ref, vocab_range=(50, 650), beta=0.04)
+    (g_expected,) = torch.autograd.grad(loss, x)
+    leaf = logits.clone()
+    y = leaf.clone().requires_grad_(True)  # non-leaf storage we let backward overwrite
+    loss2, _ = K.grpo_loss(y, targets, adv, mask, old, ref, vocab_range=(50, 650), beta=0.04, inplace_backward=True)
+    (g_inplace,) = torch.autograd.grad(loss2, y)
+    assert g_inplace.data_ptr() == y.data_ptr()
+    torch.testing.assert_close(g_inplace, g_expected)
+
+
+def test_on_policy_ratio_is_one_and_gradient_is_minus_advantage():
+    logits, targets, mask, adv, _, _ = _grpo_inputs()
+    loss, metrics = K.grpo_loss(logits, targets, adv, mask, vocab_range=(50, 650), loss_type="dr_grpo")
+    assert metrics["ratio_mean"].item() == pytest.approx(1.0)
+    assert metrics["clip_low_frac"].item() == 0 and metrics["clip_high_frac"].item() == 0
+    # on-policy loss value is -A averaged with the dr_grpo weights
+    expected = -(adv[:, None] * mask).sum() / mask.numel()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+
+
+def test_token_logprobs_public_shapes_mask_and_grad():
+    logits = torch.randn(2, 5, 300, dtype=torch.float64)
+    targets = torch.randint(0, 300, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 1] = False
+    targets[0, 1] = 10_000  # masked: may be anything
+    x = logits.clone().requires_grad_(True)
+    lp = K.token_logprobs(x, targets, temperature=0.8, mask=mask)
+    assert lp.shape == (2, 5) and lp[0, 1] == 0
+    (lp * torch.arange(10.0, dtype=torch.float64).reshape(2, 5)).sum().backward()
+    xr = logits.clone().requires_grad_(True)
+    e, _ = R.token_logprobs(xr, targets.clamp(max=299), 0.8, 0, 300, mask=mask, dtype=torch.float64)
+    (e * torch.arange(10.0, dtype=torch.float64).reshape(2, 5)).sum().backward()
+    torch.testing.assert_close(lp, e)
+    torch.testing.assert_close(x.grad, xr.grad)
+    assert torch.all(x.grad[0, 1] == 0)
+
+
+def test_gradcheck_fp64():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(2, 9, (2, 3))
+    adv = torch.tensor([0.7, -1.2], dtype=torch.float64)
+    with torch.no_grad():
+        base, _ = R.token_logprobs(logits, targets, 1.0, 2, 9, dtype=torch.float64)
+    old = base + 0.05  # ratios near 1, away from the clip boundaries (min/clip are not smooth there)
+    ref = base - 0.1
+    assert torch.autograd.gradcheck(lambda z: K.token_logprobs(z, targets, 0.7, (2, 9)), (logits,))
+    assert torch.autograd.gradcheck(
+        lambda z: K.grpo_loss(z, targets, adv, None, old, ref, temperature=0.7, vocab_range=(2, 9), beta=0.1,
+                              eps_low=0.3, eps_high=0.3)[0], (logits,))
+
+
+def test_nan_logits_give_nan_not_garbage():
+    logits = torch.randn(3, 50)
+    logits[1, 7] = float("nan")
+    lp = K.token_logprobs(logits, torch.tensor([1, 2, 3]))
+    assert torch.isfinite(lp[0]) and torch.isnan(lp[1]) and torch.isfinite(lp[2])
+
+
+# --------------------------------------------------------------------------- registration / compile
+
+
+@requires_cpp
+def test_cpu_kernels_are_the_cpp_ones():
+    assert K.backend_for(torch.device("cpu")) == "cpp"
+
+
+def test_opcheck_every_logprob_op():
+    logits = torch.randn(2, 3, 40, requires_grad=True)
+    targets = torch.randint(5, 30, (6,))
+    mask = torch.tensor([True, False, True, True, True, True])
+    adv, old, ref = torch.randn(6), torch.randn(6) - 3, torch.randn(6) - 3
+    torch.library.opcheck(op("token_logprobs"), (logits, targets, mask, 0.9, 5, 30))
+    torch.library.opcheck(op("grpo_token_loss"), (logits, targets, adv, mask, old, ref, 0.9, 5, 30, 0.2, 0.3, 0.05))
+    torch.library.opcheck(op("grpo_token_loss"), (logits, targets, adv, None, None, None, 1.0, 0, 40, 0.2, 0.2, 0.0))
+    lse = torch.randn(6)
+    g = torch.randn(6)
+    torch.library.opcheck(op("logprob_backward"), (logits.detach(), targets, lse, g, 0.9, 5, 30))
+    torch.library.opcheck(op("logprob_backward_"), (logits.detach().clone(), targets, lse, g, 0.9, 5, 30))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    logits, targets, mask, adv, old, ref = _grpo_inputs(B=2, T=5, V=300, window=(10, 290))
+    kw = dict(vocab_range=(10, 290), beta=0.04, loss_type="bnpo")
+
+    def step(z):
+        loss, m = K.grpo_loss(z, targets, adv, mask, old, ref, **kw)
+        lp = K.token_logprobs(z.detach(), targets.clamp(min=10), vocab_range=(10, 290))
+        return loss * 2.0, m["kl_mean"], lp
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    out_e, out_c = step(x1), compiled(x2)
+    for a, b in zip(out_e, out_c):
+        torch.testing.assert_close(a, b)
+    out_e[0].backward()
+    out_c[0].backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    logits, targets, mask, adv, old, ref = _grpo_inputs(B=2, T=5, V=300, window=(10, 290))
+
+    def step(z):
+        return K.grpo_loss(z, targets, adv, mask, old, ref, vocab_range=(10, 290), beta=0.04)[0]
+
+    x = logits.clone().requires_grad_(True)
+    torch.compile(step, fullgraph=True)(x).backward()
+    y = logits.clone().requires_grad_(True)
+    step(y).backward()
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda z, t: K.token_logprobs(z.long(), t), TypeError, "logits must have dtype"),
+    (lambda z, t: K.token_logprobs(z, t.float()), TypeError, "targets must have dtype"),
+    (lambda z, t: K.token_logprobs(z, t[:, :-1]), ValueError, "targets must have shape"),
+    (lambda z, t: K.token_logprobs(z[0, 0], t), ValueError, "at least 2 dims"),
+    (lambda z, t: K.token_logprobs(z, t, temperature=float("inf")), ValueError, "temperature must be finite"),
+    (lambda z, t: K.token_logprobs(z, t, temperature=0.0), ValueError, "temperature must be > 0"),
+    (lambda z, t: K.token_logprobs(z, t, vocab_range=(5, 3)), ValueError, "vocab_range"),
+    (lambda z, t: K.token_logprobs(z, t, vocab_range=(0, 10**6)), ValueError, "vocab_range"),
+    (lambda z, t: K.token_logprobs(z, t, vocab_range=(40, 50)), ValueError, "targets must lie in the vocab window"),
+    (lambda z, t: K.token_logprobs(z, t + 1000), ValueError, "targets must lie in the vocab window"),
+    (lambda z, t: K.grpo_loss(z, t, torch.randn(3)), ValueError, "advantages must have shape"),
+    (lambda z, t: K.grpo_loss(z, t, torch.randn(2), beta=0.1), ValueError, "ref_logprobs"),
+    (lambda z, t: K.grpo_loss(z, t, torch.randn(2), loss_type="sum"), ValueError, "loss_type"),
+    (lambda z, t: K.grpo_loss(z, t, torch.randn(2), old_logprobs=torch.randn(2, 4)), ValueError, "old_logprobs"),
+    (lambda z, t: K.grpo_loss(z, t, torch.randn(2), mask=torch.ones(2, 4)), ValueError, "mask must have shape"),
+    (lambda z, t: K.grpo_loss(z, t, torch.randn(2), eps_low=1.5), ValueError, "eps_low"),
+    (lambda z, t: K.grpo_loss(z, t, torch.randn(2), beta=float("nan")), ValueError, "beta must be finite"),
+    (lambda z, t: K.grpo_loss(z.reshape(6, 50), t.reshape(6), torch.randn(6)), ValueError, "logits must have 3"),
+])
+def test_bad_input_raises_clear_error(call, exc, match):
+    z = torch.randn(2, 3, 50)
+    t = torch.randint(0, 30, (2, 3))
+    with pytest.raises(exc, match=match):
+        call(z, t)
+
+
+def test_kernel_never_reads_out_of_window_targets():
+    # the raw op (unchecked) gives NaN for an out-of-window target instead of reading memory
+    logits = torch.randn(2, 100)
+    lp, _ = op("token_logprobs")(logits, torch.tensor([5, 10**9]), None, 1.0, 0, 50)
+    assert torch.isfinite(lp[0]) and torch.isnan(lp[1])
+    lp, _ = op("token_logprobs")(logits, torch.tensor([-(10**9), 7]), None, 1.0, 0, 50)
+    assert torch.isnan(lp[0]) and torch.isfinite(lp[1])
