@@ -18,6 +18,10 @@ namespace {
 
 enum Mode : int64_t { kGrpo = 0, kDrGrpo = 1, kRloo = 2, kBatch = 3, kGdpo = 4 };
 
+// d / (std + eps) with 0 for a zero deviation, so a constant group stays exactly
+// 0 even with eps = 0 (0/0 would be NaN).
+static inline double scaled(double d, double denom) { return d == 0.0 ? 0.0 : d / denom; }
+
 struct Stats {
   std::vector<double> shift, shifted_sum, count, mean, std;
 };
@@ -118,14 +122,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
       for (int64_t i = 0; i < N; ++i) {
         const double x = col(i);
         if (std::isnan(x)) continue;
-        summed[i] += w[j] * (x - cs.mean[g[i]]) / (cs.std[g[i]] + eps);
+        summed[i] += w[j] * scaled(x - cs.mean[g[i]], cs.std[g[i]] + eps);
         any[i] = true;
       }
     }
     auto get_summed = [&](int64_t i) { return any[i] ? summed[i] : std::numeric_limits<double>::quiet_NaN(); };
     const auto [bm, bs] = batch_stats(N, get_summed, unbiased);
     for (int64_t i = 0; i < N; ++i)
-      if (any[i]) a[i] = static_cast<float>((summed[i] - bm) / (bs + eps));
+      if (any[i]) a[i] = static_cast<float>(scaled(summed[i] - bm, bs + eps));
   } else {
     double batch_std = 0.0;
     if (mode == kBatch) batch_std = batch_stats(N, get_combined, unbiased).second;
@@ -135,9 +139,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
       const int64_t k = g[i];
       const double d = x - st.mean[k];
       switch (mode) {
-        case kGrpo: a[i] = static_cast<float>(d / (st.std[k] + eps)); break;
+        case kGrpo: a[i] = static_cast<float>(scaled(d, st.std[k] + eps)); break;
         case kDrGrpo: a[i] = static_cast<float>(d); break;
-        case kBatch: a[i] = static_cast<float>(d / (batch_std + eps)); break;
+        case kBatch: a[i] = static_cast<float>(scaled(d, batch_std + eps)); break;
         case kRloo: {
           // r - mean(others) = (r - shift) - (S' - (r - shift)) / (n - 1), S' the shifted group sum.
           const double n = st.count[k];

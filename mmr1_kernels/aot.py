@@ -89,11 +89,21 @@ def all_specs():
 
 
 def main() -> None:
-    print(f"{'kernel':50s} {'sm':>4s} {'regs':>5s} {'stack':>6s} {'local':>6s} {'smem':>7s}")
+    import json
+    import sys
+
+    rows = []
     for spec in all_specs():
         for cc in ARCHS:
             u = resource_usage(compile_cubin(spec, cc))
-            print(f"{spec.name:50s} {cc:>4d} {u.registers:>5d} {u.stack:>6d} {u.local:>6d} {u.shared:>7d}")
+            rows.append(dict(kernel=spec.name, sm=cc, registers=u.registers, stack=u.stack, local=u.local,
+                             shared=u.shared))
+    if "--json" in sys.argv:
+        print(json.dumps(rows))
+        return
+    print(f"{'kernel':50s} {'sm':>4s} {'regs':>5s} {'stack':>6s} {'local':>6s} {'smem':>7s}")
+    for r in rows:
+        print(f"{r['kernel']:50s} {r['sm']:>4d} {r['registers']:>5d} {r['stack']:>6d} {r['local']:>6d} {r['shared']:>7d}")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,11 @@ def logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo,
 
 
 # --------------------------------------------------------------------------- advantages
+def _scaled(d, denom):
+    """d / denom, with exactly 0 where d == 0 (constant groups stay 0 even with eps = 0)."""
+    return torch.where(d == 0, torch.zeros_like(d), d / denom)
+
+
 def _group_stats(values, index, num_groups, unbiased):
     """Per-group (count, mean, std) of ``values`` (float64, NaN = missing), shifted two-pass."""
     valid = ~torch.isnan(values)
@@ -174,20 +179,20 @@ def group_advantages(rewards, group_index, num_groups, weights=None, mode="grpo"
         summed = torch.zeros(N, dtype=dtype, device=r.device)
         for j in range(R):
             _, m_j, s_j, _ = _group_stats(r[:, j], group_index, num_groups, unbiased)
-            z = (r[:, j] - m_j[group_index]) / (s_j[group_index] + eps)
+            z = _scaled(r[:, j] - m_j[group_index], s_j[group_index] + eps)
             summed = summed + w[j] * torch.where(nan[:, j], torch.zeros_like(z), z)
         summed = torch.where(any_valid, summed, torch.full_like(summed, float("nan")))
         zero = torch.zeros(N, dtype=torch.long, device=r.device)
         _, bm, bs, _ = _group_stats(summed, zero, 1, unbiased)
-        adv = (summed - bm[0]) / (bs[0] + eps)
+        adv = _scaled(summed - bm[0], bs[0] + eps)
     elif mode == "grpo":
-        adv = (combined - mean[group_index]) / (std[group_index] + eps)
+        adv = _scaled(combined - mean[group_index], std[group_index] + eps)
     elif mode == "dr_grpo":
         adv = combined - mean[group_index]
     elif mode == "batch":
         zero = torch.zeros(N, dtype=torch.long, device=r.device)
         _, _, bs, _ = _group_stats(combined, zero, 1, unbiased)
-        adv = (combined - mean[group_index]) / (bs[0] + eps)
+        adv = _scaled(combined - mean[group_index], bs[0] + eps)
     elif mode == "rloo":
         n = count[group_index]
         xs = combined - shift[group_index]

@@ -76,6 +76,10 @@ def csr(group_index: torch.Tensor, num_groups: int):
     return order, starts
 
 
+def _scaled(d, denom):
+    return torch.where(d == 0, 0.0, d / denom)  # constant groups stay exactly 0, even with eps = 0
+
+
 def group_advantages(rewards, group_index, num_groups, weights, mode, eps, unbiased):
     """Triton path of mmr1::group_advantages (mode ints as in _library / advantages.MODES)."""
     r = rewards.float()
@@ -95,18 +99,18 @@ def group_advantages(rewards, group_index, num_groups, weights, mode, eps, unbia
         for j in range(R):
             col = r[:, j].contiguous()
             m_j, s_j, *_ = group_stats(col, order, starts, unbiased)
-            z = (col - m_j[gi]) / (s_j[gi] + eps)
+            z = _scaled(col - m_j[gi], s_j[gi] + eps)
             summed += w[j] * torch.where(nan[:, j], 0.0, z)
         summed = torch.where(any_valid, summed, float("nan")).contiguous()
         bm, bs, *_ = group_stats(summed, ident, whole, unbiased)
-        adv = (summed - bm[0]) / (bs[0] + eps)
+        adv = _scaled(summed - bm[0], bs[0] + eps)
     elif mode == 0:
-        adv = (combined - mean[gi]) / (std[gi] + eps)
+        adv = _scaled(combined - mean[gi], std[gi] + eps)
     elif mode == 1:
         adv = combined - mean[gi]
     elif mode == 3:
         _, bs, *_ = group_stats(combined, ident, whole, unbiased)
-        adv = (combined - mean[gi]) / (bs[0] + eps)
+        adv = _scaled(combined - mean[gi], bs[0] + eps)
     else:  # rloo
         n = count[gi]
         xs = combined - shift[gi]
