@@ -12,6 +12,10 @@
 
 #include <torch/library.h>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace mmr1 {
 
 namespace {
@@ -175,14 +179,14 @@ void backward_rows(const at::Tensor& logits, const int64_t* targets, const acc_t
   const int64_t V = logits.size(-1), W = hi - lo;
   RowReader<scalar_t> reader(W);
   std::vector<acc_t> dz(static_cast<size_t>(W));
-  const scalar_t zero = static_cast<scalar_t>(0.0f);
   for (int64_t n = begin; n < end; ++n) {
     scalar_t* orow = obase + oidx.offset(n);
-    for (int64_t j = 0; j < lo; ++j) orow[j] = zero;
-    for (int64_t j = hi; j < V; ++j) orow[j] = zero;
+    // all-zero bits are +0.0 in every float format: memset the out-of-window columns
+    std::memset(static_cast<void*>(orow), 0, static_cast<size_t>(lo) * sizeof(scalar_t));
+    std::memset(static_cast<void*>(orow + hi), 0, static_cast<size_t>(V - hi) * sizeof(scalar_t));
     const acc_t g = grad[n];
     if (g == 0) {  // masked token: no softmax needed
-      for (int64_t j = lo; j < hi; ++j) orow[j] = zero;
+      std::memset(static_cast<void*>(orow + lo), 0, static_cast<size_t>(W) * sizeof(scalar_t));
       continue;
     }
     const acc_t* z = reader.read(base + idx.offset(n) + lo, W);
@@ -192,9 +196,7 @@ void backward_rows(const at::Tensor& logits, const int64_t* targets, const acc_t
     for (int64_t j = 0; j < W; ++j) d[j] = scale * exp_approx(std::fma(z[j], inv_t, -shift));
     const int64_t t = targets[n] - lo;
     if (t >= 0 && t < W) d[t] += g * inv_t;
-    scalar_t* ow = orow + lo;
-#pragma omp simd
-    for (int64_t j = 0; j < W; ++j) ow[j] = static_cast<scalar_t>(d[j]);
+    store_row_f32(d, orow + lo, W);
   }
 }
 
@@ -224,7 +226,7 @@ at::Tensor logprob_backward_cpu(const at::Tensor& logits, const at::Tensor& targ
                                 const at::Tensor& grad, double temperature, int64_t lo, int64_t hi) {
   const char* op = "mmr1::logprob_backward";
   check_backward(logits, targets, lse, grad, temperature, lo, hi, op);
-  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  at::Tensor out = empty_large(logits.sizes(), logits.options());
   run_backward(logits, targets, lse, grad, temperature, lo, hi, out, op);
   return out;
 }
@@ -237,6 +239,18 @@ void logprob_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& ta
 }
 
 }  // namespace
+
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(t.nbytes());
+  const uintptr_t a = (begin + kHuge - 1) & ~(kHuge - 1), b = end & ~(kHuge - 1);
+  if (b > a) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
+  return t;
+}
 
 void check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be a CPU tensor for the CPU kernel");

@@ -57,6 +57,19 @@ def _opt(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
     return None if t is None else t[s:e]
 
 
+class _ChunkLogits:
+    """One [chunk, W] buffer reused by every chunk (torch.mm(out=...)): a fresh
+    32 MiB tensor per chunk would pay its page faults again each time."""
+
+    def __init__(self, hidden: torch.Tensor, w_win: torch.Tensor, chunk_size: int):
+        self.w_win = w_win
+        self.buf = hidden.new_empty(min(chunk_size, hidden.shape[0]), w_win.shape[0])
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.buf[: h.shape[0]]
+        return torch.mm(h, self.w_win.t(), out=z)
+
+
 class _WeightGradAccumulator:
     """dW_win += z^T @ h in fp32 (a bf16 accumulator would lose the small per-chunk terms)."""
 
@@ -82,9 +95,10 @@ def _fl_logprobs(hidden, weight, targets, mask, temperature, vocab_lo, vocab_hi,
     local = targets - vocab_lo
     logp = hidden.new_empty(N, dtype=C.acc_dtype(hidden.dtype))
     lse = hidden.new_empty(N, dtype=C.acc_dtype(hidden.dtype))
+    logits_of = _ChunkLogits(hidden, w_win, chunk_size)
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)
-        z = torch.mm(hidden[s:e], w_win.t())
+        z = logits_of(hidden[s:e])
         lp, ls = op("token_logprobs")(z, local[s:e], _opt(mask, s, e), temperature, 0, W)
         logp[s:e], lse[s:e] = lp, ls
     return logp, lse
@@ -97,10 +111,11 @@ def _fl_logprobs_backward(hidden, weight, targets, lse, grad_logprobs, temperatu
     local = targets - vocab_lo
     grad_hidden = torch.empty_like(hidden)
     gw = _WeightGradAccumulator(w_win)
+    logits_of = _ChunkLogits(hidden, w_win, chunk_size)
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)
         h = hidden[s:e]
-        z = torch.mm(h, w_win.t())
+        z = logits_of(h)
         op("logprob_backward_")(z, local[s:e], lse[s:e], grad_logprobs[s:e], temperature, 0, W)
         torch.mm(z, w_win, out=grad_hidden[s:e])
         gw.add(z, h)
@@ -118,10 +133,11 @@ def _fl_grpo(hidden, weight, targets, advantages, token_weights, mask, old_logpr
     logp, ratio, kl = (torch.empty(N, **f32) for _ in range(3))
     grad_hidden = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
     gw = _WeightGradAccumulator(w_win) if compute_grad else None
+    logits_of = _ChunkLogits(hidden, w_win, chunk_size)
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)
         h = hidden[s:e]
-        z = torch.mm(h, w_win.t())
+        z = logits_of(h)
         lp, lse, tl, coef, r, k = op("grpo_token_loss")(
             z, local[s:e], advantages[s:e], _opt(mask, s, e), _opt(old_logprobs, s, e), _opt(ref_logprobs, s, e),
             temperature, 0, W, eps_low, eps_high, beta)

@@ -1,0 +1,95 @@
+"""What users would pick instead of mmr1_kernels, written the way those projects do it.
+
+Every peer is imported from its own package when that package is installed
+(TRL's selective_log_softmax, Liger-Kernel's LigerFusedLinearGRPOLoss); only
+the few lines of loss math that TRL keeps inside its trainer method are
+restated here, following trl/trainer/grpo_trainer.py `_compute_loss`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def trl_grpo_loss(logits, targets, advantages, mask, old_logprobs, ref_logprobs, *, temperature, vocab_range,
+                  eps_low, eps_high, beta, loss_type="grpo"):
+    """TRL: selective_log_softmax on the (window of the) logits + the GRPO loss math of GRPOTrainer."""
+    from trl.trainer.utils import selective_log_softmax
+
+    lo, hi = vocab_range
+    # TRL has no vocab window: a user restricts the logits and shifts the ids themselves.
+    per_token_logps = selective_log_softmax(logits[..., lo:hi], targets - lo, temperature=temperature)
+    mask = mask.float()
+    old = per_token_logps.detach() if old_logprobs is None else old_logprobs
+    coef_1 = torch.exp(per_token_logps - old)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if beta != 0.0:
+        per_token_kl = torch.exp(ref_logprobs - per_token_logps) - (ref_logprobs - per_token_logps) - 1
+        per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type in ("bnpo", "dapo"):
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    return (per_token_loss * mask).sum() / (mask.shape[0] * mask.shape[1])
+
+
+def trl_token_logprobs(logits, targets, *, temperature, vocab_range):
+    from trl.trainer.utils import selective_log_softmax
+
+    lo, hi = vocab_range
+    return selective_log_softmax(logits[..., lo:hi], targets - lo, temperature=temperature)
+
+
+class LigerGrpo:
+    """Liger-Kernel's chunked fused-linear GRPO loss (its torch path; runs on CPU)."""
+
+    def __init__(self, beta, eps_low, eps_high, temperature, loss_type="grpo", compiled=True):
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        self.loss = LigerFusedLinearGRPOLoss(beta=beta, compiled=compiled, use_ref_model=beta != 0.0,
+                                             epsilon_low=eps_low, epsilon_high=eps_high, loss_type=loss_type,
+                                             temperature=temperature)
+
+    def __call__(self, hidden, weight, targets, mask, advantages, ref_logprobs: Optional[torch.Tensor],
+                 old_logprobs: Optional[torch.Tensor]):
+        out = self.loss(hidden, weight, targets, mask.long(), advantages, ref_per_token_logps=ref_logprobs,
+                        old_per_token_logps=old_logprobs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def trl_group_advantages(rewards, group_size, eps=1e-4):
+    """TRL GRPOTrainer: view(-1, G), nanmean / nanstd per group, (r - mean) / (std + 1e-4)."""
+    grouped = rewards.view(-1, group_size)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(group_size)
+    std = grouped.std(dim=1).repeat_interleave(group_size)
+    return torch.nan_to_num((rewards - mean) / (std + eps))
+
+
+def verl_group_advantages(scores, uids, eps=1e-6):
+    """verl compute_grpo_outcome_advantage: a Python dict over the uid array, torch.std per group."""
+    from collections import defaultdict
+
+    id2score, id2mean, id2std = defaultdict(list), {}, {}
+    bsz = scores.shape[0]
+    uid_list = uids.tolist()
+    for i in range(bsz):
+        id2score[uid_list[i]].append(scores[i])
+    for idx, vals in id2score.items():
+        if len(vals) == 1:
+            id2mean[idx], id2std[idx] = torch.tensor(0.0), torch.tensor(1.0)
+        else:
+            t = torch.stack(vals)
+            id2mean[idx], id2std[idx] = torch.mean(t), torch.std(t)
+    out = scores.clone()
+    for i in range(bsz):
+        out[i] = (scores[i] - id2mean[uid_list[i]]) / (id2std[uid_list[i]] + eps)
+    return out
