@@ -24,6 +24,29 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+# Process settings every benchmark runs under (set before torch starts threads or allocates):
+BENCH_ENV = {
+    # glibc keeps freed blocks below its (dynamically growing, up to 32 MiB)
+    # mmap threshold in the heap, so RSS would miss the peak of any provider
+    # whose temporaries fit in memory freed earlier. A fixed 64 KiB threshold
+    # makes every tensor >= 64 KiB its own mapping: RSS-based peaks are exact,
+    # and every provider pays first-touch page faults for its temporaries alike.
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    # Inductor's parallel-compile worker pool keeps processes around that steal
+    # one of the two cores from whatever is timed next.
+    "TORCHINDUCTOR_COMPILE_THREADS": "1",
+}
+
+
+def ensure_bench_env(module: str) -> None:
+    """Re-exec ``python -m module`` under BENCH_ENV unless it is already in effect."""
+    import sys
+
+    if all(os.environ.get(k) == v for k, v in BENCH_ENV.items()):
+        return
+    env = {**os.environ, **BENCH_ENV}
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+
 
 # --------------------------------------------------------------------------- machine
 

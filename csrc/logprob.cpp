@@ -190,10 +190,8 @@ void backward_rows(const at::Tensor& logits, const int64_t* targets, const acc_t
       continue;
     }
     const acc_t* z = reader.read(base + idx.offset(n) + lo, W);
-    const acc_t scale = -g * inv_t, shift = lse[n];
     acc_t* d = dz.data();
-#pragma omp simd
-    for (int64_t j = 0; j < W; ++j) d[j] = scale * exp_approx(std::fma(z[j], inv_t, -shift));
+    row_scaled_exp(z, W, inv_t, lse[n], -g * inv_t, d);
     const int64_t t = targets[n] - lo;
     if (t >= 0 && t < W) d[t] += g * inv_t;
     store_row_f32(d, orow + lo, W);
@@ -239,6 +237,28 @@ void logprob_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& ta
 }
 
 }  // namespace
+
+MMR1_MULTIVERSION float row_max_f32(const float* __restrict z, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = z[i] > m ? z[i] : m;
+  return m;
+}
+
+MMR1_MULTIVERSION float row_sum_exp_f32(const float* __restrict z, int64_t n, float m, float inv_t) {
+  float s = 0.0f;
+  const float a = inv_t * kLog2e, b = m * a;  // exp((z - m)/T) = 2^(z*a - b)
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += exp2_nonpos(std::fma(z[i], a, -b));
+  return s;
+}
+
+MMR1_MULTIVERSION void row_scaled_exp_f32(const float* __restrict z, int64_t n, float inv_t, float shift, float scale,
+                                          float* __restrict d) {
+  const float a = inv_t * kLog2e, b = shift * kLog2e;  // exp(z/T - shift) = 2^(z*a - b)
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = scale * exp2_nonpos(std::fma(z[i], a, -b));
+}
 
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
