@@ -68,6 +68,10 @@ static inline void load_row_f32(const float* __restrict src, float* __restrict d
   std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
 }
 
+static inline void load_row_f32(const double* __restrict src, float* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 static inline void load_row_f32(const c10::BFloat16* __restrict src, float* __restrict dst, int64_t n) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
 #pragma omp simd
@@ -199,13 +203,6 @@ static inline int64_t num_rows(const at::Tensor& logits) {
 
 void check_logits(const at::Tensor& logits, const char* op);
 void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const char* name, const char* op);
-
-// at::empty for large outputs (the [N, V] logits gradient), advising the kernel
-// to back it with transparent huge pages. A fresh 256 MiB CPU tensor otherwise
-// costs ~65k 4 KiB page faults on first touch: measured 70 ms to zero-fill
-// 1024 x 65536 fp32 vs 9 ms with MADV_HUGEPAGE (THP in "madvise" mode), which
-// was most of the backward's time. No-op where THP is unavailable.
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Per-token vectors (log-probs, lse, advantages, ...) are fp64 for fp64 logits, fp32 otherwise.
 static inline at::ScalarType acc_dtype(const at::Tensor& logits) {

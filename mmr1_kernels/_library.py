@@ -42,6 +42,11 @@ SCHEMAS = {
         "logprob_backward_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor grad_logprobs, "
         "float temperature, int vocab_lo, int vocab_hi) -> ()"
     ),
+    "cfg_sample": (
+        "cfg_sample(Tensor cond, Tensor? uncond, Tensor cfg_scale, Tensor temperature, Tensor top_k, Tensor top_p, "
+        "Tensor? forced, Tensor seed, Tensor offset, Tensor row_ids, int vocab_lo, int vocab_hi, "
+        "bool return_cond_logprobs) -> (Tensor tokens, Tensor logprobs, Tensor cond_logprobs, Tensor status)"
+    ),
     "group_advantages": (
         "group_advantages(Tensor rewards, Tensor group_index, int num_groups, Tensor? weights, "
         "int mode, float eps, bool unbiased) -> (Tensor advantages, Tensor group_mean, Tensor group_std)"

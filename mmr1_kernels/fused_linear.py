@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import _checks as C
 from . import reference as ref
@@ -175,9 +174,16 @@ def _fl_grpo_fake(hidden, weight, targets, advantages, token_weights, mask, old_
         hidden.new_empty(n, **f32), gh, gw
 
 
-def _full_weight_grad(grad_window, weight_shape, lo, hi):
-    # [W, d] window gradient -> [V, d] (zeros outside the window).
-    return F.pad(grad_window, (0, 0, lo, weight_shape[0] - hi))
+def _full_weight_grad(grad_window, weight_shape, lo, hi, scale=None):
+    """scale * [W, d] window gradient -> [V, d] (zeros outside), in one allocation of the result."""
+    out = grad_window.new_empty(weight_shape)
+    out[:lo].zero_()
+    out[hi:].zero_()
+    if scale is None:
+        out[lo:hi].copy_(grad_window)
+    else:
+        torch.mul(grad_window, scale, out=out[lo:hi])
+    return out
 
 
 def _setup_fl_logprobs(ctx, inputs, output):
@@ -212,9 +218,8 @@ def _backward_fl_grpo(ctx, grad_loss, *_unused):
     if gh.numel() == 0 and gw.numel() == 0:
         raise RuntimeError("fused_linear_grpo_loss was called with compute_grad=False; it has no backward")
     weight_shape, lo, hi = ctx.params
-    g = grad_loss.to(gh.dtype)
-    grad_hidden = gh * g if ctx.needs_input_grad[0] else None
-    grad_weight = _full_weight_grad(gw * g.to(gw.dtype), weight_shape, lo, hi) if ctx.needs_input_grad[1] else None
+    grad_hidden = gh * grad_loss.to(gh.dtype) if ctx.needs_input_grad[0] else None
+    grad_weight = _full_weight_grad(gw, weight_shape, lo, hi, grad_loss.to(gw.dtype)) if ctx.needs_input_grad[1] else None
     return (grad_hidden, grad_weight) + (None,) * 14
 
 
