@@ -159,6 +159,18 @@ MMR1_MULTIVERSION float kept_exp(const float* __restrict z, int64_t n, float m, 
   return s;
 }
 
+// Branch-free compaction of the kept entries (q > 0) into zk/qk; returns their count.
+int64_t compact_kept(const float* __restrict z, const float* __restrict q, int64_t n, float* __restrict zk,
+                     float* __restrict qk) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    zk[m] = z[i];
+    qk[m] = q[i];
+    m += q[i] > 0.0f;
+  }
+  return m;
+}
+
 MMR1_MULTIVERSION float drop_below(const float* __restrict z, int64_t n, float thr, float* __restrict q) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
@@ -212,8 +224,8 @@ struct RowOut {
 };
 
 struct Scratch {
-  std::vector<float> c, u, z, q, u4;
-  explicit Scratch(int64_t n) : c(n), u(n), z(n), q(n), u4(n + 8) {}
+  std::vector<float> c, u, z, q, u4, c2;
+  explicit Scratch(int64_t n) : c(n), u(n), z(n), q(n), u4(n + 8), c2(n) {}
 };
 
 template <typename scalar_t>
@@ -237,7 +249,9 @@ RowOut sample_row(const scalar_t* crow, const scalar_t* urow, int64_t lo, int64_
                                                : -std::numeric_limits<float>::infinity();
     float total = kept_exp(s.z.data(), W, m, thr, s.q.data());
     if (top_p < 1.0f && total > 0.0f) {
-      const float thr_p = top_p_threshold(s.z.data(), s.q.data(), W, top_p * total, thr, m);
+      // the ~32 mass passes of the bisection run over the kept entries only (top-k 2000 of 8192: 4x fewer)
+      const int64_t nk = compact_kept(s.z.data(), s.q.data(), W, s.c2.data(), s.u4.data());
+      const float thr_p = top_p_threshold(s.c2.data(), s.u4.data(), nk, top_p * total, thr, m);
       total = drop_below(s.z.data(), W, thr_p, s.q.data());
     }
     if (!(total > 0.0f))
