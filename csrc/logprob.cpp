@@ -12,6 +12,10 @@
 
 #include <torch/library.h>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 
 namespace mmr1 {
 
@@ -169,7 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // same element is written, and bf16/fp16 rows are first copied to fp32 scratch.
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void backward_rows(const at::Tensor& logits, const int64_t* targets, const acc_t* lse, const acc_t* grad,
-                   acc_t inv_t, int64_t lo, int64_t hi, const at::Tensor& out, int64_t begin, int64_t end) {
+                   acc_t inv_t, int64_t lo, int64_t hi, const at::Tensor& out, bool out_zeroed, int64_t begin,
+                   int64_t end) {
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   scalar_t* obase = static_cast<scalar_t*>(out.data_ptr());
   const RowIndexer idx = make_row_indexer(logits), oidx = make_row_indexer(out);
@@ -179,11 +184,14 @@ void backward_rows(const at::Tensor& logits, const int64_t* targets, const acc_t
   for (int64_t n = begin; n < end; ++n) {
     scalar_t* orow = obase + oidx.offset(n);
     // all-zero bits are +0.0 in every float format: memset the out-of-window columns
-    std::memset(static_cast<void*>(orow), 0, static_cast<size_t>(lo) * sizeof(scalar_t));
-    std::memset(static_cast<void*>(orow + hi), 0, static_cast<size_t>(V - hi) * sizeof(scalar_t));
+    // (skipped when the output comes from zeros_untouched: its pages stay untouched)
+    if (!out_zeroed) {
+      std::memset(static_cast<void*>(orow), 0, static_cast<size_t>(lo) * sizeof(scalar_t));
+      std::memset(static_cast<void*>(orow + hi), 0, static_cast<size_t>(V - hi) * sizeof(scalar_t));
+    }
     const acc_t g = grad[n];
     if (g == 0) {  // masked token: no softmax needed
-      std::memset(static_cast<void*>(orow + lo), 0, static_cast<size_t>(W) * sizeof(scalar_t));
+      if (!out_zeroed) std::memset(static_cast<void*>(orow + lo), 0, static_cast<size_t>(W) * sizeof(scalar_t));
       continue;
     }
     const acc_t* z = reader.read(base + idx.offset(n) + lo, W);
@@ -205,14 +213,14 @@ void check_backward(const at::Tensor& logits, const at::Tensor& targets, const a
 
 void run_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                   const at::Tensor& grad, double temperature, int64_t lo, int64_t hi, const at::Tensor& out,
-                  const char* op) {
+                  bool out_zeroed, const char* op) {
   const int64_t N = num_rows(logits);
   MMR1_DISPATCH_LOGITS(logits.scalar_type(), op, [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, N, kRowGrain, [&](int64_t b, int64_t e) {
       backward_rows<scalar_t>(logits, targets.const_data_ptr<int64_t>(), lse.const_data_ptr<acc_t>(),
-                              grad.const_data_ptr<acc_t>(), inv_t, lo, hi, out, b, e);
+                              grad.const_data_ptr<acc_t>(), inv_t, lo, hi, out, out_zeroed, b, e);
     });
   });
 }
@@ -221,12 +229,11 @@ at::Tensor logprob_backward_cpu(const at::Tensor& logits, const at::Tensor& targ
                                 const at::Tensor& grad, double temperature, int64_t lo, int64_t hi) {
   const char* op = "mmr1::logprob_backward";
   check_backward(logits, targets, lse, grad, temperature, lo, hi, op);
-  // A fresh [N, V] gradient costs first-touch page faults (~70 ms per 256 MiB here) that
-  // dominate the backward; grpo_loss(inplace_backward=True) avoids the allocation entirely.
-  // (MADV_HUGEPAGE would cut the faults 8x but, with THP defrag=madvise, stalls in direct
-  // compaction: measured 65-670 ms for the same call.)
-  at::Tensor out = at::empty(logits.sizes(), logits.options());
-  run_backward(logits, targets, lse, grad, temperature, lo, hi, out, op);
+  // Only the window is written; outside it the untouched zero pages are never faulted in.
+  // (MADV_HUGEPAGE was tried instead: with THP defrag=madvise it stalls in direct
+  // compaction, measured 65-670 ms for the same call.)
+  at::Tensor out = zeros_untouched(logits.sizes(), logits.options());
+  run_backward(logits, targets, lse, grad, temperature, lo, hi, out, /*out_zeroed=*/true, op);
   return out;
 }
 
@@ -234,7 +241,7 @@ void logprob_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& ta
                                   const at::Tensor& grad, double temperature, int64_t lo, int64_t hi) {
   const char* op = "mmr1::logprob_backward_";
   check_backward(logits, targets, lse, grad, temperature, lo, hi, op);
-  run_backward(logits, targets, lse, grad, temperature, lo, hi, logits, op);
+  run_backward(logits, targets, lse, grad, temperature, lo, hi, logits, /*out_zeroed=*/false, op);
 }
 
 }  // namespace
@@ -261,6 +268,24 @@ MMR1_MULTIVERSION void row_scaled_exp_f32(const float* __restrict z, int64_t n, 
   for (int64_t i = 0; i < n; ++i) d[i] = scale * exp2_nonpos(std::fma(z[i], a, -b));
 }
 
+at::Tensor zeros_untouched(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#ifdef __linux__
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (nbytes >= (size_t(1) << 20)) {  // small tensors: the normal allocator is cheaper than a mapping
+    void* p = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED)
+      return at::from_blob(p, sizes, [nbytes](void* q) { munmap(q, nbytes); }, options);
+  }
+#endif
+  return at::zeros(sizes, options);
+}
+
+at::Tensor zeros_untouched_op(const at::Tensor& like, at::IntArrayRef size, at::ScalarType dtype) {
+  return zeros_untouched(size, like.options().dtype(dtype));
+}
+
 void check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be a CPU tensor for the CPU kernel");
   TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, op, ": logits must be [N, V] or [B, T, V], got ",
@@ -281,6 +306,7 @@ TORCH_LIBRARY_IMPL(mmr1, CPU, m) {
   m.impl("grpo_token_loss", &grpo_token_loss_cpu);
   m.impl("logprob_backward", &logprob_backward_cpu);
   m.impl("logprob_backward_", &logprob_backward_inplace_cpu);
+  m.impl("zeros_untouched", &zeros_untouched_op);
 }
 
 }  // namespace mmr1

@@ -47,6 +47,7 @@ SCHEMAS = {
         "Tensor? forced, Tensor seed, Tensor offset, Tensor row_ids, int vocab_lo, int vocab_hi, "
         "bool return_cond_logprobs) -> (Tensor tokens, Tensor logprobs, Tensor cond_logprobs, Tensor status)"
     ),
+    "zeros_untouched": "zeros_untouched(Tensor like, int[] size, ScalarType dtype) -> Tensor",
     "group_advantages": (
         "group_advantages(Tensor rewards, Tensor group_index, int num_groups, Tensor? weights, "
         "int mode, float eps, bool unbiased) -> (Tensor advantages, Tensor group_mean, Tensor group_std)"

@@ -33,13 +33,13 @@ _lib.define(
 )
 _lib.define(
     "fused_linear_logprobs_backward(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_logprobs, "
-    "float temperature, int vocab_lo, int vocab_hi, int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight_window)"
+    "float temperature, int vocab_lo, int vocab_hi, int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight)"
 )
 _lib.define(
     "fused_linear_grpo_loss(Tensor hidden, Tensor weight, Tensor targets, Tensor advantages, Tensor token_weights, "
     "Tensor? mask, Tensor? old_logprobs, Tensor? ref_logprobs, float temperature, int vocab_lo, int vocab_hi, "
     "float eps_low, float eps_high, float beta, int chunk_size, bool compute_grad) -> (Tensor loss, "
-    "Tensor logprobs, Tensor ratio, Tensor kl, Tensor grad_hidden, Tensor grad_weight_window)"
+    "Tensor logprobs, Tensor ratio, Tensor kl, Tensor grad_hidden, Tensor grad_weight)"
 )
 
 # Rows per chunk so that one chunk of fp32 logits is ~32 MiB: 1024 rows at the
@@ -69,22 +69,44 @@ class _ChunkLogits:
         return torch.mm(h, self.w_win.t(), out=z)
 
 
-class _WeightGradAccumulator:
-    """dW_win += z^T @ h in fp32 (a bf16 accumulator would lose the small per-chunk terms)."""
+@impl("zeros_untouched", "CompositeExplicitAutograd")
+def _zeros_untouched_ref(like, size, dtype):
+    return torch.zeros(size, dtype=dtype, device=like.device)
 
-    def __init__(self, window_weight: torch.Tensor):
-        self.exact = window_weight.dtype in (torch.float32, torch.float64)
-        acc = torch.float64 if window_weight.dtype == torch.float64 else torch.float32
-        self.acc = torch.zeros(window_weight.shape, dtype=acc, device=window_weight.device)
+
+@torch.library.register_fake("mmr1::zeros_untouched")
+def _zeros_untouched_fake(like, size, dtype):
+    return like.new_empty(size, dtype=dtype)
+
+
+class _WeightGradAccumulator:
+    """d weight [V, d], accumulated on the window rows only: dW[lo:hi] += z^T @ h.
+
+    The [V, d] buffer comes from mmr1::zeros_untouched, so rows outside the
+    window cost no memory traffic (and, on CPU, no resident pages) until someone
+    writes them. Accumulation is fp32 (fp64 for fp64 weights): a bf16
+    accumulator would lose the small per-chunk terms.
+    """
+
+    def __init__(self, weight: torch.Tensor, lo: int, hi: int):
+        self.exact = weight.dtype in (torch.float32, torch.float64)
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.weight, self.lo, self.hi = weight, lo, hi
+        self.acc = op("zeros_untouched")(weight, list(weight.shape), acc)
+        self.win = self.acc[lo:hi]
 
     def add(self, dz: torch.Tensor, h: torch.Tensor) -> None:
         if self.exact:
-            self.acc.addmm_(dz.t(), h)
+            self.win.addmm_(dz.t(), h)
         else:
-            self.acc += torch.mm(dz.t(), h).float()
+            self.win += torch.mm(dz.t(), h).float()
 
-    def result(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.acc.to(dtype)
+    def result(self) -> torch.Tensor:
+        if self.acc.dtype == self.weight.dtype:
+            return self.acc
+        out = op("zeros_untouched")(self.weight, list(self.weight.shape), self.weight.dtype)
+        out[self.lo:self.hi].copy_(self.win)
+        return out
 
 
 @impl("fused_linear_logprobs", "CompositeExplicitAutograd")
@@ -109,7 +131,7 @@ def _fl_logprobs_backward(hidden, weight, targets, lse, grad_logprobs, temperatu
     w_win = weight[vocab_lo:vocab_hi]
     local = targets - vocab_lo
     grad_hidden = torch.empty_like(hidden)
-    gw = _WeightGradAccumulator(w_win)
+    gw = _WeightGradAccumulator(weight, vocab_lo, vocab_hi)
     logits_of = _ChunkLogits(hidden, w_win, chunk_size)
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)
@@ -118,7 +140,7 @@ def _fl_logprobs_backward(hidden, weight, targets, lse, grad_logprobs, temperatu
         op("logprob_backward_")(z, local[s:e], lse[s:e], grad_logprobs[s:e], temperature, 0, W)
         torch.mm(z, w_win, out=grad_hidden[s:e])
         gw.add(z, h)
-    return grad_hidden, gw.result(weight.dtype)
+    return grad_hidden, gw.result()
 
 
 @impl("fused_linear_grpo_loss", "CompositeExplicitAutograd")
@@ -131,7 +153,7 @@ def _fl_grpo(hidden, weight, targets, advantages, token_weights, mask, old_logpr
     loss = torch.zeros((), **f32)
     logp, ratio, kl = (torch.empty(N, **f32) for _ in range(3))
     grad_hidden = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
-    gw = _WeightGradAccumulator(w_win) if compute_grad else None
+    gw = _WeightGradAccumulator(weight, vocab_lo, vocab_hi) if compute_grad else None
     logits_of = _ChunkLogits(hidden, w_win, chunk_size)
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)
@@ -147,7 +169,7 @@ def _fl_grpo(hidden, weight, targets, advantages, token_weights, mask, old_logpr
             op("logprob_backward_")(z, local[s:e], lse, coef * w_c, temperature, 0, W)
             torch.mm(z, w_win, out=grad_hidden[s:e])
             gw.add(z, h)
-    grad_w = gw.result(weight.dtype) if compute_grad else weight.new_empty(0)
+    grad_w = gw.result() if compute_grad else weight.new_empty(0)
     return loss, logp, ratio, kl, grad_hidden, grad_w
 
 
@@ -160,7 +182,7 @@ def _fl_logprobs_fake(hidden, weight, targets, mask, temperature, vocab_lo, voca
 @torch.library.register_fake("mmr1::fused_linear_logprobs_backward")
 def _fl_logprobs_backward_fake(hidden, weight, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi,
                                chunk_size):
-    return torch.empty_like(hidden), weight.new_empty(vocab_hi - vocab_lo, weight.shape[1])
+    return torch.empty_like(hidden), torch.empty_like(weight)
 
 
 @torch.library.register_fake("mmr1::fused_linear_grpo_loss")
@@ -169,21 +191,18 @@ def _fl_grpo_fake(hidden, weight, targets, advantages, token_weights, mask, old_
     n = hidden.shape[0]
     f32 = dict(dtype=C.acc_dtype(hidden.dtype))
     gh = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
-    gw = weight.new_empty(vocab_hi - vocab_lo, weight.shape[1]) if compute_grad else weight.new_empty(0)
+    gw = torch.empty_like(weight) if compute_grad else weight.new_empty(0)
     return hidden.new_empty((), **f32), hidden.new_empty(n, **f32), hidden.new_empty(n, **f32), \
         hidden.new_empty(n, **f32), gh, gw
 
 
-def _full_weight_grad(grad_window, weight_shape, lo, hi, scale=None):
-    """scale * [W, d] window gradient -> [V, d] (zeros outside), in one allocation of the result."""
-    out = grad_window.new_empty(weight_shape)
-    out[:lo].zero_()
-    out[hi:].zero_()
-    if scale is None:
-        out[lo:hi].copy_(grad_window)
-    else:
-        torch.mul(grad_window, scale, out=out[lo:hi])
-    return out
+def _scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad * scale, without the copy when the upstream gradient is exactly 1 (loss.backward())."""
+    # only for a plain eager tensor: under tracing (torch.compile, opcheck) a subclass stands in
+    # for it and a data-dependent branch is not allowed
+    if type(scale) is torch.Tensor and not torch.compiler.is_compiling() and scale.numel() == 1 and bool(scale == 1):
+        return grad
+    return grad * scale.to(grad.dtype)
 
 
 def _setup_fl_logprobs(ctx, inputs, output):
@@ -199,8 +218,8 @@ def _backward_fl_logprobs(ctx, grad_logp, grad_lse):
     if mask is not None:
         g = torch.where(mask, g, torch.zeros_like(g))
     gh, gw = op("fused_linear_logprobs_backward")(hidden, weight, targets, lse, g, temperature, lo, hi, chunk)
-    gw = _full_weight_grad(gw, weight.shape, lo, hi) if ctx.needs_input_grad[1] else None
-    return (gh if ctx.needs_input_grad[0] else None), gw, None, None, None, None, None, None
+    return (gh if ctx.needs_input_grad[0] else None), (gw if ctx.needs_input_grad[1] else None), \
+        None, None, None, None, None, None
 
 
 torch.library.register_autograd("mmr1::fused_linear_logprobs", _backward_fl_logprobs,
@@ -208,18 +227,15 @@ torch.library.register_autograd("mmr1::fused_linear_logprobs", _backward_fl_logp
 
 
 def _setup_fl_grpo(ctx, inputs, output):
-    weight, lo, hi = inputs[1], inputs[9], inputs[10]
     ctx.save_for_backward(output[4], output[5])
-    ctx.params = (tuple(weight.shape), lo, hi)
 
 
 def _backward_fl_grpo(ctx, grad_loss, *_unused):
     gh, gw = ctx.saved_tensors
     if gh.numel() == 0 and gw.numel() == 0:
         raise RuntimeError("fused_linear_grpo_loss was called with compute_grad=False; it has no backward")
-    weight_shape, lo, hi = ctx.params
-    grad_hidden = gh * grad_loss.to(gh.dtype) if ctx.needs_input_grad[0] else None
-    grad_weight = _full_weight_grad(gw, weight_shape, lo, hi, grad_loss.to(gw.dtype)) if ctx.needs_input_grad[1] else None
+    grad_hidden = _scaled(gh, grad_loss) if ctx.needs_input_grad[0] else None
+    grad_weight = _scaled(gw, grad_loss) if ctx.needs_input_grad[1] else None
     return (grad_hidden, grad_weight) + (None,) * 14
 
 

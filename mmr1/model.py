@@ -1,0 +1,370 @@
+"""Chameleon / Lumina-mGPT decoder in one file (gpt-fast style), loading real checkpoints.
+
+One decoder-only transformer over text tokens and VQ image tokens:
+token embedding -> N x [RMSNorm pre-norm attention with per-head qk LayerNorm
+before RoPE, RMSNorm pre-norm SwiGLU MLP] -> RMSNorm -> untied lm_head
+(swin_norm=True, the 34B layout, normalizes the sub-layer outputs instead).
+
+Module paths equal the Hugging Face weight names (``model.layers.{i}.self_attn.q_proj.weight``,
+``lm_head.weight``, ...), so a safetensors checkpoint loads with load_state_dict.
+The qk-norm affine parameters are stored [heads, head_dim] (transformers'
+layout); Lumina's [model_parallel_size, head_dim] layout is repeat-interleaved
+to heads on load.
+
+Decoding uses a static, preallocated KV cache with one slot per position per
+row: row r's token at position p lives in slot p, keys are visible to a query at
+position q iff slot <= q. Rows may be at different positions (prompts of
+different lengths, CFG rows with their own context), and a decode step needs no
+host synchronization.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 65536
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    swin_norm: bool = False
+    bos_id: int = 1
+    eos_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @classmethod
+    def from_hf(cls, cfg: Dict) -> "ModelConfig":
+        """From a Hugging Face Chameleon config.json (or Lumina-mGPT's, which extends it)."""
+        rope = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0)) if isinstance(rope, dict) else 10000.0
+        eos = cfg.get("eos_token_id", 2)
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"],
+            num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta if theta is not None else 10000.0),
+            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            swin_norm=bool(cfg.get("swin_norm", False)),
+            bos_id=cfg.get("bos_token_id", 1) if cfg.get("bos_token_id") is not None else 1,
+            eos_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 2),
+        )
+
+    @classmethod
+    def from_json(cls, path: Union[str, Path]) -> "ModelConfig":
+        data = json.loads(Path(path).read_text())
+        if "num_hidden_layers" in data:
+            return cls.from_hf(data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    """LayerNorm over head_dim only, with a per-head affine [heads, head_dim] (Chameleon's qk-norm)."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D)
+        return F.layer_norm(x, (x.shape[-1],), eps=1e-5) * self.weight + self.bias
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [B, T, D] for integer positions [B, T] (Llama rotate_half convention, fp32 math)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x (B, H, T, D)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache(nn.Module):
+    """Static cache for one layer: k, v [rows, kv_heads, max_len, head_dim]; slot = position."""
+
+    def __init__(self, rows: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (rows, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # k, v (B, H, T, D) written at slots positions (B, T), per row
+        B, T = positions.shape
+        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+        self.k.transpose(1, 2).index_put_((rows, positions), k.transpose(1, 2))
+        self.v.transpose(1, 2).index_put_((rows, positions), v.transpose(1, 2))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.q_norm = QKNorm(cfg.num_heads, hd)
+        self.k_norm = QKNorm(cfg.num_kv_heads, hd)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, positions, mask):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(positions, k, v)
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swin_norm = cfg.swin_norm
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, positions, mask):
+        if self.swin_norm:  # 34B: normalize the sub-layer outputs
+            x = x + self.input_layernorm(self.self_attn(x, cos, sin, positions, mask))
+            return x + self.post_attention_layernorm(self.mlp(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    # ----------------------------------------------------------------- cache
+    def setup_cache(self, rows: int, max_len: int, dtype=None, device=None) -> None:
+        """Allocate the static KV cache for ``rows`` rows of up to ``max_len`` positions."""
+        p = self.lm_head.weight
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(rows, max_len, self.config.num_kv_heads, self.config.head_dim,
+                                            dtype or p.dtype, device or p.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
+    @property
+    def cache_len(self) -> int:
+        c = self.model.layers[0].self_attn.cache
+        return 0 if c is None else c.k.shape[2]
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final hidden states [B, T, d] (after the last norm) for tokens [B, T].
+
+        With a cache (setup_cache): ``positions`` [B, T] are the slots/positions
+        of the tokens (per row), and each query sees cached slots <= its position.
+        Without a cache: a causal pass over the whole sequence; ``attention_mask``
+        [B, T] (1 = real token) masks padding keys.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        S = self.cache_len
+        if S:
+            mask = torch.arange(S, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
+        elif attention_mask is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+            mask = mask | torch.eye(T, dtype=torch.bool, device=tokens.device)[None, None]  # no all-masked rows
+        else:
+            mask = None
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, mask)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor, vocab_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """lm_head over hidden [..., d]; with vocab_range only the window's rows of the head are used."""
+        w = self.lm_head.weight if vocab_range is None else self.lm_head.weight[vocab_range[0]:vocab_range[1]]
+        return F.linear(hidden, w)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_safetensors(path: Union[str, Path], prefix_filter: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: a .safetensors file, or a directory with model.safetensors or a
+    sharded model.safetensors.index.json."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [path / s for s in shards]
+        elif (path / "model.safetensors").exists():
+            files = [path / "model.safetensors"]
+        else:
+            files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors checkpoint in {path}")
+    elif path.exists():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state: Dict[str, torch.Tensor] = {}
+    for f in files:
+        for k, v in load_file(str(f)).items():
+            if prefix_filter is None or k.startswith(prefix_filter):
+                state[k] = v
+    return state
+
+
+def _adapt_qk_norm(state: Dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Lumina stores qk-norm affine params as [model_parallel_size, head_dim]: repeat-interleave to heads."""
+    for key in list(state):
+        if ".self_attn.q_norm." in key or ".self_attn.k_norm." in key:
+            heads = cfg.num_heads if ".q_norm." in key else cfg.num_kv_heads
+            t = state[key]
+            if t.dim() == 1:
+                t = t[None]
+            if t.shape[0] != heads and heads % t.shape[0] == 0:
+                t = t.repeat_interleave(heads // t.shape[0], dim=0)
+            state[key] = t
+
+
+def load_transformer(path: Union[str, Path], dtype: torch.dtype = torch.float32,
+                     device: Union[str, torch.device] = "cpu", config: Optional[ModelConfig] = None) -> Transformer:
+    """Load a Chameleon / Lumina-mGPT checkpoint directory (config.json + safetensors, HF weight names)."""
+    path = Path(path)
+    if config is None:
+        cfg_file = path / "config.json" if path.is_dir() else path.with_name("config.json")
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"config.json not found next to the checkpoint ({cfg_file})")
+        config = ModelConfig.from_json(cfg_file)
+    state = {k: v for k, v in read_safetensors(path).items() if not k.startswith("model.vqmodel.")}
+    _adapt_qk_norm(state, config)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model config:\n"
+                         f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
+                         f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+    for k, v in state.items():
+        want = model.state_dict()[k].shape
+        if tuple(v.shape) != tuple(want):
+            raise ValueError(f"checkpoint {path}: {k} has shape {tuple(v.shape)}, the config expects {tuple(want)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_transformer(model: Transformer, path: Union[str, Path]) -> None:
+    """config.json (our fields) + model.safetensors with HF weight names."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(model.config.to_json())
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def init_weights(model: Transformer, std: float = 0.02, seed: Optional[int] = None) -> Transformer:
+    """Small random init (for tiny models made in tests and the demo)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("norm.bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+                if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+                    p.mul_(1.0 / math.sqrt(2 * model.config.num_layers))
+    return model
+
+
+__all__ = ["ModelConfig", "Transformer", "KVCache", "load_transformer", "save_transformer", "read_safetensors",
+           "init_weights", "num_params"]
