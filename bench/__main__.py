@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .common import RESULTS_DIR, Row, format_table
 
-SUITES = ["logprob", "sampler"]
+SUITES = ["logprob", "sampler", "generation"]
 REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 

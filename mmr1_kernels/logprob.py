@@ -143,6 +143,7 @@ def _masked_grad(g, mask, dtype):
 
 
 def _setup_logprobs(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled grads for unused outputs
     logits, targets, mask, temperature, lo, hi = inputs
     ctx.save_for_backward(logits, targets, output[1], mask)
     ctx.params = (temperature, lo, hi)
@@ -151,6 +152,8 @@ def _setup_logprobs(ctx, inputs, output):
 def _backward_logprobs(ctx, grad_logp, grad_lse):
     # lse is returned for reuse (e.g. entropy, z-loss) and is not differentiable.
     logits, targets, lse, mask = ctx.saved_tensors
+    if grad_logp is None:
+        return None, None, None, None, None, None
     g = _masked_grad(grad_logp, mask, lse.dtype)
     dz = op("logprob_backward")(logits, targets, lse, g, *ctx.params)
     return dz, None, None, None, None, None
@@ -160,6 +163,7 @@ torch.library.register_autograd("mmr1::token_logprobs", _backward_logprobs, setu
 
 
 def _setup_grpo(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled grads for the unused metric outputs
     logits, targets, _adv, mask, _old, _ref, temperature, lo, hi, *_rest, inplace = inputs
     ctx.save_for_backward(logits, targets, output[1], output[3], mask)
     ctx.params = (temperature, lo, hi)
@@ -169,6 +173,8 @@ def _setup_grpo(ctx, inputs, output):
 def _backward_grpo(ctx, grad_logp, grad_lse, grad_loss, grad_coef, grad_ratio, grad_kl):
     # d/dz of sum(g_loss * loss + g_logp * logp) = (g_loss * dloss/dlogp + g_logp) * dlogp/dz
     logits, targets, lse, coef, mask = ctx.saved_tensors
+    if grad_loss is None and grad_logp is None:
+        return (None,) * 13
     g = torch.zeros_like(coef)
     if grad_loss is not None:
         g = g + grad_loss.to(coef.dtype) * coef

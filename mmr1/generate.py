@@ -1,0 +1,247 @@
+"""KV-cached generation with classifier-free guidance: image blocks and text, on the static cache.
+
+Rows: the N conditional rows, then (with CFG) N unconditional rows in the same
+static cache. Lumina-mGPT's unconditional branch sees only the image being
+generated (its context starts at the image's boi), so at each image block the
+unconditional rows restart at position 0 and are fed the same tokens as their
+conditional row.
+
+Per image token: one forward of the 2N rows (one new token each), then, only
+where the layout has a code position (structure tokens -- H/W, newlines, eoi --
+come from the precomputed layout table and are never sampled), the head and
+the fused sampler. Because the head is linear, CFG is applied to the final
+hidden states, h = h_u + s (h_c - h_u), and only the image window's rows of the
+head are multiplied: one [N, d] x [d, 8192] product instead of two
+[N, d] x [d, 65536] ones. ``head_mode="logits"`` is the straightforward path
+(window logits of both branches, guidance inside the sampler); both give the
+same tokens up to fp32 rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from mmr1_kernels import cfg_sample
+
+from .model import Transformer
+from .tokens import ImageVocab, pad_sequences
+
+
+@dataclass
+class SamplingConfig:
+    cfg_scale: float = 3.0  # Lumina-mGPT: 3-4
+    temperature: float = 1.0
+    top_k: int = 2000  # Lumina-mGPT image top-k
+    top_p: float = 1.0
+    text_temperature: float = 1.0
+    text_top_k: int = 10
+    text_top_p: float = 1.0
+    head_mode: str = "hidden_cfg"  # or "logits"
+    seed: int = 0
+
+
+@dataclass
+class ImageBlocks:
+    tokens: torch.Tensor  # [N, L] the block's tokens (boi .. eoi)
+    logprobs: torch.Tensor  # [N, L] sampler log-probs (0 at forced positions)
+    chosen: torch.Tensor  # [N, L] bool: positions the policy sampled
+    codes: torch.Tensor  # [N, h, w]
+
+
+class CachedDecoder:
+    """Per-row decoding state on a model's static cache: next position and last token of every row."""
+
+    def __init__(self, model: Transformer, rows: int, max_len: int):
+        if max_len > model.config.max_seq_len:
+            raise ValueError(f"sequences of {max_len} tokens exceed the model's max_seq_len={model.config.max_seq_len}")
+        self.model = model
+        self.rows = rows
+        self.device = model.lm_head.weight.device
+        model.setup_cache(rows, max_len)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def prefill(self, row_ids: torch.Tensor, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Write the prompts of ``row_ids`` into the cache from slot 0; returns their last hidden states [n, d]."""
+        tokens, lengths = pad_sequences(seqs)
+        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+        n, T = tokens.shape
+        # rows not being prefilled keep their cache: run only the selected rows' slice of the cache
+        hidden = self._forward_rows(row_ids, tokens, torch.arange(T, device=self.device).expand(n, T))
+        self.pos[row_ids] = lengths
+        return hidden[torch.arange(n, device=self.device), lengths - 1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Feed one token per row (all rows, or ``row_ids``) at its next position; returns hidden [n, d]."""
+        if row_ids is None:
+            h = self.model(tokens[:, None], self.pos[:, None])[:, 0]
+            self.pos += 1
+            return h
+        h = self._forward_rows(row_ids, tokens[:, None], self.pos[row_ids][:, None])[:, 0]
+        self.pos[row_ids] += 1
+        return h
+
+    def _forward_rows(self, row_ids, tokens, positions):
+        if row_ids.numel() == self.rows and bool((row_ids == torch.arange(self.rows, device=self.device)).all()):
+            return self.model(tokens, positions)
+        # a contiguous range of rows: views of the cache, no copies
+        lo, hi = int(row_ids[0]), int(row_ids[-1]) + 1
+        if hi - lo != row_ids.numel():
+            raise ValueError("row_ids must be a contiguous range")
+        caches = [layer.self_attn.cache for layer in self.model.model.layers]
+        saved = [(c.k, c.v) for c in caches]
+        try:
+            for c, (k, v) in zip(caches, saved):
+                c.k, c.v = k[lo:hi], v[lo:hi]
+            return self.model(tokens, positions)
+        finally:
+            for c, (k, v) in zip(caches, saved):
+                c.k, c.v = k, v
+
+    def close(self) -> None:
+        self.model.clear_cache()
+
+
+@torch.no_grad()
+def sample_image_blocks(dec: CachedDecoder, n: int, h: int, w: int, vocab: ImageVocab, scfg: SamplingConfig,
+                        step_offset: int = 0, row_ids: Optional[torch.Tensor] = None) -> ImageBlocks:
+    """Generate one h x w image block for the n conditional rows 0..n-1 (continuing their cache).
+
+    With cfg_scale != 1 the decoder must hold 2n rows; rows n..2n-1 restart at
+    position 0 with the block as their only context. Returns tokens, sampler
+    log-probs and the policy mask of the block. RNG: Philox keyed by
+    (scfg.seed, row_ids[r], step_offset + t) for the block's t-th token.
+    """
+    model, dev = dec.model, dec.device
+    use_cfg = scfg.cfg_scale != 1.0
+    if dec.rows != (2 * n if use_cfg else n):
+        raise ValueError(f"decoder has {dec.rows} rows; image generation for {n} samples needs "
+                         f"{2 * n if use_cfg else n}")
+    layout = vocab.forced_layout(h, w)
+    L = layout.numel()
+    lo, hi = vocab.window
+    w_img = model.lm_head.weight[lo:hi]
+    row_ids = torch.arange(n, device=dev) if row_ids is None else row_ids.to(dev)
+    if use_cfg:
+        dec.pos[n:] = 0  # unconditional rows: image-only context
+    tokens = torch.empty(n, L, dtype=torch.long, device=dev)
+    logprobs = torch.zeros(n, L, dtype=torch.float32, device=dev)
+    chosen = layout == -1
+    hidden = None
+    for t in range(L):
+        if layout[t] >= 0:
+            tokens[:, t] = int(layout[t])
+        else:
+            if scfg.head_mode == "hidden_cfg":
+                hc = hidden[:n]
+                hg = hidden[n:] + scfg.cfg_scale * (hc - hidden[n:]) if use_cfg else hc
+                logits = torch.nn.functional.linear(hg, w_img)
+                _, lp = cfg_sample(logits, temperature=scfg.temperature, top_k=scfg.top_k, top_p=scfg.top_p,
+                                   seed=scfg.seed, offset=step_offset + t, row_ids=row_ids, out=tokens[:, t],
+                                   check=False)
+                tokens[:, t] += lo
+            elif scfg.head_mode == "logits":
+                lc = torch.nn.functional.linear(hidden[:n], w_img)
+                lu = torch.nn.functional.linear(hidden[n:], w_img) if use_cfg else None
+                _, lp = cfg_sample(lc, lu, cfg_scale=scfg.cfg_scale, temperature=scfg.temperature, top_k=scfg.top_k,
+                                   top_p=scfg.top_p, seed=scfg.seed, offset=step_offset + t, row_ids=row_ids,
+                                   out=tokens[:, t], check=False)
+                tokens[:, t] += lo
+            else:
+                raise ValueError(f"head_mode must be 'hidden_cfg' or 'logits', got {scfg.head_mode!r}")
+            logprobs[:, t] = lp
+        x = tokens[:, t]
+        if t + 1 < L:  # the last token (eoi) is fed by the caller's next phase
+            hidden = dec.step(torch.cat([x, x]) if use_cfg else x)
+    if bool(torch.isnan(logprobs).any()):
+        raise FloatingPointError("NaN logits while sampling an image block (model weights or inputs are not finite)")
+    codes = vocab.token_to_code.to(dev)[tokens[:, chosen.to(dev)]].view(n, h, w)
+    return ImageBlocks(tokens, logprobs, chosen.to(dev).expand(n, L).clone(), codes)
+
+
+@torch.no_grad()
+def generate_images(model: Transformer, prompts: Sequence[Sequence[int]], vocab: ImageVocab, image_hw: Tuple[int, int],
+                    num_samples: int = 1, scfg: Optional[SamplingConfig] = None) -> ImageBlocks:
+    """Text-to-image: each prompt (token ids, ending where the image starts) x num_samples -> image blocks.
+
+    Samples of one prompt differ through their RNG rows (row_id = prompt * num_samples + sample).
+    """
+    scfg = scfg or SamplingConfig()
+    h, w = image_hw
+    seqs = [list(p) for p in prompts for _ in range(num_samples)]
+    n = len(seqs)
+    if n == 0:
+        raise ValueError("prompts must not be empty")
+    use_cfg = scfg.cfg_scale != 1.0
+    max_len = max(len(s) for s in seqs) + vocab.block_length(h, w) + 1
+    dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len)
+    try:
+        dec.prefill(torch.arange(n, device=dec.device), seqs)
+        if use_cfg:
+            dec.pos[n:] = 0
+        # the block starts with boi: the caller's prompt ends right before it
+        return sample_image_blocks(dec, n, h, w, vocab, scfg)
+    finally:
+        dec.close()
+
+
+@torch.no_grad()
+def sample_text(dec: CachedDecoder, n: int, first_hidden: torch.Tensor, stop_id: int, max_tokens: int,
+                text_range: Tuple[int, int], scfg: SamplingConfig, step_offset: int = 0,
+                row_ids: Optional[torch.Tensor] = None,
+                check_every: int = 8) -> Tuple[List[List[int]], List[List[float]], List[List[bool]]]:
+    """Sample text for rows 0..n-1 until each emits ``stop_id`` (included) or ``max_tokens``.
+
+    Rows that are done keep re-feeding their last token at the same position
+    (an idempotent cache write) so the batch stays in lockstep without host
+    logic per token; all-done is checked every ``check_every`` steps. Returns
+    per row: tokens, sampler log-probs, and whether the policy chose each token
+    (False for a stop token forced by the length cap).
+    """
+    dev = dec.device
+    model = dec.model
+    row_ids = torch.arange(n, device=dev) if row_ids is None else row_ids.to(dev)
+    lo, hi = text_range
+    if not lo <= stop_id < hi:
+        raise ValueError(f"stop_id {stop_id} must lie in text_range {text_range}")
+    w_text = model.lm_head.weight[lo:hi]
+    toks = torch.zeros(n, max_tokens, dtype=torch.long, device=dev)
+    lps = torch.zeros(n, max_tokens, device=dev)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(n, dtype=torch.long, device=dev)
+    hidden = first_hidden
+    last = torch.zeros(n, dtype=torch.long, device=dev)
+    rows = torch.arange(n, device=dev)
+    for t in range(max_tokens):
+        logits = torch.nn.functional.linear(hidden, w_text)
+        x, lp = cfg_sample(logits, temperature=scfg.text_temperature, top_k=scfg.text_top_k, top_p=scfg.text_top_p,
+                           seed=scfg.seed, offset=step_offset + t, row_ids=row_ids, check=False)
+        x = x + lo
+        if t == max_tokens - 1:
+            x = torch.full_like(x, stop_id)  # length cap: close the reasoning
+            lp = torch.zeros_like(lp)
+        active = ~done
+        toks[:, t] = torch.where(active, x, toks[:, t])
+        lps[:, t] = torch.where(active, lp, lps[:, t])
+        lengths += active.long()
+        feed = torch.where(active, x, last)
+        last = feed
+        dec.pos[:n] -= done.long()  # done rows: same position again (idempotent write)
+        hidden = dec.step(feed, rows)
+        done = done | (x == stop_id)
+        if (t + 1) % check_every == 0 and bool(done.all()):
+            break
+    # the position of a done row was re-fed; it now points one past its stop token, as it should
+    out_t, out_l, out_c = [], [], []
+    for r in range(n):
+        k = int(lengths[r])
+        out_t.append(toks[r, :k].tolist())
+        out_l.append(lps[r, :k].tolist())
+        out_c.append([True] * (k - 1) + [k < max_tokens])  # a token written at the cap step was forced
+    return out_t, out_l, out_c
+
+
+__all__ = ["SamplingConfig", "ImageBlocks", "CachedDecoder", "sample_image_blocks", "generate_images", "sample_text"]

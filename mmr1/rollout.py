@@ -1,0 +1,117 @@
+"""X-CoT rollouts: [prompt + reference image(s)] -> reasoning text -> subject image -> final image.
+
+One sequence per sample, generated on one static cache:
+
+    prompt (user turn, ends with end-of-turn) | think_open | reasoning ... think_close |
+    subject image block | final image block | end-of-turn
+
+think_open, the image-structure tokens (boi, H, W, newlines, eoi) and the
+final end-of-turn are forced; the reasoning text and the image codes are
+sampled. The rollout records which tokens the policy chose (the GRPO loss
+mask), the sampler's log-prob of each, and which positions are image codes
+(trained over the image vocab window) vs text (trained over the text window).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .generate import CachedDecoder, SamplingConfig, sample_image_blocks, sample_text
+from .model import Transformer
+from .tokens import ImageVocab, pad_sequences
+
+# RNG offsets of the three sampled phases (Philox offset = phase base + step): disjoint streams
+TEXT_OFFSET, SUBJECT_OFFSET, FINAL_OFFSET = 0, 1 << 20, 2 << 20
+
+
+@dataclass
+class XCoTFormat:
+    think_open: int
+    think_close: int
+    end_of_turn: int = 8710
+    subject_hw: Tuple[int, int] = (32, 32)
+    final_hw: Tuple[int, int] = (32, 32)
+    text_range: Tuple[int, int] = (8196, 65536)  # ids the reasoning text is sampled from
+    max_text_tokens: int = 64
+
+
+@dataclass
+class Rollout:
+    tokens: torch.Tensor  # [N, L] right-padded full sequences (prompt included)
+    lengths: torch.Tensor  # [N]
+    prompt_lengths: torch.Tensor  # [N]
+    chosen: torch.Tensor  # [N, L] bool: tokens the policy sampled (the loss mask)
+    logprobs: torch.Tensor  # [N, L] fp32: sampler log-prob of each chosen token (0 elsewhere)
+    image_positions: torch.Tensor  # [N, L] bool: image-code positions (subject + final)
+    subject_codes: torch.Tensor  # [N, h, w]
+    final_codes: torch.Tensor  # [N, h, w]
+    reasoning: List[List[int]] = field(default_factory=list)  # reasoning tokens incl. think_close
+    subject_images: Optional[torch.Tensor] = None  # [N, 3, H, W] in [-1, 1] when a VQ decoder was given
+    final_images: Optional[torch.Tensor] = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.tokens.shape[0]
+
+
+@torch.no_grad()
+def xcot_rollout(model: Transformer, prompts: Sequence[Sequence[int]], vocab: ImageVocab, fmt: XCoTFormat,
+                 scfg: Optional[SamplingConfig] = None, num_samples: int = 1, row_ids: Optional[torch.Tensor] = None,
+                 vq_decode=None) -> Rollout:
+    """Generate ``num_samples`` X-CoT completions per prompt (prompt-major order).
+
+    ``row_ids`` [len(prompts) * num_samples] choose the RNG streams (default
+    0..N-1); ``vq_decode`` (e.g. VQModel.decode) turns codes into images.
+    """
+    scfg = scfg or SamplingConfig()
+    seqs = [list(p) + [fmt.think_open] for p in prompts for _ in range(num_samples)]
+    n = len(seqs)
+    if n == 0:
+        raise ValueError("prompts must not be empty")
+    use_cfg = scfg.cfg_scale != 1.0
+    (sh, sw), (fh, fw) = fmt.subject_hw, fmt.final_hw
+    max_len = max(len(s) for s in seqs) + fmt.max_text_tokens + vocab.block_length(sh, sw) + \
+        vocab.block_length(fh, fw) + 2
+    dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len)
+    dev = dec.device
+    rows = torch.arange(n, device=dev)
+    row_ids = rows if row_ids is None else row_ids.to(dev)
+    try:
+        first = dec.prefill(rows, seqs)
+        text, text_lp, text_chosen = sample_text(dec, n, first, fmt.think_close, fmt.max_text_tokens,
+                                                 fmt.text_range, scfg, TEXT_OFFSET, row_ids)
+        subject = sample_image_blocks(dec, n, sh, sw, vocab, scfg, SUBJECT_OFFSET, row_ids)
+        dec.step(torch.full((n,), vocab.eoi, dtype=torch.long, device=dev), rows)  # feed the subject's eoi
+        final = sample_image_blocks(dec, n, fh, fw, vocab, scfg, FINAL_OFFSET, row_ids)
+    finally:
+        dec.close()
+
+    full, chosen, logps, is_img = [], [], [], []
+    sub_t, sub_l, sub_c = subject.tokens.tolist(), subject.logprobs.tolist(), subject.chosen.tolist()
+    fin_t, fin_l, fin_c = final.tokens.tolist(), final.logprobs.tolist(), final.chosen.tolist()
+    for r in range(n):
+        p = seqs[r]
+        full.append(p + text[r] + sub_t[r] + fin_t[r] + [fmt.end_of_turn])
+        chosen.append([False] * len(p) + text_chosen[r] + sub_c[r] + fin_c[r] + [False])
+        logps.append([0.0] * len(p) + text_lp[r] + sub_l[r] + fin_l[r] + [0.0])
+        is_img.append([False] * (len(p) + len(text[r])) + sub_c[r] + fin_c[r] + [False])
+    tokens, lengths = pad_sequences(full)
+    L = tokens.shape[1]
+    rollout = Rollout(
+        tokens=tokens, lengths=lengths, prompt_lengths=torch.tensor([len(s) for s in seqs]),
+        chosen=_padded(chosen, L, torch.bool), logprobs=_padded(logps, L, torch.float32),
+        image_positions=_padded(is_img, L, torch.bool),
+        subject_codes=subject.codes.cpu(), final_codes=final.codes.cpu(), reasoning=text)
+    if vq_decode is not None:
+        rollout.subject_images = vq_decode(subject.codes).cpu()
+        rollout.final_images = vq_decode(final.codes).cpu()
+    return rollout
+
+
+def _padded(rows: List[list], L: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack([torch.tensor(r + [0] * (L - len(r)), dtype=dtype) for r in rows])
+
+
+__all__ = ["XCoTFormat", "Rollout", "xcot_rollout", "TEXT_OFFSET", "SUBJECT_OFFSET", "FINAL_OFFSET"]

@@ -1,0 +1,108 @@
+"""KV-cached CFG generation and X-CoT rollouts on a tiny Lumina-layout model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmr1_kernels as K
+from mmr1.generate import SamplingConfig, generate_images
+from mmr1.model import ModelConfig, Transformer, init_weights
+from mmr1.rollout import XCoTFormat, xcot_rollout
+from mmr1.tokens import ImageVocab
+
+V = 96
+VOCAB = ImageVocab(torch.arange(4, 36), boi=37, eoi=36, newline=38, size_base=40, size_unit=1, vocab_size=V)
+FMT = XCoTFormat(think_open=60, think_close=61, end_of_turn=62, subject_hw=(2, 3), final_hw=(3, 3),
+                 text_range=(50, V), max_text_tokens=6)
+
+
+def tiny_model(seed=0):
+    cfg = ModelConfig(vocab_size=V, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_seq_len=128)
+    return init_weights(Transformer(cfg), std=0.3, seed=seed).eval()
+
+
+PROMPTS = [[1, 70, 71, 72, 62], [1, 80, 62], [1, 90, 91, 92, 93, 94, 62]]
+
+
+def test_generate_images_structure_and_head_modes_agree():
+    model = tiny_model()
+    h, w = 3, 4
+    kw = dict(cfg_scale=3.0, top_k=10, seed=7)
+    a = generate_images(model, [p for p in PROMPTS][:2], VOCAB, (h, w), num_samples=2,
+                        scfg=SamplingConfig(head_mode="hidden_cfg", **kw))
+    b = generate_images(model, [p for p in PROMPTS][:2], VOCAB, (h, w), num_samples=2,
+                        scfg=SamplingConfig(head_mode="logits", **kw))
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-4)
+    for r in range(4):
+        assert torch.equal(VOCAB.decode_block(a.tokens[r]), a.codes[r])
+    assert a.codes.shape == (4, h, w)
+    assert torch.all(a.logprobs[~a.chosen] == 0) and torch.all(a.logprobs[a.chosen] < 0)
+    assert not torch.equal(a.codes[0], a.codes[1]), "samples of one prompt must differ (own RNG rows)"
+
+
+def test_sampler_logprobs_equal_teacher_forced_logprobs():
+    """No CFG, no filtering: the sampler's log-probs are exactly the policy's (what GRPO's ratio assumes)."""
+    model = tiny_model(1)
+    scfg = SamplingConfig(cfg_scale=1.0, temperature=0.8, top_k=0, text_temperature=0.8, text_top_k=0, seed=3)
+    ro = xcot_rollout(model, PROMPTS, VOCAB, FMT, scfg, num_samples=2)
+    with torch.no_grad():
+        mask = torch.arange(ro.tokens.shape[1])[None] < ro.lengths[:, None]
+        hidden = model(ro.tokens, attention_mask=mask)
+    targets = ro.tokens[:, 1:]
+    h = hidden[:, :-1]
+    chosen = ro.chosen[:, 1:]
+    img = ro.image_positions[:, 1:]
+    lp_img = K.fused_linear_logprobs(h, model.lm_head.weight, targets.clamp(*[VOCAB.window[0], VOCAB.window[1] - 1]),
+                                     temperature=0.8, vocab_range=VOCAB.window)
+    txt_t = targets.clamp(FMT.text_range[0], FMT.text_range[1] - 1)
+    lp_txt = K.fused_linear_logprobs(h, model.lm_head.weight, txt_t, temperature=0.8, vocab_range=FMT.text_range)
+    recomputed = torch.where(img, lp_img, lp_txt)
+    sampler = ro.logprobs[:, 1:]
+    assert chosen.sum() > 20
+    torch.testing.assert_close(recomputed[chosen], sampler[chosen], atol=2e-5, rtol=2e-5)
+
+
+def test_xcot_rollout_format_and_masks():
+    model = tiny_model(2)
+    ro = xcot_rollout(model, PROMPTS, VOCAB, FMT, SamplingConfig(cfg_scale=3.0, top_k=8, text_top_k=5, seed=1),
+                      num_samples=2, vq_decode=lambda c: torch.zeros(c.shape[0], 3, 8 * c.shape[1], 8 * c.shape[2]))
+    assert ro.num_samples == 6 and ro.subject_codes.shape == (6, 2, 3) and ro.final_codes.shape == (6, 3, 3)
+    assert ro.final_images.shape == (6, 3, 24, 24)
+    for r in range(6):
+        seq = ro.tokens[r, : ro.lengths[r]].tolist()
+        p = ro.prompt_lengths[r]
+        assert seq[p - 1] == FMT.think_open and seq[-1] == FMT.end_of_turn
+        assert FMT.think_close in seq[p:]
+        spans = VOCAB.find_blocks(seq[p:])
+        assert len(spans) == 2
+        assert torch.equal(VOCAB.decode_block(seq[p + spans[0][0]: p + spans[0][1]]), ro.subject_codes[r])
+        assert torch.equal(VOCAB.decode_block(seq[p + spans[1][0]: p + spans[1][1]]), ro.final_codes[r])
+        chosen = ro.chosen[r, : ro.lengths[r]]
+        assert not chosen[:p].any(), "prompt tokens are never policy tokens"
+        structure = torch.tensor([t in (VOCAB.boi, VOCAB.eoi, VOCAB.newline, FMT.end_of_turn) or t >= VOCAB.size_base
+                                  and t < VOCAB.size_base + 4 for t in seq])
+        assert not (chosen & structure).any(), "forced structure tokens are masked"
+        n_codes = 2 * 3 + 3 * 3
+        assert int(ro.image_positions[r].sum()) == n_codes
+        assert torch.all(ro.logprobs[r][ro.chosen[r]] <= 0)
+
+
+def test_rollout_is_reproducible_and_batch_invariant():
+    model = tiny_model(3)
+    scfg = SamplingConfig(cfg_scale=2.0, top_k=6, text_top_k=4, seed=11)
+    a = xcot_rollout(model, PROMPTS, VOCAB, FMT, scfg, num_samples=1, row_ids=torch.tensor([5, 6, 7]))
+    b = xcot_rollout(model, PROMPTS[1:2], VOCAB, FMT, scfg, num_samples=1, row_ids=torch.tensor([6]))
+    L = int(b.lengths[0])
+    assert torch.equal(a.tokens[1, :L], b.tokens[0, :L])
+
+
+def test_generation_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="prompts must not be empty"):
+        generate_images(model, [], VOCAB, (2, 2))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate_images(model, [[1] * 120], VOCAB, (4, 4))
+    with pytest.raises(ValueError, match="head_mode"):
+        generate_images(model, [[1]], VOCAB, (2, 2), scfg=SamplingConfig(head_mode="fast"))
