@@ -126,8 +126,9 @@ class GrpoArgs:
 
 
 def grpo_args(B: int, T: int, V: int, device, vec_dtype, targets, advantages, mask, old_logprobs, ref_logprobs,
-              temperature, vocab_range, eps_low, eps_high, beta, loss_type) -> GrpoArgs:
-    from .reference import LOSS_TYPES, loss_weights
+              temperature, vocab_range, eps_low, eps_high, beta, loss_type, loss_weights=None) -> GrpoArgs:
+    from .reference import LOSS_TYPES
+    from .reference import loss_weights as _loss_weights
 
     check_tensor("targets", targets, dtypes=(torch.int64, torch.int32), device=device)
     check_shape("targets", targets, (B, T))
@@ -153,5 +154,11 @@ def grpo_args(B: int, T: int, V: int, device, vec_dtype, targets, advantages, ma
     tgt = targets.reshape(-1).long().contiguous()
     m = m2d.reshape(-1).contiguous()
     check_targets_in_window(tgt, lo, hi, m)
-    w = loss_weights(m2d, loss_type).reshape(-1).to(vec_dtype).contiguous()
+    if loss_weights is None:
+        w = _loss_weights(m2d, loss_type)
+    else:  # explicit weights, e.g. normalized over a union of masks split across several calls
+        check_tensor("loss_weights", loss_weights, dtypes=(torch.float32, torch.float64), device=device)
+        check_shape("loss_weights", loss_weights, (B, T))
+        w = torch.where(m2d, loss_weights.detach(), torch.zeros_like(loss_weights))
+    w = w.reshape(-1).to(vec_dtype).contiguous()
     return GrpoArgs(tgt, adv, m, old, ref, w, lo, hi, temperature, eps_low, eps_high, beta)

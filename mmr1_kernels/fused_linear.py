@@ -301,7 +301,8 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            old_logprobs: Optional[torch.Tensor] = None, ref_logprobs: Optional[torch.Tensor] = None,
                            *, temperature: float = 1.0, vocab_range: Optional[Tuple[int, int]] = None,
                            eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, loss_type: str = "grpo",
-                           chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                           chunk_size: Optional[int] = None,
+                           loss_weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """GRPO loss from hidden states [B, T, d] and the head weight [V, d]; see ``grpo_loss``.
 
     Returns ``(loss, metrics)``; the loss is differentiable w.r.t. ``hidden``
@@ -312,7 +313,8 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         raise ValueError(f"hidden must have shape [B, T, d], got {tuple(hidden.shape)}")
     B, T, d = hidden.shape
     a = C.grpo_args(B, T, weight.shape[0], hidden.device, C.acc_dtype(hidden.dtype), targets, advantages, mask,
-                    old_logprobs, ref_logprobs, temperature, vocab_range, eps_low, eps_high, beta, loss_type)
+                    old_logprobs, ref_logprobs, temperature, vocab_range, eps_low, eps_high, beta, loss_type,
+                    loss_weights)
     compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss, logp, ratio, kl, _, _ = op("fused_linear_grpo_loss")(
         hidden.reshape(B * T, d), weight, a.targets, a.advantages, a.token_weights, a.mask, a.old_logprobs,

@@ -241,8 +241,8 @@ def grpo_loss(logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Ten
               mask: Optional[torch.Tensor] = None, old_logprobs: Optional[torch.Tensor] = None,
               ref_logprobs: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
               vocab_range: Optional[Tuple[int, int]] = None, eps_low: float = 0.2, eps_high: float = 0.2,
-              beta: float = 0.0, loss_type: str = "grpo",
-              inplace_backward: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+              beta: float = 0.0, loss_type: str = "grpo", inplace_backward: bool = False,
+              loss_weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Fused GRPO loss (clipped surrogate + beta * k3 KL) from logits [B, T, V].
 
     Returns ``(loss, metrics)``: a scalar fp32 loss differentiable w.r.t.
@@ -254,12 +254,14 @@ def grpo_loss(logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Ten
     dapo (token sum / mask sum), dr_grpo (token sum / (B*T)).
     ``inplace_backward=True`` writes d loss/d logits into the logits' storage
     (no second [B, T, V] buffer; the logits are destroyed by backward).
+    ``loss_weights`` [B, T] replaces the loss_type aggregation: loss = sum(w * token_loss)
+    over unmasked tokens (e.g. weights normalized over a union of masks split across calls).
     """
     C.check_tensor("logits", logits, dtypes=C.LOGIT_DTYPES, ndim=3)
     B, T, V = logits.shape
     logits = _prepare_logits(logits)
     a = C.grpo_args(B, T, V, logits.device, C.acc_dtype(logits.dtype), targets, advantages, mask, old_logprobs,
-                    ref_logprobs, temperature, vocab_range, eps_low, eps_high, beta, loss_type)
+                    ref_logprobs, temperature, vocab_range, eps_low, eps_high, beta, loss_type, loss_weights)
     logp, _lse, token_loss, _coef, ratio, kl = op("grpo_token_loss")(
         logits, a.targets, a.advantages, a.mask, a.old_logprobs, a.ref_logprobs, a.temperature, a.vocab_lo,
         a.vocab_hi, a.eps_low, a.eps_high, a.beta, inplace_backward)

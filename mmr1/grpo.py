@@ -1,0 +1,300 @@
+"""GRPO for X-CoT personalization: rollouts -> rewards -> group advantages -> fused loss -> AdamW.
+
+Per step:
+  1. ``prompts_per_step`` prompts (deterministic in (seed, step)), ``group_size``
+     X-CoT rollouts each (mmr1.rollout; RNG rows = global sample ids, so a rank
+     of a multi-process run draws exactly the samples a single process would)
+  2. rewards [N, R] (mmr1.rewards.RewardSet) -> mmr1_kernels.group_advantages
+  3. reference log-probs (frozen copy; mmr1_kernels.fused_linear_logprobs)
+  4. ``mu`` policy updates: one forward, then fused_linear_grpo_loss twice --
+     image codes over the image window, reasoning text over the text window --
+     with weights normalized over the union of the policy-chosen tokens (prompt
+     and forced structure tokens are masked), k3 KL to the reference
+  5. grad clip, AdamW, LR schedule; metrics to JSONL + progress bar.
+With mu > 1 the sampler's log-probs are the "old" log-probs of the ratio.
+Multi-process: wrap nothing yourself -- pass ``parallel="ddp"`` (or "fsdp")
+under torchrun. "ddp" wraps the policy in DistributedDataParallel (gloo on
+CPU, NCCL on CUDA); "fsdp" shards every block and the root with FSDP2's
+``fully_shard`` for models that do not fit one device. Each rank runs its
+slice of the step's prompts; gradients are averaged across ranks.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+import mmr1_kernels as K
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .generate import SamplingConfig
+from .model import Transformer
+from .rewards import RewardSet
+from .rollout import Rollout, XCoTFormat, xcot_rollout
+from .tokens import ImageVocab
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8
+    prompts_per_step: int = 2
+    steps: int = 100
+    mu: int = 1
+    lr: float = 1e-5
+    lr_schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    beta: float = 0.04
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    loss_type: str = "grpo"
+    adv_mode: str = "grpo"
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    text_temperature: float = 1.0
+    text_top_k: int = 0
+    reward_weights: Dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    log_path: Optional[str] = None
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (group-relative advantages), got {self.group_size}")
+        if self.prompts_per_step < 1 or self.mu < 1 or self.steps < 0:
+            raise ValueError("prompts_per_step and mu must be >= 1, steps >= 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+
+    def sampling(self, step: int) -> SamplingConfig:
+        return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, text_temperature=self.text_temperature, text_top_k=self.text_top_k,
+                              seed=(self.seed * 1_000_003 + step) % (2**63))
+
+
+def lr_lambda(cfg: GRPOConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        return 1.0
+
+    return f
+
+
+def _peak_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class GRPOTrainer:
+    def __init__(self, policy: Transformer, vocab: ImageVocab, fmt: XCoTFormat, rewards: RewardSet,
+                 prompts: Sequence[dict], cfg: GRPOConfig, ref_model: Optional[Transformer] = None,
+                 parallel: str = "none"):
+        if not prompts:
+            raise ValueError("prompts must not be empty")
+        for i, p in enumerate(prompts):
+            if "prompt_ids" not in p or not p["prompt_ids"]:
+                raise ValueError(f"prompts[{i}] needs a non-empty 'prompt_ids' token list")
+        self.policy, self.vocab, self.fmt, self.rewards, self.prompts, self.cfg = policy, vocab, fmt, rewards, \
+            list(prompts), cfg
+        if parallel not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'none', 'ddp' or 'fsdp', got {parallel!r}")
+        if parallel != "none" and not dist.is_initialized():
+            raise RuntimeError(f"parallel={parallel!r} needs torch.distributed initialized (run under torchrun)")
+        self.parallel = parallel
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if parallel != "none" else (0, 1)
+        if cfg.prompts_per_step % self.world:
+            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {self.world}")
+        self.ref = None
+        if cfg.beta != 0.0:  # the frozen reference: a full copy, made before any sharding
+            self.ref = ref_model if ref_model is not None else copy.deepcopy(policy)
+            self.ref.eval().requires_grad_(False)
+        self.model = policy
+        if parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(policy)
+        elif parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in policy.model.layers:
+                fully_shard(layer)
+            fully_shard(policy)  # the root stays unsharded between forward and backward: lm_head is readable
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.step_idx = 0
+        self.history: List[Dict[str, float]] = []
+
+    # ------------------------------------------------------------------ batch
+    def batch_for(self, step: int) -> List[dict]:
+        """This rank's prompts of ``step`` (the global batch is deterministic in (seed, step))."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+        idx = torch.randint(len(self.prompts), (self.cfg.prompts_per_step,), generator=g).tolist()
+        per = self.cfg.prompts_per_step // self.world
+        return [self.prompts[i] for i in idx[self.rank * per:(self.rank + 1) * per]]
+
+    # ------------------------------------------------------------------ losses
+    def _hidden(self, model, ro: Rollout) -> torch.Tensor:
+        dev = self.policy.lm_head.weight.device
+        tokens, lengths = ro.tokens.to(dev), ro.lengths.to(dev)
+        attn = torch.arange(tokens.shape[1], device=dev)[None] < lengths[:, None]
+        return model(tokens, attention_mask=attn)[:, :-1]
+
+    def _masks(self, ro: Rollout):
+        dev = self.policy.lm_head.weight.device
+        chosen, img = ro.chosen[:, 1:].to(dev), ro.image_positions[:, 1:].to(dev)
+        return ro.tokens[:, 1:].to(dev), chosen & img, chosen & ~img
+
+    @torch.no_grad()
+    def ref_logprobs(self, ro: Rollout) -> torch.Tensor:
+        targets, m_img, m_txt = self._masks(ro)
+        h = self._hidden(self.ref, ro)
+        w = self.ref.lm_head.weight
+        lp_i = K.fused_linear_logprobs(h, w, targets, self.cfg.temperature, self.vocab.window, mask=m_img)
+        lp_t = K.fused_linear_logprobs(h, w, targets, self.cfg.text_temperature, self.fmt.text_range, mask=m_txt)
+        return torch.where(m_img, lp_i, lp_t)
+
+    def loss(self, ro: Rollout, advantages: torch.Tensor, old: Optional[torch.Tensor],
+             ref: Optional[torch.Tensor]):
+        """(loss, metrics): image codes over the image window + reasoning text over the text window."""
+        targets, m_img, m_txt = self._masks(ro)
+        h = self._hidden(self.model, ro)
+        w_all = K.reference.loss_weights(m_img | m_txt, self.cfg.loss_type)
+        kw = dict(eps_low=self.cfg.eps_low, eps_high=self.cfg.eps_high, beta=self.cfg.beta, loss_weights=w_all)
+        adv = advantages.to(h.device)
+        weight = self.policy.lm_head.weight
+        loss = h.new_zeros((), dtype=torch.float32)
+        metrics: Dict[str, float] = {}
+        for name, mask, window, temp in (("image", m_img, self.vocab.window, self.cfg.temperature),
+                                         ("text", m_txt, self.fmt.text_range, self.cfg.text_temperature)):
+            if not bool(mask.any()):
+                continue
+            part, m = K.fused_linear_grpo_loss(h, weight, targets, adv, mask, old, ref, temperature=temp,
+                                               vocab_range=window, **kw)
+            loss = loss + part
+            for k, v in m.items():
+                metrics[f"{name}/{k}"] = float(v)
+        return loss, metrics
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> Dict[str, float]:
+        cfg, step = self.cfg, self.step_idx
+        batch = self.batch_for(step)
+        G = cfg.group_size
+        base = (step * cfg.prompts_per_step + self.rank * len(batch)) * G
+        t0 = time.perf_counter()
+        self.policy.eval()
+        ro = xcot_rollout(self.policy, [b["prompt_ids"] for b in batch], self.vocab, self.fmt, cfg.sampling(step),
+                          num_samples=G, row_ids=torch.arange(base, base + len(batch) * G),
+                          vq_decode=getattr(self.rewards, "vq_decode", None))
+        t_roll = time.perf_counter() - t0
+        expanded = [b for b in batch for _ in range(G)]
+        rewards, weights, rmetrics = self.rewards(ro, expanded)
+        for name, wgt in cfg.reward_weights.items():
+            if name not in self.rewards.names:
+                raise ValueError(f"reward_weights names unknown reward {name!r}")
+            weights[self.rewards.names.index(name)] = wgt
+        adv, st = K.group_advantages(rewards, group_size=G, weights=weights, mode=cfg.adv_mode)
+        ref = self.ref_logprobs(ro) if self.ref is not None else None
+        old = ro.logprobs[:, 1:].to(self.policy.lm_head.weight.device) if cfg.mu > 1 else None
+        t1 = time.perf_counter()
+        self.policy.train()
+        metrics: Dict[str, float] = {}
+        for _ in range(cfg.mu):
+            loss, metrics = self.loss(ro, adv, old, ref)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+        self.scheduler.step()
+        t_train = time.perf_counter() - t1
+        gen_tokens = int((ro.lengths - ro.prompt_lengths).sum())
+        chosen = ro.chosen[:, 1:]
+        sampler_lp = float(ro.logprobs[:, 1:][chosen].mean()) if bool(chosen.any()) else 0.0
+        trainer_lp = sum(metrics.get(f"{n}/logp_mean", 0.0) * float(m.sum()) for n, m in
+                         (("image", ro.image_positions[:, 1:] & chosen), ("text", ~ro.image_positions[:, 1:] & chosen)))
+        trainer_lp /= max(float(chosen.sum()), 1.0)
+        out = {
+            "step": step, "loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": self.scheduler.get_last_lr()[0],
+            **rmetrics, **metrics,
+            "adv/mean_abs": float(adv.abs().mean()), "adv/zero_std_frac": float(st["zero_std_frac"]),
+            "reward/total_mean": float((rewards.nan_to_num() * weights).sum(1).mean()),
+            "logp/sampler_minus_trainer": sampler_lp - trainer_lp,
+            "throughput/rollout_tok_s": gen_tokens / max(t_roll, 1e-9),
+            "throughput/train_tok_s": float(ro.lengths.sum()) * cfg.mu / max(t_train, 1e-9),
+            "time/rollout_s": t_roll, "time/train_s": t_train, "memory/peak_mib": _peak_mib(),
+        }
+        self.step_idx += 1
+        self.history.append(out)
+        if cfg.log_path and self.rank == 0:
+            Path(cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(cfg.log_path, "a") as f:
+                f.write(json.dumps(out) + "\n")
+        return out
+
+    def train(self, steps: Optional[int] = None, progress: bool = True, checkpoint_dir: Optional[str] = None,
+              checkpoint_every: int = 0) -> List[Dict[str, float]]:
+        from tqdm import tqdm
+
+        n = self.cfg.steps - self.step_idx if steps is None else steps
+        bar = tqdm(range(n), desc="grpo", disable=not progress or self.rank != 0)
+        for _ in bar:
+            m = self.step()
+            bar.set_postfix(reward=f"{m['reward/total_mean']:.3f}", kl=f"{m.get('image/kl_mean', 0.0):.4f}")
+            if checkpoint_dir and checkpoint_every and self.step_idx % checkpoint_every == 0:
+                self.save(checkpoint_dir)  # every rank: FSDP gathers the shards collectively
+        return self.history
+
+    # ------------------------------------------------------------------ checkpoints
+    def config_dict(self) -> Dict:
+        return {**asdict(self.cfg), "model": asdict(self.policy.config)}
+
+    def save(self, path) -> Optional[Path]:
+        """Write a checkpoint (call on every rank; rank 0 writes). With FSDP the full weights are gathered,
+        and the optimizer state (sharded) is not saved: an FSDP resume restarts AdamW's moments."""
+        if self.parallel == "fsdp":
+            full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in self.policy.state_dict().items()}
+            if self.rank != 0:
+                return None
+            holder = _StateHolder(full)
+            return save_checkpoint(path, holder, self.config_dict(), None, self.scheduler, self.step_idx)
+        if self.rank != 0:
+            return None
+        return save_checkpoint(path, self.policy, self.config_dict(), self.optimizer, self.scheduler, self.step_idx)
+
+    def load(self, path) -> None:
+        info = load_checkpoint(path, self.policy, self.config_dict(), self.optimizer, self.scheduler)
+        self.step_idx = info["step"]
+
+
+class _StateHolder(torch.nn.Module):
+    """Presents a gathered (full) state dict to save_checkpoint."""
+
+    def __init__(self, state: Dict[str, torch.Tensor]):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs):
+        return self._state
+
+
+__all__ = ["GRPOConfig", "GRPOTrainer", "lr_lambda"]

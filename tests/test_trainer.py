@@ -1,0 +1,273 @@
+"""Rewards, SFT, the GRPO trainer, checkpoints and multi-process training (tiny models made here)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from mmr1.checkpoint import load_checkpoint, save_checkpoint
+from mmr1.grpo import GRPOConfig, GRPOTrainer
+from mmr1.model import ModelConfig, Transformer, init_weights
+from mmr1.rewards import RewardSet, format_reward
+from mmr1.rewards.self_reward import generation_self_reward, understanding_self_reward
+from mmr1.rollout import XCoTFormat, xcot_rollout
+from mmr1.generate import SamplingConfig
+from mmr1.sft import SFTConfig, SFTTrainer, sft_loss
+from mmr1.tokens import ImageVocab
+
+V = 96
+VOCAB = ImageVocab(torch.arange(4, 36), boi=37, eoi=36, newline=38, size_base=40, size_unit=1, vocab_size=V)
+FMT = XCoTFormat(think_open=60, think_close=61, end_of_turn=62, subject_hw=(2, 2), final_hw=(2, 3),
+                 text_range=(50, V), max_text_tokens=4)
+PROMPTS = [{"prompt_ids": [1, 70 + i, 71, 62], "target": i} for i in range(4)]
+
+
+def tiny_model(seed=0):
+    cfg = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
+                      max_seq_len=96)
+    return init_weights(Transformer(cfg), std=0.2, seed=seed)
+
+
+def code_reward(ro, batch):
+    """A toy reward: large final codes (deterministic, cheap)."""
+    return ro.final_codes.float().mean((1, 2)) / 32.0, {}
+
+
+def reward_set():
+    return RewardSet({"format": lambda ro, b: format_reward(ro, VOCAB, FMT), "codes": code_reward},
+                     {"format": 0.5, "codes": 1.0})
+
+
+def grpo_cfg(**kw):
+    base = dict(group_size=4, prompts_per_step=2, steps=4, lr=1e-2, beta=0.04, cfg_scale=2.0, top_k=0, text_top_k=0,
+                seed=3)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def test_format_reward_and_reward_set_errors():
+    ro = xcot_rollout(tiny_model(), [p["prompt_ids"] for p in PROMPTS[:2]], VOCAB, FMT, SamplingConfig(seed=1),
+                      num_samples=2)
+    r, m = format_reward(ro, VOCAB, FMT)
+    assert r.tolist() == [1.0] * 4 and m["format/valid_frac"] == 1.0
+    bad = ro.tokens.clone()
+    L = int(ro.lengths[0])
+    bad[0, L - 3] = VOCAB.boi  # a code inside the final block replaced by a structure token
+    ro.tokens = bad
+    assert format_reward(ro, VOCAB, FMT)[0].tolist()[0] == 0.0
+    with pytest.raises(ValueError, match="inf"):
+        RewardSet({"x": lambda ro, b: (torch.full((4,), float("inf")), {})}, {})(ro, [{}] * 4)
+    with pytest.raises(ValueError, match="returned 3 values"):
+        RewardSet({"x": lambda ro, b: (torch.zeros(3), {})}, {})(ro, [{}] * 4)
+    with pytest.raises(ValueError, match="unknown rewards"):
+        RewardSet({"x": code_reward}, {"y": 1.0})
+
+
+def _tiny_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in letters:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    d = tmp_path / "clip"
+    d.mkdir()
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=40, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=1, num_attention_heads=4), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_clip_scores_from_a_local_directory(tmp_path):
+    from mmr1.rewards.vision import CLIPScorer
+
+    clip = CLIPScorer(_tiny_clip(tmp_path))
+    imgs = torch.rand(3, 3, 48, 40) * 2 - 1
+    t = clip.text_alignment(imgs, ["a sks dog", "a dog", "red"])
+    assert t.shape == (3,) and torch.all(t.abs() <= 1)
+    # the identifier is stripped: "a sks dog" scores exactly like "a dog"
+    assert t[0].item() == pytest.approx(clip.text_alignment(imgs[:1], ["a dog"])[0].item(), abs=1e-6)
+    same = clip.image_similarity(imgs, imgs)
+    torch.testing.assert_close(same, torch.ones(3), atol=1e-5, rtol=0)
+    with pytest.raises(FileNotFoundError, match="no model directory"):
+        CLIPScorer(tmp_path / "missing")
+
+
+def test_dino_and_psr_with_whole_image_fallback(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    from mmr1.rewards.vision import DINOScorer, SubjectLocator, psr_subject_consistency
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                       num_attention_heads=4)).save_pretrained(tmp_path / "dino")
+    dino = DINOScorer(tmp_path / "dino")
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(dino.similarity(a, a), torch.ones(2), atol=1e-5, rtol=0)
+    scores, m = psr_subject_consistency(dino, SubjectLocator(None), a, [[a[0], b[0]], [b[1]]], [["dog", "cat"], ["cat"]])
+    expect0 = (1.0 + float(dino.similarity(a[:1], b[:1])[0])) / 2
+    assert scores[0].item() == pytest.approx(expect0, abs=1e-5)
+    assert m["psr/detected_frac"] == 0.0
+    with pytest.raises(ValueError, match="one reference image per subject"):
+        psr_subject_consistency(dino, SubjectLocator(None), a[:1], [[a[0]]], [["dog", "cat"]])
+
+
+def test_dual_self_rewards_match_direct_log_softmax():
+    model = tiny_model(4).eval()
+    codes = torch.randint(0, 32, (2, 2, 3))
+    blocks = [VOCAB.encode_block(c).tolist() for c in codes]
+    prompts = [[70, 71, 72], [80, 81]]
+    r, _ = generation_self_reward(model, blocks, prompts, prefix=[75], sep=62)
+    with torch.no_grad():
+        for i in range(2):
+            seq = [1, 75] + blocks[i] + [62] + prompts[i]
+            lp = torch.log_softmax(model.logits(model(torch.tensor([seq]))[0]).double(), -1)
+            start = len(seq) - len(prompts[i])
+            expect = sum(lp[t - 1, seq[t]] for t in range(start, len(seq))) / len(prompts[i])
+            assert r[i].item() == pytest.approx(float(expect), abs=1e-5)
+    u, _ = understanding_self_reward(model, prompts, codes, VOCAB, sep=62)
+    with torch.no_grad():
+        seq = [1] + prompts[0] + [62] + blocks[0]
+        z = model.logits(model(torch.tensor([seq]))[0]).double()[:, 4:36]
+        lp = torch.log_softmax(z, -1)
+        code_pos = [t for t in range(len(seq)) if VOCAB.token_to_code[seq[t]] >= 0]
+        expect = sum(lp[t - 1, seq[t] - 4] for t in code_pos) / len(code_pos)
+        assert u[0].item() == pytest.approx(float(expect), abs=1e-5)
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+def test_sft_loss_is_masked_ce_and_learns():
+    model = tiny_model(5)
+    seqs = [[1, 70, 62, 60, 55, 61, 62], [1, 71, 72, 62, 60, 56, 61, 62]]
+    plen = [3, 4]
+    loss, m = sft_loss(model, seqs, plen)
+    with torch.no_grad():
+        total, n = 0.0, 0
+        for s, p in zip(seqs, plen):
+            lp = torch.log_softmax(model.logits(model(torch.tensor([s]))[0]).double(), -1)
+            for t in range(p, len(s)):
+                total -= float(lp[t - 1, s[t]])
+                n += 1
+    assert loss.item() == pytest.approx(total / n, rel=1e-5) and m["tokens"] == n
+    tr = SFTTrainer(model, SFTConfig(lr=3e-2))
+    first = tr.step(seqs, plen)["loss"]
+    for _ in range(30):
+        last = tr.step(seqs, plen)["loss"]
+    assert last < 0.3 * first
+    with pytest.raises(ValueError, match="no assistant tokens"):
+        sft_loss(model, [[1, 2, 3]], [3])
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def test_grpo_step_metrics_and_learning_signal(tmp_path):
+    tr = GRPOTrainer(tiny_model(6), VOCAB, FMT, reward_set(), PROMPTS,
+                     grpo_cfg(log_path=str(tmp_path / "log.jsonl"), mu=2))
+    before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
+    m = tr.step()
+    for key in ("loss", "grad_norm", "reward/format", "reward/codes", "adv/zero_std_frac", "image/kl_mean",
+                "image/clip_high_frac", "image/ratio_mean", "text/logp_mean", "logp/sampler_minus_trainer",
+                "throughput/rollout_tok_s", "throughput/train_tok_s", "memory/peak_mib"):
+        assert key in m, key
+    assert all(torch.isfinite(torch.tensor(float(v))) for k, v in m.items() if k != "step")
+    assert any(not torch.equal(before[k], v) for k, v in tr.policy.state_dict().items())
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])["step"] == 0
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full = GRPOTrainer(tiny_model(7), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg())
+    full.train(4, progress=False)
+    part = GRPOTrainer(tiny_model(7), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg())
+    part.train(2, progress=False)
+    part.save(tmp_path / "ckpt")
+    resumed = GRPOTrainer(tiny_model(123), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(),
+                          ref_model=tiny_model(7).requires_grad_(False))
+    resumed.load(tmp_path / "ckpt")
+    assert resumed.step_idx == 2
+    resumed.train(2, progress=False)
+    for k, v in full.policy.state_dict().items():
+        assert torch.equal(v, resumed.policy.state_dict()[k]), k
+
+
+def test_checkpoint_is_atomic_and_config_checked(tmp_path, monkeypatch):
+    model = tiny_model(8)
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, model, {"lr": 1.0}, step=5)
+    import safetensors.torch as st
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, tiny_model(9), {"lr": 1.0}, step=6)
+    monkeypatch.undo()
+    other = tiny_model(10)
+    assert load_checkpoint(path, other, {"lr": 1.0})["step"] == 5  # the old checkpoint is intact
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k])
+    with pytest.raises(ValueError, match="different config: lr"):
+        load_checkpoint(path, other, {"lr": 2.0})
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nope", other)
+
+
+def test_trainer_bad_input():
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        GRPOTrainer(tiny_model(), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(), parallel="ddp")
+    with pytest.raises(ValueError, match="prompts must not be empty"):
+        GRPOTrainer(tiny_model(), VOCAB, FMT, reward_set(), [], grpo_cfg())
+    with pytest.raises(ValueError, match="prompt_ids"):
+        GRPOTrainer(tiny_model(), VOCAB, FMT, reward_set(), [{"x": 1}], grpo_cfg())
+    tr = GRPOTrainer(tiny_model(), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(reward_weights={"nope": 1.0}))
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        tr.step()
+
+
+# --------------------------------------------------------------------------- multi-process
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
+    """torchrun --nproc-per-node 2 (gloo): the same weights as one process on the same global batch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous (back-to-back runs must not collide)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    here = Path(__file__).parent
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                          str(here / "torchrun_worker.py"), parallel, str(tmp_path / "ckpt"), str(here)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    multi = tiny_model(0)
+    load_checkpoint(tmp_path / "ckpt", multi, restore_rng=False)
+    single = GRPOTrainer(tiny_model(11), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg())
+    single.train(2, progress=False)
+    for k, v in single.policy.state_dict().items():
+        torch.testing.assert_close(multi.state_dict()[k], v, atol=1e-6, rtol=1e-5, msg=k)
