@@ -108,7 +108,7 @@ def _peak_mib() -> float:
 class GRPOTrainer:
     def __init__(self, policy: Transformer, vocab: ImageVocab, fmt: XCoTFormat, rewards: RewardSet,
                  prompts: Sequence[dict], cfg: GRPOConfig, ref_model: Optional[Transformer] = None,
-                 parallel: str = "none"):
+                 parallel: str = "none", rollout_fn=None):
         if not prompts:
             raise ValueError("prompts must not be empty")
         for i, p in enumerate(prompts):
@@ -121,6 +121,8 @@ class GRPOTrainer:
         if parallel != "none" and not dist.is_initialized():
             raise RuntimeError(f"parallel={parallel!r} needs torch.distributed initialized (run under torchrun)")
         self.parallel = parallel
+        # rollout_fn(policy, batch, num_samples, sampling_config, row_ids) -> Rollout; default: X-CoT
+        self.rollout_fn = rollout_fn or self._xcot
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if parallel != "none" else (0, 1)
         if cfg.prompts_per_step % self.world:
             raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {self.world}")
@@ -151,6 +153,10 @@ class GRPOTrainer:
         idx = torch.randint(len(self.prompts), (self.cfg.prompts_per_step,), generator=g).tolist()
         per = self.cfg.prompts_per_step // self.world
         return [self.prompts[i] for i in idx[self.rank * per:(self.rank + 1) * per]]
+
+    def _xcot(self, policy, batch, num_samples, scfg, row_ids) -> Rollout:
+        return xcot_rollout(policy, [b["prompt_ids"] for b in batch], self.vocab, self.fmt, scfg,
+                            num_samples=num_samples, row_ids=row_ids, vq_decode=getattr(self.rewards, "vq_decode", None))
 
     # ------------------------------------------------------------------ losses
     def _hidden(self, model, ro: Rollout) -> torch.Tensor:
@@ -203,9 +209,7 @@ class GRPOTrainer:
         base = (step * cfg.prompts_per_step + self.rank * len(batch)) * G
         t0 = time.perf_counter()
         self.policy.eval()
-        ro = xcot_rollout(self.policy, [b["prompt_ids"] for b in batch], self.vocab, self.fmt, cfg.sampling(step),
-                          num_samples=G, row_ids=torch.arange(base, base + len(batch) * G),
-                          vq_decode=getattr(self.rewards, "vq_decode", None))
+        ro = self.rollout_fn(self.policy, batch, G, cfg.sampling(step), torch.arange(base, base + len(batch) * G))
         t_roll = time.perf_counter() - t0
         expanded = [b for b in batch for _ in range(G)]
         rewards, weights, rmetrics = self.rewards(ro, expanded)

@@ -110,8 +110,44 @@ def xcot_rollout(model: Transformer, prompts: Sequence[Sequence[int]], vocab: Im
     return rollout
 
 
+@torch.no_grad()
+def caption_rollout(model: Transformer, prompts: Sequence[Sequence[int]], codes: torch.Tensor, vocab: ImageVocab,
+                    end_of_caption: int, text_range: Tuple[int, int], max_tokens: int,
+                    scfg: Optional[SamplingConfig] = None, num_samples: int = 1,
+                    row_ids: Optional[torch.Tensor] = None) -> Rollout:
+    """Understanding rollouts for the dual self-reward: sample captions of images.
+
+    prompts[i] are the full conditioning tokens (e.g. bos, the image block, "describe"); codes [P, h, w]
+    the images they show (carried in ``final_codes`` for the understanding reward). Captions are
+    sampled until ``end_of_caption``; ``image_positions`` is all False (text window only).
+    """
+    scfg = scfg or SamplingConfig()
+    seqs = [list(p) for p in prompts for _ in range(num_samples)]
+    n = len(seqs)
+    if n == 0:
+        raise ValueError("prompts must not be empty")
+    if codes.shape[0] != len(prompts):
+        raise ValueError("codes must hold one image per prompt")
+    dec = CachedDecoder(model, n, max(len(s) for s in seqs) + max_tokens + 1)
+    rows = torch.arange(n, device=dec.device)
+    try:
+        first = dec.prefill(rows, seqs)
+        text, lps, ch = sample_text(dec, n, first, end_of_caption, max_tokens, text_range, scfg, TEXT_OFFSET,
+                                    rows if row_ids is None else row_ids.to(dec.device))
+    finally:
+        dec.close()
+    tokens, lengths = pad_sequences([s + t for s, t in zip(seqs, text)])
+    L = tokens.shape[1]
+    img_codes = codes.repeat_interleave(num_samples, 0).cpu()
+    return Rollout(tokens=tokens, lengths=lengths, prompt_lengths=torch.tensor([len(s) for s in seqs]),
+                   chosen=_padded([[False] * len(s) + c for s, c in zip(seqs, ch)], L, torch.bool),
+                   logprobs=_padded([[0.0] * len(s) + lp for s, lp in zip(seqs, lps)], L, torch.float32),
+                   image_positions=torch.zeros(n, L, dtype=torch.bool), subject_codes=img_codes,
+                   final_codes=img_codes, reasoning=text)
+
+
 def _padded(rows: List[list], L: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([torch.tensor(r + [0] * (L - len(r)), dtype=dtype) for r in rows])
 
 
-__all__ = ["XCoTFormat", "Rollout", "xcot_rollout", "TEXT_OFFSET", "SUBJECT_OFFSET", "FINAL_OFFSET"]
+__all__ = ["XCoTFormat", "Rollout", "xcot_rollout", "caption_rollout", "TEXT_OFFSET", "SUBJECT_OFFSET", "FINAL_OFFSET"]

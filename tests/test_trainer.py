@@ -101,6 +101,8 @@ def test_clip_scores_from_a_local_directory(tmp_path):
     assert t.shape == (3,) and torch.all(t.abs() <= 1)
     # the identifier is stripped: "a sks dog" scores exactly like "a dog"
     assert t[0].item() == pytest.approx(clip.text_alignment(imgs[:1], ["a dog"])[0].item(), abs=1e-6)
+    pick = clip.preference_score(imgs, ["a dog", "a dog", "red"])
+    assert pick[1].item() == pytest.approx(t[1].item() * clip.model.logit_scale.exp().item(), rel=1e-5)
     same = clip.image_similarity(imgs, imgs)
     torch.testing.assert_close(same, torch.ones(3), atol=1e-5, rtol=0)
     with pytest.raises(FileNotFoundError, match="no model directory"):
@@ -147,6 +149,29 @@ def test_dual_self_rewards_match_direct_log_softmax():
         code_pos = [t for t in range(len(seq)) if VOCAB.token_to_code[seq[t]] >= 0]
         expect = sum(lp[t - 1, seq[t] - 4] for t in code_pos) / len(code_pos)
         assert u[0].item() == pytest.approx(float(expect), abs=1e-5)
+
+
+def test_understanding_direction_trains_with_the_same_grpo_loop():
+    """Dual self-reward, understanding side: sample captions of images, reward = log p(image | caption)."""
+    from mmr1.rollout import caption_rollout
+
+    images = {i: torch.randint(0, 32, (2, 2)) for i in range(4)}
+    prompts = [{"prompt_ids": [1] + VOCAB.encode_block(images[i]).tolist() + [75], "image": i} for i in range(4)]
+
+    def rollout_fn(policy, batch, G, scfg, row_ids):
+        codes = torch.stack([images[b["image"]] for b in batch])
+        return caption_rollout(policy, [b["prompt_ids"] for b in batch], codes, VOCAB, end_of_caption=62,
+                               text_range=(50, V), max_tokens=4, scfg=scfg, num_samples=G, row_ids=row_ids)
+
+    def understanding(ro, batch):
+        caps = [[t for t in c if t != 62] for c in ro.reasoning]
+        return understanding_self_reward(tr.policy, caps, ro.final_codes, VOCAB, sep=62)
+
+    tr = GRPOTrainer(tiny_model(12), VOCAB, FMT, RewardSet({"understanding": understanding}, {}), prompts,
+                     grpo_cfg(cfg_scale=1.0), rollout_fn=rollout_fn)
+    m = tr.step()
+    assert "reward/understanding" in m and "text/logp_mean" in m and "image/logp_mean" not in m
+    assert torch.isfinite(torch.tensor(m["loss"]))
 
 
 # --------------------------------------------------------------------------- SFT

@@ -78,6 +78,11 @@ class CLIPScorer:
         """CLIP-T: cosine(image, prompt without the identifier) per sample."""
         return (self.image_embeds(images) * self.text_embeds(prompts)).sum(-1).cpu()
 
+    def preference_score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """PickScore-style: logit_scale.exp() * cosine(image, prompt) (PickScore is a fine-tuned CLIP; load it
+        from its local directory with this class)."""
+        return self.model.logit_scale.exp().detach().cpu() * self.text_alignment(images, prompts)
+
     def image_similarity(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
         """CLIP-I: cosine(generated, reference) per sample."""
         return (self.image_embeds(images) * self.image_embeds(references)).sum(-1).cpu()
