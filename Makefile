@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS := triton transformers safetensors tokenizers tqdm numpy pytest pytest-benchmark hypothesis ninja cmake matplotlib
 BENCH_DEPS := liger-kernel trl
 
-.PHONY: venv build test test-fast bench bench-quick demo clean
+.PHONY: venv build test test-fast bench bench-quick bench-pytest clean
 
 $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: build $(VENV)/.peers
 
 bench-quick: build $(VENV)/.peers
 	$(PY) -m bench --quick
+
+bench-pytest: build $(VENV)/.peers
+	$(PY) -m pytest bench/test_kernels_benchmark.py --benchmark-enable --benchmark-only
 
 clean:
 	rm -rf build *.egg-info mmr1_kernels/_C*.so

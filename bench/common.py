@@ -22,7 +22,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where benchmark tensors and models live: the GPU (Triton kernels) when there is one, else the CPU (C++).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+RESULTS_DIR = Path(os.environ.get("MMR1_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 # Process settings every benchmark runs under (set before torch starts threads or allocates):
 BENCH_ENV = {
@@ -194,7 +197,7 @@ def format_table(rows: List[Row]) -> str:
     head = f"| case | provider | median ms | IQR ms | x vs ours | peak MiB | % floor | note |\n|---|---|---:|---:|---:|---:|---:|---|"
     lines = [head]
     for r in rows:
-        fmt = lambda v, p=2: "n/a" if v != v else f"{v:.{p}f}"  # noqa: E731
+        fmt = lambda v, p=2: "n/a" if v != v else f"{v:.{p}f}"  # noqa: E731  (NaN: not measured)
         lines.append(f"| {r.case} | {r.provider} | {fmt(r.median_ms)} | {fmt(r.p25_ms)}-{fmt(r.p75_ms)} | "
                      f"{fmt(r.ratio_vs_ours)} | {fmt(r.peak_mib, 0)} | {fmt(r.floor_pct, 0)} | {r.note} |")
     return "\n".join(lines)

@@ -30,13 +30,13 @@ from mmr1.generate import CachedDecoder, SamplingConfig, generate_images
 from mmr1.model import ModelConfig, Transformer, init_weights
 from mmr1.tokens import ImageVocab
 
-from .common import Row, ensure_bench_env, format_table, machine_info, save_rows
+from .common import DEVICE, Row, ensure_bench_env, format_table, machine_info, save_rows
 
 
 def lumina_shaped_model(layers=4, hidden=512, heads=8) -> Transformer:
     cfg = ModelConfig(vocab_size=65536, hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers,
                       num_heads=heads, num_kv_heads=heads, max_seq_len=2048)
-    return init_weights(Transformer(cfg), seed=0).eval()
+    return init_weights(Transformer(cfg), seed=0).eval().to(DEVICE)
 
 
 @torch.no_grad()
@@ -50,13 +50,13 @@ def lumina_style_generate(model: Transformer, prompts, vocab: ImageVocab, hw, cf
     cond_rows, uncond_rows = torch.arange(B), torch.arange(B, 2 * B)
     cfg_proc, topk = ClassifierFreeGuidanceLogitsProcessor(cfg_scale), TopKLogitsWarper(top_k)
     image_ids = vocab.code_to_token
-    lo, hi = vocab.window
-    allowed = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    allowed = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=DEVICE)
     allowed[image_ids] = True
     dec.prefill(cond_rows, prompts)
     dec.pos[B:] = 0
     seq: List[List[int]] = [[] for _ in range(B)]
-    x = torch.full((B,), vocab.boi, dtype=torch.long)
+    cond_rows, uncond_rows = cond_rows.to(DEVICE), uncond_rows.to(DEVICE)
+    x = torch.full((B,), vocab.boi, dtype=torch.long, device=DEVICE)
     forward_s = 0.0
     for t in range(L):
         for r in range(B):
@@ -69,18 +69,19 @@ def lumina_style_generate(model: Transformer, prompts, vocab: ImageVocab, hw, cf
         forward_s += time.perf_counter() - t0
         n = len(seq[0])  # tokens so far in the block (host logic per token, as MultiModalLogitsProcessor)
         if n == 1:
-            x = torch.full((B,), vocab.size_token(h), dtype=torch.long)
+            x = torch.full((B,), vocab.size_token(h), dtype=torch.long, device=DEVICE)
             continue
         if n == 2:
-            x = torch.full((B,), vocab.size_token(w), dtype=torch.long)
+            x = torch.full((B,), vocab.size_token(w), dtype=torch.long, device=DEVICE)
             continue
         logits = torch.cat([model.logits(hc), model.logits(hu)]).float()  # full vocab, both branches
-        scores = cfg_proc(torch.zeros(B, 1, dtype=torch.long), logits)
+        scores = cfg_proc(torch.zeros(B, 1, dtype=torch.long, device=DEVICE), logits)
         k = n - 3
         if (k + 1) % (w + 1) == 0:
-            x = torch.full((B,), vocab.newline if k + 1 < h * (w + 1) else vocab.eoi, dtype=torch.long)
+            x = torch.full((B,), vocab.newline if k + 1 < h * (w + 1) else vocab.eoi, dtype=torch.long,
+                           device=DEVICE)
         elif k == h * (w + 1):
-            x = torch.full((B,), vocab.eoi, dtype=torch.long)
+            x = torch.full((B,), vocab.eoi, dtype=torch.long, device=DEVICE)
         else:
             scores = scores.masked_fill(~allowed, float("-inf"))
             scores = topk(None, scores)
@@ -95,7 +96,7 @@ def forward_only_seconds(model: Transformer, B: int, prompt_len: int, L: int, cf
     """The transformer forwards alone (same rows and steps as one generation): the floor of any decode loop."""
     rows = 2 * B if cfg else B
     dec = CachedDecoder(model, rows, prompt_len + L + 1)
-    x = torch.full((rows,), 5, dtype=torch.long)
+    x = torch.full((rows,), 5, dtype=torch.long, device=DEVICE)
     t0 = time.perf_counter()
     for _ in range(L - 1):
         dec.step(x)

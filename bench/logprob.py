@@ -20,7 +20,7 @@ import mmr1_kernels as K
 from mmr1_kernels import reference as R
 
 from . import peers
-from .common import (Row, copy_bandwidth_gbs, ensure_bench_env, format_table, machine_info, peak_extra_mib,
+from .common import (DEVICE, Row, copy_bandwidth_gbs, ensure_bench_env, format_table, machine_info, peak_extra_mib,
                      save_rows, summarize, time_providers)
 
 V = 65536
@@ -33,14 +33,14 @@ def _grpo_inputs(N, dtype, T=1024):
     B = max(1, N // T)
     T = N // B
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
-    targets = torch.randint(*WINDOW, (B, T), generator=g)
-    mask = torch.rand(B, T, generator=g) > 0.05
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype).to(DEVICE)
+    targets = torch.randint(*WINDOW, (B, T), generator=g).to(DEVICE)
+    mask = (torch.rand(B, T, generator=g) > 0.05).to(DEVICE)
     with torch.no_grad():
         base = K.token_logprobs(logits, targets, vocab_range=WINDOW)
-    old = base + 0.1 * torch.randn(B, T, generator=g)
-    ref = base + 0.1 * torch.randn(B, T, generator=g)
-    return logits, targets, mask, torch.randn(B, generator=g), old, ref
+    old = base + 0.1 * torch.randn(B, T, generator=g).to(DEVICE)
+    ref = base + 0.1 * torch.randn(B, T, generator=g).to(DEVICE)
+    return logits, targets, mask, torch.randn(B, generator=g).to(DEVICE), old, ref
 
 
 def _grad_call(loss_fn, logits):
@@ -98,6 +98,9 @@ def bench_logprob(N: int, dtype: torch.dtype, bw: float, repeats: int) -> List[R
     if peers.have("trl"):
         fb["TRL selective_log_softmax + loss"] = _grad_call(
             lambda x: peers.trl_grpo_loss(x, targets, adv, mask, old, ref, **KW), logits)
+    if logits.is_cuda and peers.have("liger_kernel"):  # Liger's Triton GRPO kernel is GPU-only
+        fb["Liger triton_grpo_loss"] = _grad_call(
+            lambda x: peers.liger_triton_grpo_loss(x, targets, adv, mask, old, ref, **KW), logits)
     times = time_providers(fb, repeats, warmup=2)
     peaks = {k: peak_extra_mib(f) for k, f in fb.items()}
     # read the window twice (fwd + bwd), write the full-size gradient, small vectors
@@ -111,11 +114,11 @@ def bench_fused_linear(N: int, d: int, repeats: int, dtype=torch.float32) -> Lis
     g = torch.Generator().manual_seed(0)
     T = min(N, 1024)
     B = N // T
-    hidden = (torch.randn(B, T, d, generator=g)).to(dtype)
-    weight = (torch.randn(V, d, generator=g) / d**0.5).to(dtype)
-    targets = torch.randint(*WINDOW, (B, T), generator=g)
-    mask = torch.rand(B, T, generator=g) > 0.05
-    adv = torch.randn(B, generator=g)
+    hidden = (torch.randn(B, T, d, generator=g)).to(dtype).to(DEVICE)
+    weight = (torch.randn(V, d, generator=g) / d**0.5).to(dtype).to(DEVICE)
+    targets = torch.randint(*WINDOW, (B, T), generator=g).to(DEVICE)
+    mask = (torch.rand(B, T, generator=g) > 0.05).to(DEVICE)
+    adv = torch.randn(B, generator=g).to(DEVICE)
     with torch.no_grad():
         base = K.fused_linear_logprobs(hidden, weight, targets, vocab_range=WINDOW)
     old, ref = base + 0.1, base - 0.1
@@ -167,14 +170,48 @@ def bench_fused_linear(N: int, d: int, repeats: int, dtype=torch.float32) -> Lis
     return rows
 
 
+def bench_memory_vs_vocab(N: int, d: int, vocabs) -> List[Row]:
+    """Peak extra memory of a fused-linear GRPO fwd+bwd over the full vocab, as V grows (one call each)."""
+    rows = []
+    for V_ in vocabs:
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(1, N, d, generator=g).to(DEVICE)
+        weight = (torch.randn(V_, d, generator=g) / d**0.5).to(DEVICE)
+        targets = torch.randint(0, V_, (1, N), generator=g).to(DEVICE)
+        adv, mask = torch.randn(1, generator=g).to(DEVICE), torch.ones(1, N, dtype=torch.bool, device=DEVICE)
+
+        def grads(loss_fn):
+            def run():
+                h = hidden.detach().requires_grad_(True)
+                w = weight.detach().requires_grad_(True)
+                return torch.autograd.grad(loss_fn(h, w), (h, w))
+
+            return run
+
+        provs = {
+            "mmr1": grads(lambda h, w: K.fused_linear_grpo_loss(h, w, targets, adv, mask)[0]),
+            "eager (logits + reference loss)": grads(lambda h, w: R.grpo_loss(h @ w.T, targets, adv, mask)[0]),
+        }
+        if peers.have("liger_kernel"):
+            liger = peers.LigerGrpo(0.0, 0.2, 0.2, 1.0, loss_type="grpo")
+            provs["Liger FusedLinearGRPO"] = grads(lambda h, w: liger(h, w, targets, mask, adv, None, None))
+        for name, fn in provs.items():
+            fn()
+            rows.append(Row(bench="memory vs vocab (fused-linear GRPO fwd+bwd)", case=f"N={N} d={d} V={V_}",
+                            provider=name, median_ms=float("nan"), p25_ms=float("nan"), p75_ms=float("nan"),
+                            peak_mib=peak_extra_mib(fn), extra={"V": V_}))
+    return rows
+
+
 def bench_advantages(N: int, repeats: int) -> List[Row]:
     g = torch.Generator().manual_seed(0)
-    rewards = torch.rand(N, generator=g)
+    rewards = torch.rand(N, generator=g).to(DEVICE)
     rows = []
     # groups of 8, contiguous
     provs = {
         "mmr1": lambda: K.group_advantages(rewards, group_size=8)[0],
-        "eager reference (fp64)": lambda: R.group_advantages(rewards[:, None], torch.arange(N) // 8, N // 8)[0],
+        "eager reference (fp64)": lambda: R.group_advantages(rewards[:, None], torch.arange(N, device=DEVICE) // 8,
+                                                             N // 8)[0],
         "TRL view(-1, G)": lambda: peers.trl_group_advantages(rewards, 8),
     }
     times = time_providers(provs, repeats, warmup=2)
@@ -185,7 +222,7 @@ def bench_advantages(N: int, repeats: int) -> List[Row]:
     sizes = sizes[: int((sizes.cumsum(0) <= N).sum())]
     labels = torch.repeat_interleave(torch.randperm(len(sizes), generator=g), sizes)
     M = labels.numel()
-    ids = labels[torch.randperm(M, generator=g)]
+    ids = labels[torch.randperm(M, generator=g)].to(DEVICE)
     r2 = rewards[:M]
     _, index = torch.unique(ids, return_inverse=True)
     provs = {
@@ -207,7 +244,7 @@ def main(argv=None) -> List[Row]:
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
     bw = copy_bandwidth_gbs()
-    meta = {**machine_info(), "copy_bandwidth_GBps": round(bw, 1), "backend": K.backend_for(torch.device("cpu"))}
+    meta = {**machine_info(), "copy_bandwidth_GBps": round(bw, 1), "backend": K.backend_for(DEVICE)}
     print("machine:", meta)
     rows: List[Row] = []
     if args.quick:
@@ -223,6 +260,8 @@ def main(argv=None) -> List[Row]:
     for N, d in fl:
         rows += bench_fused_linear(N, d, max(3, repeats // 2))
     rows += bench_advantages(adv_n, repeats)
+    rows += bench_memory_vs_vocab(512 if args.quick else 2048, 256 if args.quick else 512,
+                                  (8192, 32768) if args.quick else (8192, 32768, 65536, 131072))
     table = format_table(rows)
     print(table)
     path = save_rows("logprob" + ("_quick" if args.quick else ""), rows, meta)

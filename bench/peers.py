@@ -49,6 +49,30 @@ def trl_token_logprobs(logits, targets, *, temperature, vocab_range):
     return selective_log_softmax(logits[..., lo:hi], targets - lo, temperature=temperature)
 
 
+def liger_triton_grpo_loss(logits, targets, advantages, mask, old_logprobs, ref_logprobs, *, temperature,
+                           vocab_range, eps_low, eps_high, beta, loss_type="grpo"):
+    """Liger-Kernel's Triton GRPO kernel (CUDA only). It has no vocab window: the window is sliced first,
+    and it expects one extra position at the end of the logits (it drops the last one)."""
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    lo, hi = vocab_range
+    z = logits[..., lo:hi]
+    z = torch.cat([z, z[:, -1:]], dim=1)
+    out = triton_grpo_loss(z, old_logprobs, ref_logprobs, targets - lo, advantages, mask.long(),
+                           temperature=temperature, beta=beta, eps_low=eps_low, eps_high=eps_high, inplace=False,
+                           loss_type=loss_type, reduce=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def flashinfer_topk_sample(cond, uncond, scale, top_k, lo, hi):
+    """FlashInfer's fused top-k sampling from logits (CUDA only); CFG and the window applied first in torch."""
+    from flashinfer.sampling import top_k_sampling_from_logits
+
+    u = uncond[:, lo:hi].float()
+    z = u + scale * (cond[:, lo:hi].float() - u)
+    return top_k_sampling_from_logits(z, top_k) + lo
+
+
 class LigerGrpo:
     """Liger-Kernel's chunked fused-linear GRPO loss (its torch path; runs on CPU)."""
 

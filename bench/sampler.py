@@ -19,7 +19,7 @@ import torch
 from mmr1_kernels import reference_sampler as R
 from mmr1_kernels.sampler import cfg_sample
 
-from .common import (Row, copy_bandwidth_gbs, ensure_bench_env, format_table, machine_info, peak_extra_mib, save_rows,
+from .common import (DEVICE, Row, copy_bandwidth_gbs, ensure_bench_env, format_table, machine_info, peak_extra_mib, save_rows,
                      summarize, time_providers)
 
 V = 65536
@@ -52,12 +52,13 @@ def bench_case(B: int, dtype: torch.dtype, bw: float, repeats: int) -> List[Row]
                                                         TemperatureLogitsWarper, TopKLogitsWarper)
 
     g = torch.Generator().manual_seed(0)
-    cond = (torch.randn(B, V, generator=g) * 3).to(dtype)
-    uncond = (torch.randn(B, V, generator=g) * 3).to(dtype)
+    cond = (torch.randn(B, V, generator=g) * 3).to(dtype).to(DEVICE)
+    uncond = (torch.randn(B, V, generator=g) * 3).to(dtype).to(DEVICE)
     lo, hi = WINDOW
-    rows = torch.arange(B)
-    params = [torch.full((B,), CFG), torch.ones(B), torch.full((B,), TOP_K, dtype=torch.long), torch.ones(B)]
-    image_mask = torch.zeros(V, dtype=torch.bool)
+    rows = torch.arange(B, device=DEVICE)
+    params = [torch.full((B,), CFG, device=DEVICE), torch.ones(B, device=DEVICE),
+              torch.full((B,), TOP_K, dtype=torch.long, device=DEVICE), torch.ones(B, device=DEVICE)]
+    image_mask = torch.zeros(V, dtype=torch.bool, device=DEVICE)
     image_mask[lo:hi] = True
     processors = [ClassifierFreeGuidanceLogitsProcessor(CFG), TemperatureLogitsWarper(1.0), TopKLogitsWarper(TOP_K)]
     compiled = torch.compile(typical_step)
@@ -70,6 +71,11 @@ def bench_case(B: int, dtype: torch.dtype, bw: float, repeats: int) -> List[Row]
         "torch.compile(topk+multinomial)": lambda: compiled(cond, uncond, CFG, TOP_K, lo, hi),
         "transformers processors+multinomial": lambda: transformers_step(cond, uncond, processors, image_mask),
     }
+    from . import peers
+
+    if cond.is_cuda and peers.have("flashinfer"):
+        provs["FlashInfer top_k_sampling_from_logits"] = lambda: peers.flashinfer_topk_sample(cond, uncond, CFG, TOP_K,
+                                                                                             lo, hi)
     times = time_providers(provs, repeats, warmup=2, budget_s=60)
     peaks = {k: peak_extra_mib(f) for k, f in provs.items()}
     floor = 2 * B * (hi - lo) * cond.element_size() / (bw * 1e9)
@@ -87,7 +93,9 @@ def main(argv=None) -> List[Row]:
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 9)
     bw = copy_bandwidth_gbs()
-    meta = {**machine_info(), "copy_bandwidth_GBps": round(bw, 1)}
+    from mmr1_kernels import backend_for
+
+    meta = {**machine_info(), "copy_bandwidth_GBps": round(bw, 1), "backend": backend_for(DEVICE)}
     print("machine:", meta)
     rows: List[Row] = []
     for B in ((1, 8) if args.quick else (1, 8, 32, 128)):

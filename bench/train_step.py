@@ -1,0 +1,179 @@
+"""Benchmark: one GRPO step broken down by phase, and one cold-start SFT step, fused vs reference.
+
+    python -m bench.train_step [--quick]
+
+Model: Lumina-shaped small (vocab 65536, image window 8192, hidden 512,
+4 layers); X-CoT rollouts with a 16 x 16-code subject and final image (8 x 8
+with --quick), G = 4 samples x 2 prompts, CFG 3.
+GRPO phases: rollout (KV-cached CFG generation), rewards (format + the dual
+self-reward, one teacher-forced pass), advantages, reference log-probs,
+policy update (forward + loss + backward + AdamW). The loss phase is measured
+two ways on the same rollout: the fused path (mmr1_kernels.fused_linear_*;
+only the vocab windows of the head, no logits) and the reference path (full
+[N, T, 65536] logits from the head, then the reference GRPO math, as a
+transformers + TRL-style trainer computes it).
+SFT: fused_linear_logprobs vs full logits + torch cross-entropy.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import mmr1_kernels as K
+from mmr1.grpo import GRPOConfig, GRPOTrainer
+from mmr1.rewards import RewardSet, format_reward
+from mmr1.rewards.self_reward import generation_self_reward
+from mmr1.rollout import XCoTFormat
+from mmr1.sft import sft_loss
+from mmr1.tokens import ImageVocab
+
+from .common import Row, ensure_bench_env, format_table, machine_info, peak_extra_mib, save_rows
+from .generation import lumina_shaped_model
+
+VOCAB = ImageVocab.lumina()
+
+
+def _fmt(side: int) -> XCoTFormat:
+    return XCoTFormat(think_open=9000, think_close=9001, end_of_turn=8710, subject_hw=(side, side),
+                      final_hw=(side, side), text_range=(8900, 65536), max_text_tokens=8)
+
+
+def _reward_set(fmt: XCoTFormat, model) -> RewardSet:
+    def self_reward(ro, batch):
+        blocks = [ro.tokens[r, ro.prompt_lengths[r]:ro.lengths[r]].tolist() for r in range(ro.num_samples)]
+        finals = [b[len(b) - VOCAB.block_length(*fmt.final_hw) - 1:-1] for b in blocks]
+        return generation_self_reward(model, finals, [b["prompt_ids"][1:-1] for b in batch], prefix=[9100], sep=8710)
+
+    return RewardSet({"format": lambda ro, b: format_reward(ro, VOCAB, fmt), "self": self_reward},
+                     {"format": 1.0, "self": 0.1})
+
+
+def reference_loss(trainer: GRPOTrainer, ro, adv, ref):
+    """The same loss from materialized full-vocab logits and the reference math (per window)."""
+    targets, m_img, m_txt = trainer._masks(ro)
+    h = trainer._hidden(trainer.model, ro)
+    logits = trainer.policy.logits(h)  # [N, T, 65536]
+    w_all = K.reference.loss_weights(m_img | m_txt, trainer.cfg.loss_type)
+    loss = logits.new_zeros((), dtype=torch.float32)
+    for mask, window in ((m_img, VOCAB.window), (m_txt, trainer.fmt.text_range)):
+        tgt = torch.where(mask, targets, torch.full_like(targets, window[0]))
+        logp, _ = K.reference.token_logprobs(logits, tgt, 1.0, *window, mask=mask)
+        tl, _, _ = K.reference.grpo_token_terms(logp, adv[:, None].expand_as(logp), None, ref, 0.2, 0.28,
+                                                trainer.cfg.beta)
+        loss = loss + (torch.where(mask, tl, torch.zeros_like(tl)) * w_all).sum()
+    return loss
+
+
+def bench_grpo_step(side: int, repeats: int) -> List[Row]:
+    torch.manual_seed(0)
+    model = lumina_shaped_model()
+    fmt = _fmt(side)
+    prompts = [{"prompt_ids": [1] + list(range(9200 + 10 * i, 9210 + 10 * i)) + [8710]} for i in range(4)]
+    cfg = GRPOConfig(group_size=4, prompts_per_step=2, lr=1e-5, beta=0.04, cfg_scale=3.0, top_k=2000, text_top_k=50)
+    tr = GRPOTrainer(model, VOCAB, fmt, _reward_set(fmt, model), prompts, cfg)
+    phases: Dict[str, List[float]] = {k: [] for k in ("rollout", "rewards", "advantages", "ref logprobs",
+                                                      "update (fused)", "update (reference path)")}
+    peaks = {}
+    for rep in range(repeats):
+        batch = tr.batch_for(rep)
+        t0 = time.perf_counter()
+        model.eval()
+        ro = tr.rollout_fn(model, batch, 4, cfg.sampling(rep), torch.arange(8))
+        t1 = time.perf_counter()
+        rewards, weights, _ = tr.rewards(ro, [b for b in batch for _ in range(4)])
+        t2 = time.perf_counter()
+        adv, _ = K.group_advantages(rewards, group_size=4, weights=weights)
+        t3 = time.perf_counter()
+        ref = tr.ref_logprobs(ro)
+        t4 = time.perf_counter()
+        model.train()
+
+        def fused_update():
+            loss, _ = tr.loss(ro, adv, None, ref)
+            tr.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            tr.optimizer.step()
+
+        def reference_update():
+            loss = reference_loss(tr, ro, adv, ref)
+            tr.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            tr.optimizer.step()
+
+        fused_update()
+        t5 = time.perf_counter()
+        reference_update()
+        t6 = time.perf_counter()
+        for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+            phases[k].append(v)
+        if rep == 0:
+            peaks["update (fused)"] = peak_extra_mib(fused_update)
+            peaks["update (reference path)"] = peak_extra_mib(reference_update)
+    tokens = int(ro.lengths.sum())
+    case = f"G=4 x 2 prompts, {side}x{side}-code images, {tokens} tokens/step"
+    rows = []
+    fused_med = statistics.median(phases["update (fused)"])
+    for k, v in phases.items():
+        med = statistics.median(v)
+        rows.append(Row(bench="GRPO step by phase", case=case, provider=k, median_ms=med * 1e3,
+                        p25_ms=min(v) * 1e3, p75_ms=max(v) * 1e3, peak_mib=peaks.get(k, float("nan")),
+                        ratio_vs_ours=med / fused_med if k.startswith("update") else float("nan"),
+                        note=f"{tokens / med:.0f} train tok/s" if k.startswith("update") else ""))
+    return rows
+
+
+def bench_sft_step(repeats: int, B: int = 8, T: int = 512) -> List[Row]:
+    torch.manual_seed(0)
+    model = lumina_shaped_model()
+    seqs = [torch.randint(4, 65536, (T,)).tolist() for _ in range(B)]
+    plen = [T // 4] * B
+
+    def fused():
+        model.zero_grad(set_to_none=True)
+        sft_loss(model, seqs, plen)[0].backward()
+
+    def reference():
+        model.zero_grad(set_to_none=True)
+        tokens = torch.tensor(seqs)
+        logits = model.logits(model(tokens)[:, :-1]).float()  # [B, T-1, 65536]
+        labels = tokens[:, 1:].clone()
+        labels[:, : T // 4 - 1] = -100
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100).backward()
+
+    times = {"mmr1 (fused_linear_logprobs)": [], "eager (full logits + cross_entropy)": []}
+    for _ in range(repeats):
+        for name, fn in zip(times, (fused, reference)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    peaks = {"mmr1 (fused_linear_logprobs)": peak_extra_mib(fused),
+             "eager (full logits + cross_entropy)": peak_extra_mib(reference)}
+    from .common import summarize
+
+    return summarize("SFT step (fwd+bwd)", f"B={B} T={T} V=65536 d=512", times, "mmr1 (fused_linear_logprobs)",
+                     peaks, None, {k: f"{B * T / statistics.median(v):.0f} tok/s" for k, v in times.items()})
+
+
+def main(argv=None) -> List[Row]:
+    if argv is None:
+        ensure_bench_env("bench.train_step")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    meta = {**machine_info(), "model": "4L d512 V65536"}
+    print("machine:", meta)
+    rows = bench_grpo_step(8 if args.quick else 16, 2 if args.quick else 3)
+    rows += bench_sft_step(2 if args.quick else 3, T=128 if args.quick else 512)
+    print(format_table(rows))
+    path = save_rows("train_step" + ("_quick" if args.quick else ""), rows, meta)
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
