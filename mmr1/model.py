@@ -15,7 +15,9 @@ Decoding uses a static, preallocated KV cache with one slot per position per
 row: row r's token at position p lives in slot p, keys are visible to a query at
 position q iff slot <= q. Rows may be at different positions (prompts of
 different lengths, CFG rows with their own context), and a decode step needs no
-host synchronization.
+host synchronization. Attention is torch's scaled_dot_product_attention;
+with flash-attn installed, fp16/bf16 decoding on CUDA uses
+flash_attn_with_kvcache on the same cache (its [B, S, H, D] layout).
 """
 from __future__ import annotations
 
@@ -129,22 +131,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def _flash_attn_with_kvcache():
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return None
+    return flash_attn_with_kvcache
+
+
+FLASH_KVCACHE = _flash_attn_with_kvcache()
+
+
 class KVCache(nn.Module):
-    """Static cache for one layer: k, v [rows, kv_heads, max_len, head_dim]; slot = position."""
+    """Static cache for one layer: k, v [rows, max_len, kv_heads, head_dim] (flash-attn's layout); slot = position."""
 
     def __init__(self, rows: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (rows, kv_heads, max_len, head_dim)
+        shape = (rows, max_len, kv_heads, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # k, v (B, H, T, D) written at slots positions (B, T), per row
+        """Write k, v (B, H, T, D) at slots ``positions`` (B, T) of each row; return (B, H, S, D) views."""
         B, T = positions.shape
         rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
-        self.k.transpose(1, 2).index_put_((rows, positions), k.transpose(1, 2))
-        self.v.transpose(1, 2).index_put_((rows, positions), v.transpose(1, 2))
-        return self.k, self.v
+        self.k.index_put_((rows, positions), k.transpose(1, 2))
+        self.v.index_put_((rows, positions), v.transpose(1, 2))
+        return self.k.transpose(1, 2), self.v.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -166,6 +179,13 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None and FLASH_KVCACHE is not None and x.is_cuda and x.dtype in (torch.float16,
+                                                                                              torch.bfloat16):
+            # flash-attn appends k/v at cache_seqlens and attends causally over each row's prefix: this
+            # matches slot = position because the decoder feeds every row contiguous positions.
+            y = FLASH_KVCACHE(q.transpose(1, 2), self.cache.k, self.cache.v, k=k.transpose(1, 2),
+                              v=v.transpose(1, 2), cache_seqlens=positions[:, 0].to(torch.int32), causal=True)
+            return self.o_proj(y.reshape(B, T, -1))
         if self.cache is not None:
             k, v = self.cache.update(positions, k, v)
         if self.num_kv_heads != self.num_heads:
@@ -228,7 +248,7 @@ class Transformer(nn.Module):
     @property
     def cache_len(self) -> int:
         c = self.model.layers[0].self_attn.cache
-        return 0 if c is None else c.k.shape[2]
+        return 0 if c is None else c.k.shape[1]
 
     # ----------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,

@@ -43,10 +43,9 @@ def _grpo_token_loss_ref(logits, targets, advantages, mask, old_logprobs, ref_lo
                          vocab_hi, eps_low, eps_high, beta, inplace_backward=False):
     logp, lse = ref.token_logprobs(_as_rows(logits), targets, temperature, vocab_lo, vocab_hi, mask=mask,
                                    dtype=C.acc_dtype(logits.dtype))
-    with torch.enable_grad():
-        x = logp.detach().requires_grad_(True)
-        loss, ratio, kl = ref.grpo_token_terms(x, advantages, old_logprobs, ref_logprobs, eps_low, eps_high, beta)
-        (coef,) = torch.autograd.grad(loss.sum(), x)
+    # below the Autograd dispatch keys autograd cannot be re-entered: the closed-form derivative
+    loss, ratio, kl = ref.grpo_token_terms(logp, advantages, old_logprobs, ref_logprobs, eps_low, eps_high, beta)
+    coef = ref.grpo_token_coef(logp, advantages, old_logprobs, ref_logprobs, eps_low, eps_high, beta)
     if mask is not None:
         zero = torch.zeros_like(logp)
         loss, coef, kl = (torch.where(mask, t, zero) for t in (loss, coef, kl))

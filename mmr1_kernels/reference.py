@@ -63,6 +63,27 @@ def grpo_token_terms(logp, advantages, old_logprobs=None, ref_logprobs=None, eps
     return loss, ratio, kl
 
 
+def grpo_token_coef(logp, advantages, old_logprobs=None, ref_logprobs=None, eps_low=0.2, eps_high=0.2, beta=0.0):
+    """d token_loss / d logp in closed form (what the kernels compute; equals autograd of grpo_token_terms).
+
+    Surrogate: -A r where the unclipped term is the min and the log-ratio is inside the clamp, else 0;
+    KL: beta (1 - exp(delta)) where delta = ref - logp is inside the clamp, else 0.
+    """
+    old = logp if old_logprobs is None else old_logprobs.to(logp.dtype)
+    log_ratio = logp - old
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    adv = advantages.to(logp.dtype)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+    free = (unclipped <= clipped) & (log_ratio.abs() <= LOG_RATIO_CLAMP)
+    coef = torch.where(free, -adv * ratio, torch.zeros_like(ratio))
+    if beta != 0.0:
+        delta = ref_logprobs.to(logp.dtype) - logp
+        e = torch.exp(delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        coef = coef + torch.where(delta.abs() <= LOG_RATIO_CLAMP, beta * (1.0 - e), torch.zeros_like(e))
+    return coef
+
+
 def loss_weights(mask, loss_type):
     """Per-token weights w with loss = sum(w * token_loss), for mask [B, T]."""
     mask = mask.to(torch.float32) if not mask.is_floating_point() else mask  # weights are fp32 (fp64 in callers that need it)
