@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS := triton transformers safetensors tokenizers tqdm numpy pytest pytest-benchmark hypothesis ninja cmake matplotlib
 BENCH_DEPS := liger-kernel trl
 
-.PHONY: venv build test test-fast bench bench-quick bench-pytest clean
+.PHONY: venv build test test-fast demo bench bench-quick bench-pytest clean
 
 $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ $(VENV)/.peers: $(VENV)/.installed
 build: venv
 	$(PIP) install -q --no-build-isolation -e .
 
+demo: build
+	$(PY) -m mmr1.demo
+
 test: build
 	$(PY) -m pytest -q tests
 
@@ -39,7 +42,10 @@ bench: build $(VENV)/.peers
 bench-quick: build $(VENV)/.peers
 	$(PY) -m bench --quick
 
-bench-pytest: build $(VENV)/.peers
+bench-pydemo: build
+	$(PY) -m mmr1.demo
+
+test: build $(VENV)/.peers
 	$(PY) -m pytest bench/test_kernels_benchmark.py --benchmark-enable --benchmark-only
 
 clean:

@@ -54,6 +54,7 @@ setup(
     packages=find_packages(include=["mmr1*", "mmr1_kernels*", "bench*"]),
     ext_modules=[CMakeExtension("mmr1_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
+    entry_points={"console_scripts": ["mmr1=mmr1.cli:main"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers", "transformers", "tqdm"],
     extras_require={

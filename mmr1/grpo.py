@@ -35,7 +35,7 @@ import mmr1_kernels as K
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .generate import SamplingConfig
-from .model import Transformer
+from .model import Transformer, teacher_forced_hidden
 from .rewards import RewardSet
 from .rollout import Rollout, XCoTFormat, xcot_rollout
 from .tokens import ImageVocab
@@ -160,10 +160,7 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ losses
     def _hidden(self, model, ro: Rollout) -> torch.Tensor:
-        dev = self.policy.lm_head.weight.device
-        tokens, lengths = ro.tokens.to(dev), ro.lengths.to(dev)
-        attn = torch.arange(tokens.shape[1], device=dev)[None] < lengths[:, None]
-        return model(tokens, attention_mask=attn)[:, :-1]
+        return teacher_forced_hidden(model, ro.tokens, ro.lengths)
 
     def _masks(self, ro: Rollout):
         dev = self.policy.lm_head.weight.device

@@ -284,6 +284,25 @@ class Transformer(nn.Module):
         return F.linear(hidden, w)
 
 
+def teacher_forced_hidden(model: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B, T-1, d] predicting tokens[:, 1:] for right-padded tokens [B, T] of the given lengths.
+
+    ``model`` may be wrapped (DDP / FSDP): it is called, never inspected.
+    """
+    dev = next(model.parameters()).device
+    tokens, lengths = tokens.to(dev), lengths.to(dev)
+    attn = torch.arange(tokens.shape[1], device=dev)[None] < lengths[:, None]
+    return model(tokens, attention_mask=attn)[:, :-1]
+
+
+def target_span_mask(T: int, starts, ends, device) -> torch.Tensor:
+    """[B, T-1] bool over the targets tokens[:, 1:]: position t (1..T-1) with starts[b] <= t < ends[b]."""
+    pos = torch.arange(1, T, device=device)[None]
+    lo = torch.as_tensor(list(starts) if not isinstance(starts, torch.Tensor) else starts, device=device)[:, None]
+    hi = torch.as_tensor(list(ends) if not isinstance(ends, torch.Tensor) else ends, device=device)[:, None]
+    return (pos >= lo) & (pos < hi)
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -387,4 +406,4 @@ def init_weights(model: Transformer, std: float = 0.02, seed: Optional[int] = No
 
 
 __all__ = ["ModelConfig", "Transformer", "KVCache", "load_transformer", "save_transformer", "read_safetensors",
-           "init_weights", "num_params"]
+           "init_weights", "num_params", "teacher_forced_hidden", "target_span_mask"]

@@ -15,7 +15,7 @@ import torch
 import mmr1_kernels as K
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .model import Transformer
+from .model import Transformer, target_span_mask, teacher_forced_hidden
 from .tokens import pad_sequences
 
 
@@ -34,18 +34,12 @@ def sft_loss(model: Transformer, seqs: Sequence[Sequence[int]],
     """(loss, metrics) for token sequences whose first prompt_lengths[i] tokens are the prompt."""
     if len(seqs) != len(prompt_lengths) or not seqs:
         raise ValueError("need one prompt length per (non-empty list of) sequence")
-    dev = model.lm_head.weight.device
     tokens, lengths = pad_sequences(seqs)
-    tokens, lengths = tokens.to(dev), lengths.to(dev)
-    T = tokens.shape[1]
-    attn = torch.arange(T, device=dev)[None] < lengths[:, None]
-    hidden = model(tokens, attention_mask=attn)
-    pos = torch.arange(1, T, device=dev)[None]
-    starts = torch.as_tensor(list(prompt_lengths), device=dev)[:, None]
-    mask = (pos >= starts) & (pos < lengths[:, None])
+    hidden = teacher_forced_hidden(model, tokens, lengths)
+    mask = target_span_mask(tokens.shape[1], prompt_lengths, lengths, hidden.device)
     if not bool(mask.any()):
         raise ValueError("no assistant tokens to train on (every sequence is all prompt)")
-    logp = K.fused_linear_logprobs(hidden[:, :-1], model.lm_head.weight, tokens[:, 1:], mask=mask)
+    logp = K.fused_linear_logprobs(hidden, model.lm_head.weight, tokens[:, 1:].to(hidden.device), mask=mask)
     n = mask.sum()
     loss = -(logp * mask).sum() / n
     return loss, {"loss": float(loss.detach()), "tokens": int(n), "ppl": float(torch.exp(loss.detach()))}

@@ -18,7 +18,7 @@ import torch
 
 import mmr1_kernels as K
 
-from ..model import Transformer
+from ..model import Transformer, target_span_mask, teacher_forced_hidden
 from ..tokens import ImageVocab, pad_sequences
 
 
@@ -26,22 +26,15 @@ from ..tokens import ImageVocab, pad_sequences
 def _mean_logprob(model: Transformer, seqs: Sequence[Sequence[int]], score_from: Sequence[int],
                   score_to: Sequence[int], vocab_range=None, score_mask_fn=None) -> torch.Tensor:
     """Per sequence: mean log pi(token_t | tokens_<t) over positions score_from <= t < score_to."""
-    dev = model.lm_head.weight.device
     tokens, lengths = pad_sequences(seqs)
-    tokens, lengths = tokens.to(dev), lengths.to(dev)
-    T = tokens.shape[1]
-    attn = torch.arange(T, device=dev)[None] < lengths[:, None]
-    hidden = model(tokens, attention_mask=attn)
-    pos = torch.arange(1, T, device=dev)[None]
-    lo_t = torch.tensor(list(score_from), device=dev)[:, None]
-    hi_t = torch.tensor(list(score_to), device=dev)[:, None]
-    mask = (pos >= lo_t) & (pos < hi_t)
+    hidden = teacher_forced_hidden(model, tokens, lengths)
+    targets = tokens[:, 1:].to(hidden.device)
+    mask = target_span_mask(tokens.shape[1], score_from, score_to, hidden.device)
     if score_mask_fn is not None:
-        mask &= score_mask_fn(tokens[:, 1:])
-    targets = tokens[:, 1:]
+        mask &= score_mask_fn(targets)
     if vocab_range is not None:
         targets = torch.where(mask, targets, torch.full_like(targets, vocab_range[0]))
-    lp = K.fused_linear_logprobs(hidden[:, :-1], model.lm_head.weight, targets, vocab_range=vocab_range, mask=mask)
+    lp = K.fused_linear_logprobs(hidden, model.lm_head.weight, targets, vocab_range=vocab_range, mask=mask)
     return (lp * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 

@@ -47,6 +47,18 @@ def _unkey(k):
 
 
 @triton.jit
+def _kept_mass(c_row, u_row, cols, W, s, inv_t, thr, m, HAS_UNCOND: tl.constexpr, BLOCK: tl.constexpr):
+    """sum of exp(z - m) over the kept entries (z >= thr, finite)."""
+    total = tl.full([], 0.0, tl.float32)
+    for start in range(0, W, BLOCK):
+        offs = start + cols
+        z = _guided(c_row, u_row, offs, W, s, inv_t, HAS_UNCOND)
+        keep = (offs < W) & (z >= thr) & (z > float("-inf"))
+        total += tl.sum(tl.where(keep, tl.exp(z - m), 0.0), axis=0)
+    return total
+
+
+@triton.jit
 def cfg_sample_kernel(
     cond_ptr, uncond_ptr, cfg_ptr, temp_ptr, topk_ptr, topp_ptr, forced_ptr, seed_ptr, offset_ptr, rowid_ptr,
     tokens_ptr, logp_ptr, cond_lp_ptr, status_ptr,
@@ -115,12 +127,7 @@ def cfg_sample_kernel(
                     z = _guided(c_row, u_row, offs, W, s, inv_t, HAS_UNCOND)
                     thr = tl.minimum(thr, tl.min(tl.where((offs < W) & (z >= t), z, float("inf")), axis=0))
             # ---- kept mass
-            total = tl.full([], 0.0, tl.float32)
-            for start in range(0, W, BLOCK):
-                offs = start + cols
-                z = _guided(c_row, u_row, offs, W, s, inv_t, HAS_UNCOND)
-                keep = (offs < W) & (z >= thr) & (z > float("-inf"))
-                total += tl.sum(tl.where(keep, tl.exp(z - m), 0.0), axis=0)
+            total = _kept_mass(c_row, u_row, cols, W, s, inv_t, thr, m, HAS_UNCOND, BLOCK)
             # ---- top-p threshold: largest key K with mass(z >= K) >= p * total
             p = tl.load(topp_ptr + r)
             if (p < 1.0) & (total > 0.0):
@@ -139,12 +146,7 @@ def cfg_sample_kernel(
                     lo = tl.where(mass >= target, mid, lo)
                     hi = tl.where(mass >= target, hi, mid)
                 thr = tl.maximum(thr, _unkey(lo))
-                total = tl.full([], 0.0, tl.float32)
-                for start in range(0, W, BLOCK):
-                    offs = start + cols
-                    z = _guided(c_row, u_row, offs, W, s, inv_t, HAS_UNCOND)
-                    keep = (offs < W) & (z >= thr) & (z > float("-inf"))
-                    total += tl.sum(tl.where(keep, tl.exp(z - m), 0.0), axis=0)
+                total = _kept_mass(c_row, u_row, cols, W, s, inv_t, thr, m, HAS_UNCOND, BLOCK)
             status = tl.where(total > 0.0, status, 2).to(tl.int32)
             # ---- exponential race (Gumbel-max) with Philox4x32-10
             seed = tl.load(seed_ptr)

@@ -1,0 +1,318 @@
+"""A synthetic personalization world small enough to learn on a CPU: subjects, scenes, tokens, rewards.
+
+Subjects are procedural: shape x color x pattern (x pattern color), 1056 of
+them. A scene places "my subject" on a background color, at a position, at a
+scale, in a 32 x 32 RGB image. The world has everything MM-R1 needs, with the
+same formats as Lumina-mGPT:
+
+- a VQ image tokenizer: 4 x 4-pixel patches -> a k-means codebook (learned
+  deterministically from rendered scenes in seconds), so an image is an 8 x 8
+  code grid and an image block is ``boi, H, W, (8 codes + newline) x 8, eoi``;
+- a word-level tokenizer.json whose ids follow Chameleon's layout (image codes
+  named IMGIMG..., from id 4), with boi / eoi / newline / size / end-of-turn
+  tokens and <think> </think> for the X-CoT;
+- X-CoT examples: [reference image + prompt] -> reasoning (the subject's
+  attributes and the plan) -> subject image -> final image;
+- exact procedural rewards: text alignment (background, position, scale as
+  asked) and subject similarity (the subject's pixels vs an ideal render).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .tokens import ImageVocab, TextTokenizer, code_to_bpe_name
+
+SIZE = 32
+PATCH = 4
+GRID = SIZE // PATCH  # 8 x 8 codes per image
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+COLORS: Dict[str, Tuple[int, int, int]] = {
+    "red": (220, 40, 40), "orange": (240, 140, 20), "yellow": (235, 215, 40), "green": (40, 170, 60),
+    "blue": (40, 80, 220), "purple": (140, 50, 190), "pink": (240, 120, 180), "brown": (130, 80, 40)}
+PATTERNS = ("solid", "stripes", "dots", "checker")
+BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {
+    "white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128), "sand": (220, 200, 150),
+    "sky": (160, 210, 245)}
+POSITIONS: Dict[str, int] = {"left": 9, "center": 16, "right": 23}
+SCALES: Dict[str, int] = {"small": 5, "big": 8}  # half-size in pixels
+
+
+@dataclass(frozen=True)
+class Subject:
+    shape: str
+    color: str
+    pattern: str = "solid"
+    pattern_color: Optional[str] = None
+
+    def words(self) -> str:
+        p = self.pattern if self.pattern == "solid" else f"{self.pattern_color} {self.pattern}"
+        return f"{self.color} {self.shape} with {p}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    subject: Subject
+    background: str
+    position: str
+    scale: str
+
+    def prompt(self) -> str:
+        return f"my subject {self.scale} at the {self.position} on {self.background}"
+
+    def plan(self) -> str:
+        return f"subject is a {self.subject.words()} ; place it {self.scale} at the {self.position} on {self.background}"
+
+
+def all_subjects() -> List[Subject]:
+    out = []
+    for shape, color in itertools.product(SHAPES, COLORS):
+        out.append(Subject(shape, color))
+        for pattern, pc in itertools.product(PATTERNS[1:], COLORS):
+            if pc != color:
+                out.append(Subject(shape, color, pattern, pc))
+    return out
+
+
+def _shape_mask(shape: str, dx: torch.Tensor, dy: torch.Tensor, h: float) -> torch.Tensor:
+    if shape == "circle":
+        return dx**2 + dy**2 <= h * h
+    if shape == "square":
+        return (dx.abs() <= 0.85 * h) & (dy.abs() <= 0.85 * h)
+    if shape == "triangle":
+        return (dy <= 0.8 * h) & (dy >= -h) & (dx.abs() <= (dy + h) * 0.55)
+    if shape == "diamond":
+        return dx.abs() + dy.abs() <= h
+    if shape == "cross":
+        return ((dx.abs() <= h / 3) & (dy.abs() <= h)) | ((dy.abs() <= h / 3) & (dx.abs() <= h))
+    if shape == "ring":
+        r2 = dx**2 + dy**2
+        return (r2 <= h * h) & (r2 >= (h / 2) ** 2)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def subject_mask(scene: Scene) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32),
+                          indexing="ij")
+    return _shape_mask(scene.subject.shape, x - POSITIONS[scene.position], y - 16, SCALES[scene.scale])
+
+
+def render(scene: Scene) -> torch.Tensor:
+    """uint8 [32, 32, 3]."""
+    img = torch.tensor(BACKGROUNDS[scene.background], dtype=torch.uint8).expand(SIZE, SIZE, 3).clone()
+    mask = subject_mask(scene)
+    y, x = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    s = scene.subject
+    pat = {"solid": torch.zeros_like(mask), "stripes": (x // 2) % 2 == 0,
+           "dots": (x % 3 == 0) & (y % 3 == 0), "checker": (x // 2 + y // 2) % 2 == 0}[s.pattern]
+    img[mask] = torch.tensor(COLORS[s.color], dtype=torch.uint8)
+    if s.pattern_color is not None:
+        img[mask & pat] = torch.tensor(COLORS[s.pattern_color], dtype=torch.uint8)
+    return img
+
+
+def subject_view(subject: Subject) -> Scene:
+    """The X-CoT's intermediate subject image: the subject alone, big, centered, on white."""
+    return Scene(subject, "white", "center", "big")
+
+
+def random_scene(subject: Subject, g: torch.Generator) -> Scene:
+    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
+    return Scene(subject, pick(list(BACKGROUNDS)), pick(list(POSITIONS)), pick(list(SCALES)))
+
+
+# --------------------------------------------------------------------------- VQ tokenizer
+
+
+class PatchVQ:
+    """4 x 4 patches -> nearest of K codebook patches (a k-means codebook of the world's images)."""
+
+    def __init__(self, codebook: torch.Tensor):
+        self.codebook = codebook.float()  # [K, 48] in [0, 255]
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook.shape[0]
+
+    @staticmethod
+    def patches(images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 32, 32, 3] -> [N, 64, 48]."""
+        n = images.shape[0]
+        p = images.float().reshape(n, GRID, PATCH, GRID, PATCH, 3).permute(0, 1, 3, 2, 4, 5)
+        return p.reshape(n, GRID * GRID, PATCH * PATCH * 3)
+
+    @classmethod
+    def fit(cls, num_codes: int = 128, num_images: int = 1000, iters: int = 10, seed: int = 0) -> "PatchVQ":
+        """Deterministic k-means (k-means++ seeding) on all patches of random scenes (frequency-weighted:
+        measured mean reconstruction error 5.3/255 with 128 codes, vs 14.4 for k-means on distinct patches)."""
+        g = torch.Generator().manual_seed(seed)
+        subjects = all_subjects()
+        scenes = [random_scene(subjects[int(torch.randint(len(subjects), (1,), generator=g))], g)
+                  for _ in range(num_images)]
+        imgs = torch.stack([render(s) for s in scenes[: num_images // 2]] +
+                           [render(subject_view(s.subject)) for s in scenes[num_images // 2:]])
+        x = cls.patches(imgs).reshape(-1, PATCH * PATCH * 3)  # every patch: frequent ones weigh more
+        centers = x[int(torch.randint(len(x), (1,), generator=g))][None]
+        for _ in range(1, num_codes):
+            d = torch.cdist(x, centers).min(1).values ** 2
+            centers = torch.cat([centers, x[torch.multinomial(d / d.sum(), 1, generator=g)]])
+        for _ in range(iters):
+            assign = torch.cdist(x, centers).argmin(1)
+            sums = torch.zeros_like(centers).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=num_codes).float()[:, None]
+            centers = torch.where(counts > 0, sums / counts.clamp(min=1), centers)
+        return cls(centers)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 32, 32, 3] -> codes [N, 8, 8]."""
+        p = self.patches(images)
+        return torch.cdist(p, self.codebook[None].expand(p.shape[0], -1, -1)).argmin(-1).view(-1, GRID, GRID)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [N, 8, 8] -> uint8 [N, 32, 32, 3]."""
+        n = codes.shape[0]
+        p = self.codebook[codes.reshape(n, -1)].reshape(n, GRID, GRID, PATCH, PATCH, 3).permute(0, 1, 3, 2, 4, 5)
+        return p.reshape(n, SIZE, SIZE, 3).round().clamp(0, 255).to(torch.uint8)
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"codebook": self.codebook.contiguous()}, str(path))
+
+    @classmethod
+    def load(cls, path) -> "PatchVQ":
+        from safetensors.torch import load_file
+
+        return cls(load_file(str(path))["codebook"])
+
+
+# --------------------------------------------------------------------------- tokens
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def world_words() -> List[str]:
+    words = {"my", "subject", "at", "the", "on", "is", "a", "with", "place", "it", ";", "reference"}
+    words |= set(SHAPES) | set(COLORS) | set(PATTERNS) | set(BACKGROUNDS) | set(POSITIONS) | set(SCALES)
+    return sorted(words)
+
+
+def build_tokenizer(path, num_codes: int) -> Tuple[TextTokenizer, ImageVocab]:
+    """Write a tokenizer.json with Chameleon's id layout (codes from id 4) and return (text, image) vocabs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab: Dict[str, int] = {t: i for i, t in enumerate(SPECIALS)}
+    for c in range(num_codes):
+        vocab[code_to_bpe_name(c)] = len(vocab)
+    structure = ["<eoss>", "<racm3:break>", "<reserved08799>"] + [f"<reserved{8800 + n:05d}>" for n in range(GRID + 1)]
+    for name in structure + ["<reserved08706>", "<think>", "</think>"] + world_words():
+        vocab[name] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = Path(path)
+    tok.save(str(path))
+    return TextTokenizer(path), ImageVocab.from_tokenizer_json(path, size_unit=1)
+
+
+@dataclass
+class WorldTokens:
+    """Everything needed to turn scenes into X-CoT token sequences."""
+
+    vq: PatchVQ
+    text: TextTokenizer
+    image: ImageVocab
+
+    @property
+    def bos(self) -> int:
+        return self.text.token_id("<s>")
+
+    @property
+    def end_of_turn(self) -> int:
+        return self.text.token_id("<reserved08706>")
+
+    def image_block(self, img: torch.Tensor) -> List[int]:
+        return self.image.encode_block(self.vq.encode(img[None])[0]).tolist()
+
+    def prompt_ids(self, reference: torch.Tensor, scene: Scene) -> List[int]:
+        return ([self.bos] + self.text.encode("reference") + self.image_block(reference)
+                + self.text.encode(scene.prompt()) + [self.end_of_turn])
+
+    def completion_ids(self, scene: Scene) -> List[int]:
+        return ([self.text.token_id("<think>")] + self.text.encode(scene.plan()) + [self.text.token_id("</think>")]
+                + self.image_block(render(subject_view(scene.subject))) + self.image_block(render(scene))
+                + [self.end_of_turn])
+
+    def example(self, scene: Scene, reference_scene: Scene) -> Tuple[List[int], int]:
+        """(full X-CoT sequence, prompt length) for cold-start SFT."""
+        p = self.prompt_ids(render(reference_scene), scene)
+        return p + self.completion_ids(scene), len(p)
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def _nearest(color: torch.Tensor, table: Dict[str, Tuple[int, int, int]]) -> str:
+    names = list(table)
+    d = torch.cdist(color.float()[None], torch.tensor([table[n] for n in names], dtype=torch.float32))
+    return names[int(d.argmin())]
+
+
+def analyze(img: torch.Tensor) -> Dict[str, object]:
+    """Background, subject mask, position and scale read off a uint8 [32, 32, 3] image."""
+    border = torch.cat([img[0], img[-1], img[:, 0], img[:, -1]]).float()
+    bg_color = border.median(0).values
+    mask = (img.float() - bg_color).norm(dim=-1) > 60
+    out: Dict[str, object] = {"background": _nearest(bg_color, BACKGROUNDS), "mask": mask}
+    if int(mask.sum()) < 4:
+        out.update(position=None, scale=None)
+        return out
+    ys, xs = mask.nonzero(as_tuple=True)
+    cx = float(xs.float().mean())
+    out["position"] = min(POSITIONS, key=lambda p: abs(POSITIONS[p] - cx))
+    width = int(xs.max() - xs.min() + 1)
+    out["scale"] = "big" if width > (2 * SCALES["small"] + 2 * SCALES["big"]) / 2 + 1 else "small"
+    return out
+
+
+def text_alignment(img: torch.Tensor, scene: Scene) -> float:
+    """Fraction of {background, position, scale} that match the prompt."""
+    a = analyze(img)
+    return (float(a["background"] == scene.background) + float(a["position"] == scene.position)
+            + float(a["scale"] == scene.scale)) / 3.0
+
+
+def subject_similarity(img: torch.Tensor, scene: Scene) -> float:
+    """1 - mean |img - ideal| / 255 over the pixels of either subject (generated or ideal)."""
+    ideal = render(scene)
+    union = analyze(img)["mask"] | subject_mask(scene)
+    if not bool(union.any()):
+        return 0.0
+    diff = (img.float() - ideal.float()).abs().mean(-1)
+    return float(1.0 - diff[union].mean() / 255.0)
+
+
+def save_world(directory, vq: PatchVQ) -> WorldTokens:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vq.save(directory / "vq.safetensors")
+    text, image = build_tokenizer(directory / "tokenizer.json", vq.num_codes)
+    (directory / "world.json").write_text(json.dumps({"size": SIZE, "patch": PATCH, "codes": vq.num_codes}))
+    return WorldTokens(vq, text, image)
+
+
+def load_world(directory) -> WorldTokens:
+    directory = Path(directory)
+    vq = PatchVQ.load(directory / "vq.safetensors")
+    text = TextTokenizer(directory / "tokenizer.json")
+    return WorldTokens(vq, text, ImageVocab.from_tokenizer_json(directory / "tokenizer.json", size_unit=1))
+
+
+__all__ = ["Subject", "Scene", "all_subjects", "render", "subject_view", "random_scene", "PatchVQ",
+           "build_tokenizer", "WorldTokens", "analyze", "text_alignment", "subject_similarity", "save_world",
+           "load_world"]
