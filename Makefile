@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
-DEPS := triton transformers safetensors tokenizers tqdm numpy pytest pytest-benchmark hypothesis ninja cmake matplotlib
+DEPS := triton transformers safetensors tokenizers tqdm numpy pillow pytest pytest-benchmark hypothesis ninja cmake matplotlib
 BENCH_DEPS := liger-kernel trl
 
 .PHONY: venv build test test-fast demo bench bench-quick bench-pytest clean

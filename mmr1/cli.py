@@ -1,7 +1,10 @@
-"""`mmr1` command line: demo, generate, bench.
+"""`mmr1` command line: demo, sft, grpo, generate, eval, bench.
 
     mmr1 demo [--out-dir runs/demo]                   the synthetic-world MM-R1 run (SFT -> eval -> GRPO -> eval)
+    mmr1 sft --out-dir runs/sft [--steps 600]         only the world + cold-start SFT
+    mmr1 grpo --cold-start runs/sft/cold_start --out-dir runs/grpo [--steps 200]
     mmr1 generate --run runs/demo --prompt "my subject big at the left on sky" --reference ref.png
+    mmr1 eval --dreambench ../shared/data/dreambench --generated gen/ --clip models/clip --dino models/dino
     mmr1 bench [--quick]                              every benchmark, writes BENCHMARKS.md
 """
 from __future__ import annotations
@@ -61,6 +64,21 @@ def main(argv=None) -> None:
     g.add_argument("--cfg", type=float, default=2.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="xcot.png")
+    s_ = sub.add_parser("sft", help="the synthetic world + cold-start SFT of the tiny model")
+    s_.add_argument("--out-dir", default="runs/sft")
+    s_.add_argument("--steps", type=int, default=600)
+    s_.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("grpo", help="GRPO from a cold-start model, with before/after evaluation")
+    r.add_argument("--cold-start", required=True, help="a model directory written by `mmr1 sft` or `mmr1 demo`")
+    r.add_argument("--out-dir", default="runs/grpo")
+    r.add_argument("--steps", type=int, default=200)
+    r.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("eval", help="DreamBench DINO / CLIP-I / CLIP-T of generated images (local model dirs)")
+    e.add_argument("--dreambench", required=True, help="the benchmark directory (subject folders + prompts)")
+    e.add_argument("--generated", required=True, help="<dir>/<subject>/<prompt index>_*.png")
+    e.add_argument("--clip", required=True, help="a local transformers CLIPModel directory")
+    e.add_argument("--dino", required=True, help="a local transformers ViT (DINO) directory")
+    e.add_argument("--out", default=None, help="write the full result as JSON here")
     b = sub.add_parser("bench", help="every benchmark; writes BENCHMARKS.md")
     b.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
@@ -68,6 +86,28 @@ def main(argv=None) -> None:
         from .demo import main as demo_main
 
         demo_main(args.rest)
+    elif args.cmd == "sft":
+        from .demo import DemoConfig, run_sft_only
+
+        run_sft_only(DemoConfig(out_dir=args.out_dir, sft_steps=args.steps, seed=args.seed))
+    elif args.cmd == "grpo":
+        from .demo import DemoConfig, run
+
+        if not (Path(args.cold_start) / "config.json").exists():
+            raise SystemExit(f"error: no model at {args.cold_start} (expected config.json + model.safetensors)")
+        run(DemoConfig(out_dir=args.out_dir, grpo_steps=args.steps, seed=args.seed), args.cold_start)
+    elif args.cmd == "eval":
+        import json
+
+        from .dreambench import evaluate
+
+        try:
+            res = evaluate(args.dreambench, args.generated, args.clip, args.dino)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"error: {err}")
+        print(" ".join(f"{k} {v:.4f}" for k, v in res["summary"].items()), f"({res['images']} images)")
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1))
     elif args.cmd == "generate":
         _generate(args)
     else:

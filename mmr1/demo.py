@@ -183,6 +183,18 @@ def save_curve(path: Path, history: List[Dict[str, float]]) -> None:
     plt.close(fig)
 
 
+def run_sft_only(cfg: DemoConfig) -> Path:
+    """`mmr1 sft`: the world and the cold-start model only; returns the model directory."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = save_world(out / "world", PatchVQ.fit(num_codes=cfg.codes, seed=cfg.seed))
+    train_subjects, _ = split_subjects(cfg.seed, cfg.held_out_frac)
+    model = train_cold_start(world, train_subjects, cfg, lambda rec: None)
+    save_transformer(model, out / "cold_start")
+    print(f"wrote {out / 'cold_start'} and {out / 'world'}")
+    return out / "cold_start"
+
+
 def run(cfg: DemoConfig, cold_start: str = None) -> Dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
