@@ -22,4 +22,4 @@ def test_quick_suite_writes_report_csv_and_plots(tmp_path):
     rows = (tmp_path / "results" / "all_quick.csv").read_text().splitlines()
     assert len(rows) > 30 and rows[0].startswith("suite,bench,case,provider,median_ms")
     for png in ("bench_time_vs_shape.png", "bench_memory_vs_vocab.png", "bench_decode_breakdown.png"):
-        assert (tmp_path / png).stat().st_size > 1000
+        assert (tmp_path / "docs" / "bench" / png).stat().st_size > 1000
