@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Dict, List
+from typing import List
 
 import torch
 

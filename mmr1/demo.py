@@ -27,8 +27,8 @@ from .model import ModelConfig, Transformer, init_weights, load_transformer, sav
 from .rewards import RewardSet, format_reward
 from .rollout import XCoTFormat, xcot_rollout
 from .sft import SFTConfig, SFTTrainer
-from .world import (GRID, PatchVQ, Scene, WorldTokens, all_subjects, random_scene, render, save_world,
-                    subject_similarity, subject_view, text_alignment)
+from .world import (GRID, PatchVQ, WorldTokens, all_subjects, random_scene, render, save_world,
+                    subject_similarity, text_alignment)
 
 
 @dataclass

@@ -22,7 +22,6 @@ where j is the absolute token id.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 

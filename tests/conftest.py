@@ -14,7 +14,7 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import mmr1_kernels  # noqa: E402  (registers the ops)
+import mmr1_kernels  # noqa: E402,F401  (registers the ops)
 from mmr1_kernels._library import HAS_CPP, HAS_TRITON  # noqa: E402
 
 # (atol, rtol) of a kernel's fp32 result against the fp64 reference evaluated on

@@ -1,7 +1,6 @@
 """Property-based tests: random shapes, windows, temperatures, masks and value ranges vs the fp64 reference."""
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
