@@ -53,22 +53,6 @@ def _reward_set(fmt: XCoTFormat, model) -> RewardSet:
                      {"format": 1.0, "self": 0.1})
 
 
-def reference_loss(trainer: GRPOTrainer, ro, adv, ref):
-    """The same loss from materialized full-vocab logits and the reference math (per window)."""
-    targets, m_img, m_txt = trainer._masks(ro)
-    h = trainer._hidden(trainer.model, ro)
-    logits = trainer.policy.logits(h)  # [N, T, 65536]
-    w_all = K.reference.loss_weights(m_img | m_txt, trainer.cfg.loss_type)
-    loss = logits.new_zeros((), dtype=torch.float32)
-    for mask, window in ((m_img, VOCAB.window), (m_txt, trainer.fmt.text_range)):
-        tgt = torch.where(mask, targets, torch.full_like(targets, window[0]))
-        logp, _ = K.reference.token_logprobs(logits, tgt, 1.0, *window, mask=mask)
-        tl, _, _ = K.reference.grpo_token_terms(logp, adv[:, None].expand_as(logp), None, ref, 0.2, 0.28,
-                                                trainer.cfg.beta)
-        loss = loss + (torch.where(mask, tl, torch.zeros_like(tl)) * w_all).sum()
-    return loss
-
-
 def bench_grpo_step(side: int, repeats: int) -> List[Row]:
     torch.manual_seed(0)
     model = lumina_shaped_model()
@@ -99,8 +83,12 @@ def bench_grpo_step(side: int, repeats: int) -> List[Row]:
             loss.backward()
             tr.optimizer.step()
 
-        def reference_update():
-            loss = reference_loss(tr, ro, adv, ref)
+        def reference_update():  # the trainer's backend="reference": full logits + the reference math
+            tr.cfg.backend = "reference"
+            try:
+                loss, _ = tr.loss(ro, adv, None, ref)
+            finally:
+                tr.cfg.backend = "kernels"
             tr.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             tr.optimizer.step()

@@ -15,6 +15,11 @@ head are multiplied: one [N, d] x [d, 8192] product instead of two
 [N, d] x [d, 65536] ones. ``head_mode="logits"`` is the straightforward path
 (window logits of both branches, guidance inside the sampler); both give the
 same tokens up to fp32 rounding.
+
+``backend="reference"`` is the plain-PyTorch path the fused one is measured
+against: full-vocab logits for every row of both branches, then the sampler's
+specification (mmr1_kernels.reference_sampler, the same Philox streams), so it
+draws the same tokens, slower.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mmr1_kernels import cfg_sample
+from mmr1_kernels import reference_sampler
 
 from .model import Transformer
 from .tokens import ImageVocab, pad_sequences
@@ -39,7 +45,30 @@ class SamplingConfig:
     text_top_k: int = 10
     text_top_p: float = 1.0
     head_mode: str = "hidden_cfg"  # or "logits"
+    backend: str = "kernels"  # or "reference": full-vocab logits + the sampler's PyTorch specification
     seed: int = 0
+
+    def __post_init__(self):
+        if self.head_mode not in ("hidden_cfg", "logits"):
+            raise ValueError(f"head_mode must be 'hidden_cfg' or 'logits', got {self.head_mode!r}")
+        if self.backend not in ("kernels", "reference"):
+            raise ValueError(f"backend must be 'kernels' or 'reference', got {self.backend!r}")
+
+
+def reference_draw(cond: torch.Tensor, uncond: Optional[torch.Tensor], window: Tuple[int, int], cfg_scale: float,
+                   temperature: float, top_k: int, top_p: float, seed: int, offset: int,
+                   row_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cfg_sample's specification on full-vocab logits: (token ids, log-probs). The window is sliced out first,
+    as the fused path's head does, so the Philox streams (keyed by the id within the sampled tensor) and hence
+    the draws are the kernel's."""
+    lo, hi = window
+    B, dev = cond.shape[0], cond.device
+    per_row = lambda v, dt: torch.full((B,), v, dtype=dt, device=dev)  # noqa: E731
+    tokens, logp, _, _ = reference_sampler.cfg_sample(
+        cond[:, lo:hi].float(), None if uncond is None else uncond[:, lo:hi].float(),
+        per_row(cfg_scale, torch.float32), per_row(temperature, torch.float32), per_row(top_k, torch.int64),
+        per_row(top_p, torch.float32), None, seed, offset, row_ids, 0, hi - lo)
+    return tokens + lo, logp
 
 
 @dataclass
@@ -134,6 +163,13 @@ def sample_image_blocks(dec: CachedDecoder, n: int, h: int, w: int, vocab: Image
     for t in range(L):
         if layout[t] >= 0:
             tokens[:, t] = int(layout[t])
+        elif scfg.backend == "reference":
+            lc = model.logits(hidden[:n])
+            lu = model.logits(hidden[n:]) if use_cfg else None
+            tokens[:, t], lp = reference_draw(lc, lu, vocab.window, scfg.cfg_scale if use_cfg else 1.0,
+                                              scfg.temperature, scfg.top_k, scfg.top_p, scfg.seed, step_offset + t,
+                                              row_ids)
+            logprobs[:, t] = lp
         else:
             if scfg.head_mode == "hidden_cfg":
                 hc = hidden[:n]
@@ -143,15 +179,13 @@ def sample_image_blocks(dec: CachedDecoder, n: int, h: int, w: int, vocab: Image
                                    seed=scfg.seed, offset=step_offset + t, row_ids=row_ids, out=tokens[:, t],
                                    check=False)
                 tokens[:, t] += lo
-            elif scfg.head_mode == "logits":
+            else:  # "logits"
                 lc = torch.nn.functional.linear(hidden[:n], w_img)
                 lu = torch.nn.functional.linear(hidden[n:], w_img) if use_cfg else None
                 _, lp = cfg_sample(lc, lu, cfg_scale=scfg.cfg_scale, temperature=scfg.temperature, top_k=scfg.top_k,
                                    top_p=scfg.top_p, seed=scfg.seed, offset=step_offset + t, row_ids=row_ids,
                                    out=tokens[:, t], check=False)
                 tokens[:, t] += lo
-            else:
-                raise ValueError(f"head_mode must be 'hidden_cfg' or 'logits', got {scfg.head_mode!r}")
             logprobs[:, t] = lp
         x = tokens[:, t]
         if t + 1 < L:  # the last token (eoi) is fed by the caller's next phase
@@ -216,10 +250,15 @@ def sample_text(dec: CachedDecoder, n: int, first_hidden: torch.Tensor, stop_id:
     last = torch.zeros(n, dtype=torch.long, device=dev)
     rows = torch.arange(n, device=dev)
     for t in range(max_tokens):
-        logits = torch.nn.functional.linear(hidden, w_text)
-        x, lp = cfg_sample(logits, temperature=scfg.text_temperature, top_k=scfg.text_top_k, top_p=scfg.text_top_p,
-                           seed=scfg.seed, offset=step_offset + t, row_ids=row_ids, check=False)
-        x = x + lo
+        if scfg.backend == "reference":
+            x, lp = reference_draw(model.logits(hidden), None, text_range, 1.0, scfg.text_temperature,
+                                   scfg.text_top_k, scfg.text_top_p, scfg.seed, step_offset + t, row_ids)
+        else:
+            logits = torch.nn.functional.linear(hidden, w_text)
+            x, lp = cfg_sample(logits, temperature=scfg.text_temperature, top_k=scfg.text_top_k,
+                               top_p=scfg.text_top_p, seed=scfg.seed, offset=step_offset + t, row_ids=row_ids,
+                               check=False)
+            x = x + lo
         if t == max_tokens - 1:
             x = torch.full_like(x, stop_id)  # length cap: close the reasoning
             lp = torch.zeros_like(lp)

@@ -12,6 +12,11 @@ Per step:
      and forced structure tokens are masked), k3 KL to the reference
   5. grad clip, AdamW, LR schedule; metrics to JSONL + progress bar.
 With mu > 1 the sampler's log-probs are the "old" log-probs of the ratio.
+``backend="reference"`` runs the same step without the fused kernels -- full
+[N, T, V] logits from the head, then mmr1_kernels.reference (the spec) for the
+log-probs and the loss, and the sampler's spec in the rollouts -- the path the
+fused one is measured against (same math; same tokens and losses up to fp32
+rounding).
 Multi-process: wrap nothing yourself -- pass ``parallel="ddp"`` (or "fsdp")
 under torchrun. "ddp" wraps the policy in DistributedDataParallel (gloo on
 CPU, NCCL on CUDA); "fsdp" shards every block and the root with FSDP2's
@@ -64,6 +69,7 @@ class GRPOConfig:
     text_temperature: float = 1.0
     text_top_k: int = 0
     reward_weights: Dict[str, float] = field(default_factory=dict)
+    backend: str = "kernels"  # or "reference": full logits + the PyTorch specs (for comparison)
     seed: int = 0
     log_path: Optional[str] = None
 
@@ -74,11 +80,13 @@ class GRPOConfig:
             raise ValueError("prompts_per_step and mu must be >= 1, steps >= 0")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.backend not in ("kernels", "reference"):
+            raise ValueError(f"backend must be 'kernels' or 'reference', got {self.backend!r}")
 
     def sampling(self, step: int) -> SamplingConfig:
         return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, text_temperature=self.text_temperature, text_top_k=self.text_top_k,
-                              seed=(self.seed * 1_000_003 + step) % (2**63))
+                              backend=self.backend, seed=(self.seed * 1_000_003 + step) % (2**63))
 
 
 def lr_lambda(cfg: GRPOConfig):
@@ -167,14 +175,24 @@ class GRPOTrainer:
         chosen, img = ro.chosen[:, 1:].to(dev), ro.image_positions[:, 1:].to(dev)
         return ro.tokens[:, 1:].to(dev), chosen & img, chosen & ~img
 
+    def _windows(self, m_img, m_txt):
+        return (("image", m_img, self.vocab.window, self.cfg.temperature),
+                ("text", m_txt, self.fmt.text_range, self.cfg.text_temperature))
+
     @torch.no_grad()
     def ref_logprobs(self, ro: Rollout) -> torch.Tensor:
         targets, m_img, m_txt = self._masks(ro)
         h = self._hidden(self.ref, ro)
         w = self.ref.lm_head.weight
-        lp_i = K.fused_linear_logprobs(h, w, targets, self.cfg.temperature, self.vocab.window, mask=m_img)
-        lp_t = K.fused_linear_logprobs(h, w, targets, self.cfg.text_temperature, self.fmt.text_range, mask=m_txt)
-        return torch.where(m_img, lp_i, lp_t)
+        out = []
+        for _, mask, window, temp in self._windows(m_img, m_txt):
+            if self.cfg.backend == "reference":
+                tgt = torch.where(mask, targets, torch.full_like(targets, window[0]))
+                lp, _ = K.reference.token_logprobs(self.ref.logits(h), tgt, temp, *window, mask=mask)
+            else:
+                lp = K.fused_linear_logprobs(h, w, targets, temp, window, mask=mask)
+            out.append(lp)
+        return torch.where(m_img, out[0], out[1])
 
     def loss(self, ro: Rollout, advantages: torch.Tensor, old: Optional[torch.Tensor],
              ref: Optional[torch.Tensor]):
@@ -185,18 +203,35 @@ class GRPOTrainer:
         kw = dict(eps_low=self.cfg.eps_low, eps_high=self.cfg.eps_high, beta=self.cfg.beta, loss_weights=w_all)
         adv = advantages.to(h.device)
         weight = self.policy.lm_head.weight
+        logits = self.policy.logits(h) if self.cfg.backend == "reference" else None  # [N, T, V]: the cost avoided
         loss = h.new_zeros((), dtype=torch.float32)
         metrics: Dict[str, float] = {}
-        for name, mask, window, temp in (("image", m_img, self.vocab.window, self.cfg.temperature),
-                                         ("text", m_txt, self.fmt.text_range, self.cfg.text_temperature)):
+        for name, mask, window, temp in self._windows(m_img, m_txt):
             if not bool(mask.any()):
                 continue
-            part, m = K.fused_linear_grpo_loss(h, weight, targets, adv, mask, old, ref, temperature=temp,
-                                               vocab_range=window, **kw)
+            if logits is not None:
+                part, m = self._reference_loss(logits, targets, adv, mask, old, ref, temp, window, w_all)
+            else:
+                part, m = K.fused_linear_grpo_loss(h, weight, targets, adv, mask, old, ref, temperature=temp,
+                                                   vocab_range=window, **kw)
             loss = loss + part
             for k, v in m.items():
                 metrics[f"{name}/{k}"] = float(v)
         return loss, metrics
+
+    def _reference_loss(self, logits, targets, adv, mask, old, ref, temp, window, loss_weights):
+        """The loss over one window from materialized logits and mmr1_kernels.reference (the kernels' spec)."""
+        cfg = self.cfg
+        tgt = torch.where(mask, targets, torch.full_like(targets, window[0]))
+        logp, _ = K.reference.token_logprobs(logits, tgt, temp, *window, mask=mask)
+        a = adv[:, None].expand_as(logp)
+        terms, ratio, kl = K.reference.grpo_token_terms(logp, a, old, ref, cfg.eps_low, cfg.eps_high, cfg.beta)
+        zero = torch.zeros_like(terms)
+        loss = (torch.where(mask, terms, zero) * loss_weights).sum()
+        ratio = torch.where(mask, ratio.detach(), torch.ones_like(zero))
+        m = K.reference.grpo_metrics(logp.detach(), ratio, torch.where(mask, kl.detach(), zero), a, mask,
+                                     cfg.eps_low, cfg.eps_high)
+        return loss, m
 
     # ------------------------------------------------------------------ step
     def step(self) -> Dict[str, float]:

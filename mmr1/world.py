@@ -2,8 +2,10 @@
 
 Subjects are procedural: shape x color x pattern (x pattern color), 1056 of
 them. A scene places "my subject" on a background color, at a position, at a
-scale, in a 32 x 32 RGB image. The world has everything MM-R1 needs, with the
-same formats as Lumina-mGPT:
+scale, in a 32 x 32 RGB image; a pair scene (PSR-style multi-subject
+personalization) places "my first subject" and "my second subject", one
+reference image each, at the left and the right. The world has everything
+MM-R1 needs, with the same formats as Lumina-mGPT:
 
 - a VQ image tokenizer: 4 x 4-pixel patches -> a k-means codebook (learned
   deterministically from rendered scenes in seconds), so an image is an 8 x 8
@@ -11,10 +13,14 @@ same formats as Lumina-mGPT:
 - a word-level tokenizer.json whose ids follow Chameleon's layout (image codes
   named IMGIMG..., from id 4), with boi / eoi / newline / size / end-of-turn
   tokens and <think> </think> for the X-CoT;
-- X-CoT examples: [reference image + prompt] -> reasoning (the subject's
-  attributes and the plan) -> subject image -> final image;
+- X-CoT examples: [reference image(s) + prompt] -> reasoning (the subjects'
+  attributes and the plan) -> subject image -> final image; and understanding
+  examples ([image] -> the prompt it answers) so the policy's own
+  log p(prompt | image) can serve as the dual self-reward;
 - exact procedural rewards: text alignment (background, position, scale as
-  asked) and subject similarity (the subject's pixels vs an ideal render).
+  asked; for pairs, which subject is on which side) and subject similarity
+  (the subject's pixels vs an ideal render; for pairs, PSR's pairwise subject
+  consistency: each subject located, then compared).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -58,16 +64,67 @@ class Subject:
 
 @dataclass(frozen=True)
 class Scene:
+    """One subject: "my subject" on a background, at a position, at a scale."""
+
     subject: Subject
     background: str
     position: str
     scale: str
+
+    @property
+    def subjects(self) -> Tuple[Subject, ...]:
+        return (self.subject,)
 
     def prompt(self) -> str:
         return f"my subject {self.scale} at the {self.position} on {self.background}"
 
     def plan(self) -> str:
         return f"subject is a {self.subject.words()} ; place it {self.scale} at the {self.position} on {self.background}"
+
+
+@dataclass(frozen=True)
+class PairScene:
+    """Two subjects (PSR-style multi-subject personalization), both small, one at the left, one at the right.
+    The prompt carries one reference image per subject, in the order "first", "second"."""
+
+    first: Subject
+    second: Subject
+    background: str
+    first_position: str  # "left" | "right"
+
+    def __post_init__(self):
+        if self.first_position not in ("left", "right"):
+            raise ValueError(f"first_position must be 'left' or 'right', got {self.first_position!r}")
+        if self.first == self.second:
+            raise ValueError("a pair scene needs two different subjects")
+
+    @property
+    def second_position(self) -> str:
+        return "right" if self.first_position == "left" else "left"
+
+    @property
+    def subjects(self) -> Tuple[Subject, ...]:
+        return (self.first, self.second)
+
+    def placements(self) -> List[Scene]:
+        return [Scene(self.first, self.background, self.first_position, "small"),
+                Scene(self.second, self.background, self.second_position, "small")]
+
+    def prompt(self) -> str:
+        return (f"my first subject at the {self.first_position} and my second subject at the {self.second_position}"
+                f" on {self.background}")
+
+    def plan(self) -> str:
+        return (f"subjects are a {self.first.words()} and a {self.second.words()} ; place them small with the first"
+                f" at the {self.first_position} on {self.background}")
+
+
+AnyScene = Union[Scene, PairScene]
+
+
+def placements(scene: AnyScene) -> List[Scene]:
+    """The single-subject placements a scene is drawn from."""
+    return scene.placements() if isinstance(scene, PairScene) else [scene]
 
 
 def all_subjects() -> List[Subject]:
@@ -97,34 +154,48 @@ def _shape_mask(shape: str, dx: torch.Tensor, dy: torch.Tensor, h: float) -> tor
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def subject_mask(scene: Scene) -> torch.Tensor:
+def subject_mask(scene: AnyScene) -> torch.Tensor:
+    """bool [32, 32]: the pixels of the scene's subject(s)."""
     y, x = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32),
                           indexing="ij")
-    return _shape_mask(scene.subject.shape, x - POSITIONS[scene.position], y - 16, SCALES[scene.scale])
+    mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    for p in placements(scene):
+        mask |= _shape_mask(p.subject.shape, x - POSITIONS[p.position], y - 16, SCALES[p.scale])
+    return mask
 
 
-def render(scene: Scene) -> torch.Tensor:
+def render(scene: AnyScene) -> torch.Tensor:
     """uint8 [32, 32, 3]."""
     img = torch.tensor(BACKGROUNDS[scene.background], dtype=torch.uint8).expand(SIZE, SIZE, 3).clone()
-    mask = subject_mask(scene)
     y, x = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
-    s = scene.subject
-    pat = {"solid": torch.zeros_like(mask), "stripes": (x // 2) % 2 == 0,
-           "dots": (x % 3 == 0) & (y % 3 == 0), "checker": (x // 2 + y // 2) % 2 == 0}[s.pattern]
-    img[mask] = torch.tensor(COLORS[s.color], dtype=torch.uint8)
-    if s.pattern_color is not None:
-        img[mask & pat] = torch.tensor(COLORS[s.pattern_color], dtype=torch.uint8)
+    for p in placements(scene):
+        s = p.subject
+        mask = subject_mask(p)
+        pat = {"solid": torch.zeros_like(mask), "stripes": (x // 2) % 2 == 0,
+               "dots": (x % 3 == 0) & (y % 3 == 0), "checker": (x // 2 + y // 2) % 2 == 0}[s.pattern]
+        img[mask] = torch.tensor(COLORS[s.color], dtype=torch.uint8)
+        if s.pattern_color is not None:
+            img[mask & pat] = torch.tensor(COLORS[s.pattern_color], dtype=torch.uint8)
     return img
 
 
-def subject_view(subject: Subject) -> Scene:
-    """The X-CoT's intermediate subject image: the subject alone, big, centered, on white."""
+def subject_view(scene_or_subject: Union[Subject, AnyScene]) -> AnyScene:
+    """The X-CoT's intermediate subject image: the subject alone, big, centered, on white (for a pair: both
+    subjects on white, in the order they will be placed)."""
+    if isinstance(scene_or_subject, PairScene):
+        return PairScene(scene_or_subject.first, scene_or_subject.second, "white", scene_or_subject.first_position)
+    subject = scene_or_subject.subject if isinstance(scene_or_subject, Scene) else scene_or_subject
     return Scene(subject, "white", "center", "big")
 
 
 def random_scene(subject: Subject, g: torch.Generator) -> Scene:
     pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
     return Scene(subject, pick(list(BACKGROUNDS)), pick(list(POSITIONS)), pick(list(SCALES)))
+
+
+def random_pair_scene(first: Subject, second: Subject, g: torch.Generator) -> PairScene:
+    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
+    return PairScene(first, second, pick(list(BACKGROUNDS)), pick(["left", "right"]))
 
 
 # --------------------------------------------------------------------------- VQ tokenizer
@@ -198,7 +269,8 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
 def world_words() -> List[str]:
-    words = {"my", "subject", "at", "the", "on", "is", "a", "with", "place", "it", ";", "reference"}
+    words = {"my", "subject", "at", "the", "on", "is", "a", "with", "place", "it", ";", "reference",
+             "first", "second", "and", "subjects", "are", "them", "describe"}
     words |= set(SHAPES) | set(COLORS) | set(PATTERNS) | set(BACKGROUNDS) | set(POSITIONS) | set(SCALES)
     return sorted(words)
 
@@ -236,22 +308,43 @@ class WorldTokens:
     def end_of_turn(self) -> int:
         return self.text.token_id("<reserved08706>")
 
+    @property
+    def describe(self) -> int:
+        """The understanding-direction instruction: ``<s> describe [image] <eot>`` -> the prompt that made it."""
+        return self.text.token_id("describe")
+
     def image_block(self, img: torch.Tensor) -> List[int]:
         return self.image.encode_block(self.vq.encode(img[None])[0]).tolist()
 
-    def prompt_ids(self, reference: torch.Tensor, scene: Scene) -> List[int]:
-        return ([self.bos] + self.text.encode("reference") + self.image_block(reference)
-                + self.text.encode(scene.prompt()) + [self.end_of_turn])
+    def prompt_ids(self, references: Union[torch.Tensor, Sequence[torch.Tensor]], scene: AnyScene) -> List[int]:
+        """``<s> (reference [image])+ prompt <eot>``: one reference image per subject of the scene, in order."""
+        refs = [references] if isinstance(references, torch.Tensor) else list(references)
+        if len(refs) != len(scene.subjects):
+            raise ValueError(f"references: the scene has {len(scene.subjects)} subject(s), got {len(refs)} image(s)")
+        ids = [self.bos]
+        for r in refs:
+            ids += self.text.encode("reference") + self.image_block(r)
+        return ids + self.text.encode(scene.prompt()) + [self.end_of_turn]
 
-    def completion_ids(self, scene: Scene) -> List[int]:
+    def completion_ids(self, scene: AnyScene) -> List[int]:
         return ([self.text.token_id("<think>")] + self.text.encode(scene.plan()) + [self.text.token_id("</think>")]
-                + self.image_block(render(subject_view(scene.subject))) + self.image_block(render(scene))
+                + self.image_block(render(subject_view(scene))) + self.image_block(render(scene))
                 + [self.end_of_turn])
 
-    def example(self, scene: Scene, reference_scene: Scene) -> Tuple[List[int], int]:
-        """(full X-CoT sequence, prompt length) for cold-start SFT."""
-        p = self.prompt_ids(render(reference_scene), scene)
+    def example(self, scene: AnyScene, reference_scenes: Union[Scene, Sequence[Scene]]) -> Tuple[List[int], int]:
+        """(full X-CoT sequence, prompt length) for cold-start SFT; one reference scene per subject."""
+        refs = [reference_scenes] if isinstance(reference_scenes, Scene) else list(reference_scenes)
+        p = self.prompt_ids([render(r) for r in refs], scene)
         return p + self.completion_ids(scene), len(p)
+
+    def describe_prefix(self, image_block: Sequence[int]) -> List[int]:
+        return [self.bos, self.describe] + list(image_block) + [self.end_of_turn]
+
+    def describe_example(self, scene: AnyScene) -> Tuple[List[int], int]:
+        """(sequence, prompt length) of the understanding direction: image -> the prompt it answers. Trained in
+        the cold start so that the policy's own log p(prompt | image) is a meaningful self-reward."""
+        p = self.describe_prefix(self.image_block(render(scene)))
+        return p + self.text.encode(scene.prompt()) + [self.end_of_turn], len(p)
 
 
 # --------------------------------------------------------------------------- rewards
@@ -280,21 +373,57 @@ def analyze(img: torch.Tensor) -> Dict[str, object]:
     return out
 
 
-def text_alignment(img: torch.Tensor, scene: Scene) -> float:
-    """Fraction of {background, position, scale} that match the prompt."""
+def _half(side: str) -> torch.Tensor:
+    """bool [32, 32]: the half of the image a pair scene's subject at ``side`` occupies."""
+    cols = torch.arange(SIZE) < SIZE // 2
+    return (cols if side == "left" else ~cols).expand(SIZE, SIZE)
+
+
+def _match(img: torch.Tensor, found: torch.Tensor, placement: Scene, region: Optional[torch.Tensor] = None) -> float:
+    """1 - mean |img - ideal| / 255 over the pixels of either subject (``found`` in the image, or the ideal
+    placement's), inside ``region``; 0 when there are none."""
+    union = found | subject_mask(placement)
+    if region is not None:
+        union &= region
+    if not bool(union.any()):
+        return 0.0
+    diff = (img.float() - render(placement).float()).abs().mean(-1)
+    return float(1.0 - diff[union].mean() / 255.0)
+
+
+def _pair_match(img: torch.Tensor, found: torch.Tensor, scene: PairScene, subject: Subject, side: str) -> float:
+    return _match(img, found, Scene(subject, scene.background, side, "small"), _half(side))
+
+
+def text_alignment(img: torch.Tensor, scene: AnyScene) -> float:
+    """Fraction of the prompt's layout the image satisfies. One subject: {background, position, scale}. A pair:
+    {background, the first subject at its side, the second at its side} -- a side holds a subject when its half
+    has content that matches that subject better than the other one."""
     a = analyze(img)
+    if isinstance(scene, PairScene):
+        found = a["mask"]
+        ok = [float(a["background"] == scene.background)]
+        for mine, other, side in ((scene.first, scene.second, scene.first_position),
+                                  (scene.second, scene.first, scene.second_position)):
+            present = int((found & _half(side)).sum()) >= 4
+            ok.append(float(present and _pair_match(img, found, scene, mine, side)
+                            > _pair_match(img, found, scene, other, side)))
+        return sum(ok) / 3.0
     return (float(a["background"] == scene.background) + float(a["position"] == scene.position)
             + float(a["scale"] == scene.scale)) / 3.0
 
 
-def subject_similarity(img: torch.Tensor, scene: Scene) -> float:
-    """1 - mean |img - ideal| / 255 over the pixels of either subject (generated or ideal)."""
-    ideal = render(scene)
-    union = analyze(img)["mask"] | subject_mask(scene)
-    if not bool(union.any()):
-        return 0.0
-    diff = (img.float() - ideal.float()).abs().mean(-1)
-    return float(1.0 - diff[union].mean() / 255.0)
+def subject_similarity(img: torch.Tensor, scene: AnyScene) -> float:
+    """One subject: 1 - mean |img - ideal| / 255 over the pixels of either subject (generated or ideal).
+
+    A pair: PSR's pairwise subject consistency -- each reference subject is located in the image (the half where
+    it matches best, as PSR locates it with a detector wherever it is) and compared with its ideal render there;
+    the mean over the subjects. Drawing one subject twice scores the missing one low."""
+    found = analyze(img)["mask"]
+    if isinstance(scene, PairScene):
+        return sum(max(_pair_match(img, found, scene, s, side) for side in ("left", "right"))
+                   for s in scene.subjects) / 2.0
+    return _match(img, found, scene)
 
 
 def save_world(directory, vq: PatchVQ) -> WorldTokens:
@@ -313,6 +442,7 @@ def load_world(directory) -> WorldTokens:
     return WorldTokens(vq, text, ImageVocab.from_tokenizer_json(directory / "tokenizer.json", size_unit=1))
 
 
-__all__ = ["Subject", "Scene", "all_subjects", "render", "subject_view", "random_scene", "PatchVQ",
+__all__ = ["Subject", "Scene", "PairScene", "placements", "all_subjects", "render", "subject_view", "random_scene",
+           "random_pair_scene", "PatchVQ",
            "build_tokenizer", "WorldTokens", "analyze", "text_alignment", "subject_similarity", "save_world",
            "load_world"]

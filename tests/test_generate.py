@@ -42,6 +42,19 @@ def test_generate_images_structure_and_head_modes_agree():
     assert not torch.equal(a.codes[0], a.codes[1]), "samples of one prompt must differ (own RNG rows)"
 
 
+def test_reference_backend_draws_the_same_rollouts():
+    """backend="reference" (full-vocab logits + the sampler's PyTorch spec) is the fused path's baseline: it must
+    draw the same tokens with the same log-probs, text and image phases alike."""
+    model = tiny_model(3)
+    kw = dict(cfg_scale=2.5, top_k=12, top_p=0.9, text_top_k=8, seed=11)
+    a = xcot_rollout(model, PROMPTS, VOCAB, FMT, SamplingConfig(**kw), num_samples=2)
+    b = xcot_rollout(model, PROMPTS, VOCAB, FMT, SamplingConfig(backend="reference", **kw), num_samples=2)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.chosen, b.chosen)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="backend must be"):
+        SamplingConfig(backend="cuda")
+
+
 def test_sampler_logprobs_equal_teacher_forced_logprobs():
     """No CFG, no filtering: the sampler's log-probs are exactly the policy's (what GRPO's ratio assumes)."""
     model = tiny_model(1)
