@@ -42,10 +42,7 @@ bench: build $(VENV)/.peers
 bench-quick: build $(VENV)/.peers
 	$(PY) -m bench --quick
 
-bench-pydemo: build
-	$(PY) -m mmr1.demo
-
-test: build $(VENV)/.peers
+bench-pytest: build $(VENV)/.peers
 	$(PY) -m pytest bench/test_kernels_benchmark.py --benchmark-enable --benchmark-only
 
 clean:
