@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS := triton transformers safetensors tokenizers tqdm numpy pillow pytest pytest-benchmark hypothesis ninja cmake matplotlib
 BENCH_DEPS := liger-kernel trl
 
-.PHONY: venv build test test-fast demo bench bench-quick bench-pytest clean
+.PHONY: venv build test test-fast demo cold-start bench bench-quick bench-pytest clean
 
 $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ build: venv
 
 demo: build
 	$(PY) -m mmr1.demo
+
+# rebuild the demo's shipped world + cold-start weights (mmr1/assets/demo): ~15 min on 2 cores
+cold-start: build
+	$(PY) -m mmr1.cli sft --out-dir runs/cold_start
+	rm -rf mmr1/assets/demo && mkdir -p mmr1/assets/demo
+	cp -r runs/cold_start/world runs/cold_start/cold_start runs/cold_start/manifest.json mmr1/assets/demo/
 
 test: build
 	$(PY) -m pytest -q tests

@@ -52,6 +52,8 @@ setup(
     version="0.1.0",
     description="Fused GRPO / CFG-sampling kernels and a lean MM-R1 implementation",
     packages=find_packages(include=["mmr1*", "mmr1_kernels*", "bench*"]),
+    # the demo's shipped world + cold-start weights (`make cold-start` rebuilds them)
+    package_data={"mmr1": ["assets/demo/*.json", "assets/demo/*/*.json", "assets/demo/*/*.safetensors"]},
     ext_modules=[CMakeExtension("mmr1_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["mmr1=mmr1.cli:main"]},

@@ -1,9 +1,11 @@
 """`mmr1` command line: demo, sft, grpo, generate, eval, bench.
 
     mmr1 demo [--out-dir runs/demo]                   the synthetic-world MM-R1 run (SFT -> eval -> GRPO -> eval)
-    mmr1 sft --out-dir runs/sft [--steps 600]         only the world + cold-start SFT
+    mmr1 sft --out-dir runs/sft [--steps 1500]        only the world + cold-start SFT (what `make cold-start` ships)
     mmr1 grpo --cold-start runs/sft/cold_start --out-dir runs/grpo [--steps 200]
     mmr1 generate --run runs/demo --prompt "my subject big at the left on sky" --reference ref.png
+    mmr1 generate --run runs/demo --prompt "my first subject at the left and my second subject at the right on sky"
+                  --reference a.png --reference b.png
     mmr1 eval --dreambench ../shared/data/dreambench --generated gen/ --clip models/clip --dino models/dino
     mmr1 bench [--quick]                              every benchmark, writes BENCHMARKS.md
 """
@@ -30,25 +32,34 @@ def _generate(args) -> None:
     for need in (run / "world" / "tokenizer.json", run / args.model / "config.json"):
         if not need.exists():
             raise SystemExit(f"error: {need} not found (run `mmr1 demo --out-dir {run}` first)")
-    ref_path = Path(args.reference)
-    if not ref_path.exists():
-        raise SystemExit(f"error: reference image {ref_path} not found")
+    need_refs = 2 if "second subject" in args.prompt else 1
+    if len(args.reference) != need_refs:
+        raise SystemExit(f"error: the prompt names {need_refs} subject(s); give --reference {need_refs} time(s), "
+                         f"got {len(args.reference)}")
+    refs = []
+    for ref_path in map(Path, args.reference):
+        if not ref_path.exists():
+            raise SystemExit(f"error: reference image {ref_path} not found")
+        img = np.asarray(Image.open(ref_path).convert("RGB").resize((SIZE, SIZE)))
+        refs.append(torch.from_numpy(img).clone())
     world = load_world(run / "world")
     model = load_transformer(run / args.model)
-    ref = torch.from_numpy(np.asarray(Image.open(ref_path).convert("RGB").resize((SIZE, SIZE)))).clone()
     unknown = [w for w in args.prompt.split() if world.text.tok.token_to_id(w) is None]
     if unknown:
         raise SystemExit(f"error: words outside the world's vocabulary: {unknown}")
-    ids = [world.bos] + world.text.encode("reference") + world.image_block(ref) + world.text.encode(args.prompt) + \
-        [world.end_of_turn]
+    ids = [world.bos]
+    for ref in refs:
+        ids += world.text.encode("reference") + world.image_block(ref)
+    ids += world.text.encode(args.prompt) + [world.end_of_turn]
     fmt = xcot_format(world)
     ro = xcot_rollout(model, [ids], world.image, fmt, SamplingConfig(cfg_scale=args.cfg, top_k=0, text_top_k=0,
                                                                      seed=args.seed))
     print("reasoning:", world.text.decode(ro.reasoning[0]))
     out = Path(args.out)
-    imgs = [ref, world.vq.decode(ro.subject_codes)[0], world.vq.decode(ro.final_codes)[0]]
-    Image.fromarray(torch.cat(imgs, dim=1).numpy()).resize((SIZE * 3 * 4, SIZE * 4), Image.NEAREST).save(out)
-    print(f"wrote {out} (reference | subject image | final image)")
+    imgs = refs + [world.vq.decode(ro.subject_codes)[0], world.vq.decode(ro.final_codes)[0]]
+    strip = torch.cat(imgs, dim=1).numpy()
+    Image.fromarray(strip).resize((strip.shape[1] * 4, SIZE * 4), Image.NEAREST).save(out)
+    print(f"wrote {out} (reference(s) | subject image | final image)")
 
 
 def main(argv=None) -> None:
@@ -60,13 +71,15 @@ def main(argv=None) -> None:
     g.add_argument("--run", default="runs/demo", help="a demo output directory (world + trained models)")
     g.add_argument("--model", default="grpo", choices=["grpo", "cold_start"])
     g.add_argument("--prompt", required=True, help='e.g. "my subject big at the left on sky"')
-    g.add_argument("--reference", required=True, help="reference image of the subject (any size, RGB)")
+    g.add_argument("--reference", required=True, action="append",
+                   help="reference image of the subject (any size, RGB); twice for a two-subject prompt "
+                        '("my first subject at the left and my second subject at the right on sky")')
     g.add_argument("--cfg", type=float, default=2.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="xcot.png")
     s_ = sub.add_parser("sft", help="the synthetic world + cold-start SFT of the tiny model")
     s_.add_argument("--out-dir", default="runs/sft")
-    s_.add_argument("--steps", type=int, default=600)
+    s_.add_argument("--steps", type=int, default=None, help="SFT steps (default: the demo's, 1500)")
     s_.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("grpo", help="GRPO from a cold-start model, with before/after evaluation")
     r.add_argument("--cold-start", required=True, help="a model directory written by `mmr1 sft` or `mmr1 demo`")
@@ -89,7 +102,8 @@ def main(argv=None) -> None:
     elif args.cmd == "sft":
         from .demo import DemoConfig, run_sft_only
 
-        run_sft_only(DemoConfig(out_dir=args.out_dir, sft_steps=args.steps, seed=args.seed))
+        steps = DemoConfig.sft_steps if args.steps is None else args.steps
+        run_sft_only(DemoConfig(out_dir=args.out_dir, sft_steps=steps, seed=args.seed))
     elif args.cmd == "grpo":
         from .demo import DemoConfig, run
 

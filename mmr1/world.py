@@ -34,6 +34,7 @@ import torch
 
 from .tokens import ImageVocab, TextTokenizer, code_to_bpe_name
 
+WORLD_VERSION = 2  # bump when scenes, prompts, plans or the vocabulary change (invalidates shipped weights)
 SIZE = 32
 PATCH = 4
 GRID = SIZE // PATCH  # 8 x 8 codes per image

@@ -13,24 +13,83 @@ def test_demo_pipeline_and_cli_generate(tmp_path):
     from mmr1.world import Scene, Subject, render
 
     out = tmp_path / "demo"
-    summary = run(DemoConfig(out_dir=str(out), sft_steps=20, grpo_steps=3, eval_prompts=6, sft_batch=4))
-    for k in ("format", "subject", "text"):
-        mean, half = summary["before"][k]
-        assert 0.0 <= mean <= 1.0 and half >= 0.0
+    summary = run(DemoConfig(out_dir=str(out), sft_steps=20, grpo_steps=3, eval_prompts=6, eval_pair_prompts=4,
+                             sft_batch=4, compare_steps=1))
+    assert set(summary["before"]) == {"one subject", "two subjects"}
+    for split in summary["before"].values():
+        for k in ("format", "subject", "text"):
+            mean, half = split[k]
+            assert 0.0 <= mean <= 1.0 and half >= 0.0
     for name in ("grid.png", "reward_curve.png", "log.jsonl", "grpo.jsonl", "summary.json"):
         assert (out / name).stat().st_size > 0, name
-    assert len((out / "grpo.jsonl").read_text().splitlines()) == 3
-    assert json.loads((out / "summary.json").read_text())["rollout_tok_s"] > 0
+    steps = [json.loads(line) for line in (out / "grpo.jsonl").read_text().splitlines()]
+    assert len(steps) == 3 and all("reward/self" in m for m in steps)  # the dual self-reward is in the reward set
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["rollout_tok_s"] > 0
+    speed = saved["fused_vs_reference"]
+    assert speed["kernels"]["same_tokens_as_reference"] == 1.0  # both paths drew the same rollouts
+    assert speed["reference"]["train_tok_s"] > 0 and speed["kernels"]["rollout_tok_s"] > 0
     ref = tmp_path / "ref.png"
     Image.fromarray(render(Scene(Subject("circle", "red", "dots", "blue"), "sky", "left", "big")).numpy()).save(ref)
     cli(["generate", "--run", str(out), "--prompt", "my subject small at the right on sand", "--reference", str(ref),
          "--out", str(tmp_path / "x.png")])
     img = np.asarray(Image.open(tmp_path / "x.png"))
     assert img.shape == (128, 384, 3)
+    two = "my first subject at the left and my second subject at the right on sky"
+    cli(["generate", "--run", str(out), "--prompt", two, "--reference", str(ref), "--reference", str(ref),
+         "--out", str(tmp_path / "y.png")])
+    assert np.asarray(Image.open(tmp_path / "y.png")).shape == (128, 512, 3)
+    with pytest.raises(SystemExit, match="give --reference 2"):
+        cli(["generate", "--run", str(out), "--prompt", two, "--reference", str(ref)])
     with pytest.raises(SystemExit, match="outside the world's vocabulary"):
         cli(["generate", "--run", str(out), "--prompt", "my subject on mars", "--reference", str(ref)])
     with pytest.raises(SystemExit, match="not found"):
         cli(["generate", "--run", str(tmp_path / "nope"), "--prompt", "x", "--reference", str(ref)])
+
+
+def test_shipped_cold_start_matches_this_code():
+    """The shipped world + weights were made by this code's default config, and the model writes well-formed
+    X-CoT for held-out one- and two-subject prompts (what the demo's before-GRPO row starts from)."""
+    import torch
+
+    from mmr1.demo import (DemoConfig, cold_start_key, make_prompts, shipped_cold_start, split_subjects,
+                           xcot_format)
+    from mmr1.generate import SamplingConfig
+    from mmr1.model import load_transformer
+    from mmr1.rewards import format_reward
+    from mmr1.rollout import xcot_rollout
+    from mmr1.world import build_tokenizer, load_world
+
+    root = shipped_cold_start(DemoConfig())
+    assert root is not None, "mmr1/assets/demo is missing or stale: run `make cold-start`"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["config"] == json.loads(json.dumps(cold_start_key(DemoConfig())))
+    world = load_world(root / "world")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:  # the shipped tokenizer is the one this code builds
+        text, _ = build_tokenizer(f"{d}/tokenizer.json", world.vq.num_codes)
+        assert text.tok.get_vocab() == world.text.tok.get_vocab()
+    model = load_transformer(root / "cold_start")
+    assert model.config.vocab_size == world.text.vocab_size
+    _, held_out = split_subjects(0, DemoConfig.held_out_frac)
+    prompts = make_prompts(world, held_out, 4, seed=5) + make_prompts(world, held_out, 4, seed=6, pair_frac=1.0)
+    fmt = xcot_format(world)
+    ro = xcot_rollout(model, [p["prompt_ids"] for p in prompts], world.image, fmt,
+                      SamplingConfig(cfg_scale=2.0, top_k=0, text_top_k=0, seed=1))
+    assert float(format_reward(ro, world.image, fmt)[0].mean()) >= 0.75
+    assert shipped_cold_start(DemoConfig(hidden=64)) is None  # another config never loads these weights
+
+
+@pytest.mark.slow
+def test_demo_on_the_shipped_cold_start(tmp_path, capsys):
+    from mmr1.demo import DemoConfig, run
+
+    summary = run(DemoConfig(out_dir=str(tmp_path), grpo_steps=2, eval_prompts=4, eval_pair_prompts=2,
+                             compare_steps=1))
+    assert "cold start: shipped weights" in capsys.readouterr().out
+    assert summary["before"]["one subject"]["format"][0] >= 0.75
+    assert not (tmp_path / "cold_start").exists()  # nothing was trained
 
 
 @pytest.mark.slow
