@@ -2,7 +2,7 @@
 
     mmr1 demo [--out-dir runs/demo]                   the synthetic-world MM-R1 run (SFT -> eval -> GRPO -> eval)
     mmr1 sft --out-dir runs/sft [--steps 1500]        only the world + cold-start SFT (what `make cold-start` ships)
-    mmr1 grpo --cold-start runs/sft/cold_start --out-dir runs/grpo [--steps 200]
+    mmr1 grpo --cold-start runs/sft/cold_start --out-dir runs/grpo [--steps 400]
     mmr1 generate --run runs/demo --prompt "my subject big at the left on sky" --reference ref.png
     mmr1 generate --run runs/demo --prompt "my first subject at the left and my second subject at the right on sky"
                   --reference a.png --reference b.png
@@ -40,8 +40,8 @@ def _generate(args) -> None:
     for ref_path in map(Path, args.reference):
         if not ref_path.exists():
             raise SystemExit(f"error: reference image {ref_path} not found")
-        img = np.asarray(Image.open(ref_path).convert("RGB").resize((SIZE, SIZE)))
-        refs.append(torch.from_numpy(img).clone())
+        img = np.array(Image.open(ref_path).convert("RGB").resize((SIZE, SIZE)))  # a writable copy
+        refs.append(torch.from_numpy(img))
     world = load_world(run / "world")
     model = load_transformer(run / args.model)
     unknown = [w for w in args.prompt.split() if world.text.tok.token_to_id(w) is None]
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     r = sub.add_parser("grpo", help="GRPO from a cold-start model, with before/after evaluation")
     r.add_argument("--cold-start", required=True, help="a model directory written by `mmr1 sft` or `mmr1 demo`")
     r.add_argument("--out-dir", default="runs/grpo")
-    r.add_argument("--steps", type=int, default=200)
+    r.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the demo's, 400)")
     r.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("eval", help="DreamBench DINO / CLIP-I / CLIP-T of generated images (local model dirs)")
     e.add_argument("--dreambench", required=True, help="the benchmark directory (subject folders + prompts)")
@@ -109,7 +109,8 @@ def main(argv=None) -> None:
 
         if not (Path(args.cold_start) / "config.json").exists():
             raise SystemExit(f"error: no model at {args.cold_start} (expected config.json + model.safetensors)")
-        run(DemoConfig(out_dir=args.out_dir, grpo_steps=args.steps, seed=args.seed), args.cold_start)
+        steps = DemoConfig.grpo_steps if args.steps is None else args.steps
+        run(DemoConfig(out_dir=args.out_dir, grpo_steps=steps, seed=args.seed), args.cold_start)
     elif args.cmd == "eval":
         import json
 
