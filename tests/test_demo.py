@@ -50,8 +50,6 @@ def test_demo_pipeline_and_cli_generate(tmp_path):
 def test_shipped_cold_start_matches_this_code():
     """The shipped world + weights were made by this code's default config, and the model writes well-formed
     X-CoT for held-out one- and two-subject prompts (what the demo's before-GRPO row starts from)."""
-    import torch
-
     from mmr1.demo import (DemoConfig, cold_start_key, make_prompts, shipped_cold_start, split_subjects,
                            xcot_format)
     from mmr1.generate import SamplingConfig
