@@ -90,6 +90,14 @@ class CachedDecoder:
         self.device = model.lm_head.weight.device
         model.setup_cache(rows, max_len)
         self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+        # host-side upper bounds on each row's next position: a step attends to the first kv_len slots only
+        # (no device sync; a row advances by at most one position per step)
+        self.high = [0] * rows
+
+    @staticmethod
+    def kv_len(high: int) -> int:
+        """Cache slots a step must attend to, rounded up to 64 so the shapes change every 64 steps only."""
+        return -(-(high + 1) // 64) * 64
 
     @torch.no_grad()
     def prefill(self, row_ids: torch.Tensor, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -97,35 +105,43 @@ class CachedDecoder:
         tokens, lengths = pad_sequences(seqs)
         tokens, lengths = tokens.to(self.device), lengths.to(self.device)
         n, T = tokens.shape
+        lo, hi = self._range(row_ids)
+        self.high[lo:hi] = [T] * (hi - lo)
         # rows not being prefilled keep their cache: run only the selected rows' slice of the cache
-        hidden = self._forward_rows(row_ids, tokens, torch.arange(T, device=self.device).expand(n, T))
+        hidden = self._forward_rows(lo, hi, tokens, torch.arange(T, device=self.device).expand(n, T), T)
         self.pos[row_ids] = lengths
         return hidden[torch.arange(n, device=self.device), lengths - 1]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Feed one token per row (all rows, or ``row_ids``) at its next position; returns hidden [n, d]."""
+        lo, hi = (0, self.rows) if row_ids is None else self._range(row_ids)
+        kv = self.kv_len(max(self.high[lo:hi]))
+        self.high[lo:hi] = [h + 1 for h in self.high[lo:hi]]
         if row_ids is None:
-            h = self.model(tokens[:, None], self.pos[:, None])[:, 0]
+            h = self.model(tokens[:, None], self.pos[:, None], kv_len=kv)[:, 0]
             self.pos += 1
             return h
-        h = self._forward_rows(row_ids, tokens[:, None], self.pos[row_ids][:, None])[:, 0]
+        h = self._forward_rows(lo, hi, tokens[:, None], self.pos[row_ids][:, None], kv)[:, 0]
         self.pos[row_ids] += 1
         return h
 
-    def _forward_rows(self, row_ids, tokens, positions):
-        if row_ids.numel() == self.rows and bool((row_ids == torch.arange(self.rows, device=self.device)).all()):
-            return self.model(tokens, positions)
-        # a contiguous range of rows: views of the cache, no copies
+    def _range(self, row_ids: torch.Tensor) -> Tuple[int, int]:
         lo, hi = int(row_ids[0]), int(row_ids[-1]) + 1
-        if hi - lo != row_ids.numel():
-            raise ValueError("row_ids must be a contiguous range")
+        if hi - lo != row_ids.numel() or not 0 <= lo < hi <= self.rows:
+            raise ValueError(f"row_ids must be a contiguous range of the decoder's {self.rows} rows")
+        return lo, hi
+
+    def _forward_rows(self, lo: int, hi: int, tokens, positions, kv_len: int):
+        if lo == 0 and hi == self.rows:
+            return self.model(tokens, positions, kv_len=kv_len)
+        # a contiguous range of rows: views of the cache, no copies
         caches = [layer.self_attn.cache for layer in self.model.model.layers]
         saved = [(c.k, c.v) for c in caches]
         try:
             for c, (k, v) in zip(caches, saved):
                 c.k, c.v = k[lo:hi], v[lo:hi]
-            return self.model(tokens, positions)
+            return self.model(tokens, positions, kv_len=kv_len)
         finally:
             for c, (k, v) in zip(caches, saved):
                 c.k, c.v = k, v

@@ -188,6 +188,9 @@ class Attention(nn.Module):
             return self.o_proj(y.reshape(B, T, -1))
         if self.cache is not None:
             k, v = self.cache.update(positions, k, v)
+            # attend only to the live prefix of the cache the mask covers (Transformer.forward's kv_len):
+            # early in a block, and on the unconditional CFG rows, most of the static cache is still empty
+            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -252,13 +255,15 @@ class Transformer(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
         """Final hidden states [B, T, d] (after the last norm) for tokens [B, T].
 
         With a cache (setup_cache): ``positions`` [B, T] are the slots/positions
         of the tokens (per row), and each query sees cached slots <= its position.
         Without a cache: a causal pass over the whole sequence; ``attention_mask``
-        [B, T] (1 = real token) masks padding keys.
+        [B, T] (1 = real token) masks padding keys. ``kv_len`` (with a cache): an
+        upper bound on every position + 1; attention then reads only the first
+        kv_len slots of the cache instead of all of them.
         """
         B, T = tokens.shape
         if positions is None:
@@ -266,6 +271,8 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         S = self.cache_len
+        if S and kv_len is not None:
+            S = max(1, min(S, int(kv_len)))
         if S:
             mask = torch.arange(S, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
         elif attention_mask is not None:

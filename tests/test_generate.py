@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mmr1_kernels as K
-from mmr1.generate import SamplingConfig, generate_images
+from mmr1.generate import CachedDecoder, SamplingConfig, generate_images
 from mmr1.model import ModelConfig, Transformer, init_weights
 from mmr1.rollout import XCoTFormat, xcot_rollout
 from mmr1.tokens import ImageVocab
@@ -40,6 +40,36 @@ def test_generate_images_structure_and_head_modes_agree():
     assert a.codes.shape == (4, h, w)
     assert torch.all(a.logprobs[~a.chosen] == 0) and torch.all(a.logprobs[a.chosen] < 0)
     assert not torch.equal(a.codes[0], a.codes[1]), "samples of one prompt must differ (own RNG rows)"
+
+
+def test_decode_attends_to_the_live_prefix_only_and_matches_a_full_forward():
+    """CachedDecoder steps read only the first kv_len slots of a 300-slot cache (prefix bound rounded to 64);
+    hidden states equal a cache-free causal forward, including rows stepped as a sub-range."""
+    cfg = ModelConfig(vocab_size=V, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_seq_len=320)
+    model = init_weights(Transformer(cfg), std=0.3, seed=4).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(4, V, (4, 150), generator=g)
+    full = model(seqs)
+    dec = CachedDecoder(model, 4, 300)
+    seen = []
+    orig = model.forward
+    model.forward = lambda *a, **k: seen.append(k.get("kv_len")) or orig(*a, **k)
+    try:
+        h0 = dec.prefill(torch.arange(4), [s[:70].tolist() for s in seqs])
+        torch.testing.assert_close(h0, full[:, 69], atol=1e-5, rtol=1e-5)
+        for t in range(70, 150):
+            if t % 2:  # half the steps feed the rows in two contiguous halves
+                h = torch.cat([dec.step(seqs[:2, t], torch.arange(2)), dec.step(seqs[2:, t], torch.arange(2, 4))])
+            else:
+                h = dec.step(seqs[:, t])
+            torch.testing.assert_close(h, full[:, t], atol=1e-5, rtol=1e-5)
+    finally:
+        model.forward = orig
+        dec.close()
+    assert seen[1] == 128 and max(seen) == 192  # never the whole 300-slot cache
+    with pytest.raises(ValueError, match="contiguous range"):
+        CachedDecoder(model, 4, 100).step(seqs[:2, 0], torch.tensor([0, 2]))
 
 
 def test_reference_backend_draws_the_same_rollouts():
