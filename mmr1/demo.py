@@ -50,7 +50,7 @@ class DemoConfig:
     sft_steps: int = 1500
     sft_batch: int = 16
     sft_lr: float = 2e-3
-    grpo_steps: int = 400
+    grpo_steps: int = 300
     group_size: int = 4
     prompts_per_step: int = 2
     grpo_lr: float = 3e-5
