@@ -35,7 +35,7 @@ from .rewards import RewardSet, format_reward
 from .rewards.self_reward import generation_self_reward
 from .rollout import XCoTFormat, xcot_rollout
 from .sft import SFTConfig, SFTTrainer
-from .world import (GRID, WORLD_VERSION, PairScene, PatchVQ, WorldTokens, all_subjects, load_world,
+from .world import (GRID, WORLD_VERSION, PairScene, PatchVQ, WorldTokens, all_subjects, load_world, pick,
                     random_pair_scene, random_scene, render, save_world, subject_similarity, text_alignment)
 
 
@@ -100,18 +100,14 @@ def xcot_format(world: WorldTokens) -> XCoTFormat:
                       text_range=(t.token_id("<reserved08706>") + 1, t.vocab_size), max_text_tokens=32)
 
 
-def _pick(seq: Sequence, g: torch.Generator):
-    return seq[int(torch.randint(len(seq), (1,), generator=g))]
-
-
 def random_task(subjects: Sequence, g: torch.Generator, pair: bool):
     """(scene, reference scenes): one subject, or two different subjects (one reference scene each)."""
-    first = _pick(subjects, g)
+    first = pick(subjects, g)
     if not pair:
         return random_scene(first, g), [random_scene(first, g)]
-    second = _pick(subjects, g)
+    second = pick(subjects, g)
     while second == first:
-        second = _pick(subjects, g)
+        second = pick(subjects, g)
     return random_pair_scene(first, second, g), [random_scene(first, g), random_scene(second, g)]
 
 

@@ -184,11 +184,11 @@ class GRPOTrainer:
         targets, m_img, m_txt = self._masks(ro)
         h = self._hidden(self.ref, ro)
         w = self.ref.lm_head.weight
+        logits = self.ref.logits(h) if self.cfg.backend == "reference" else None  # once, for both windows
         out = []
         for _, mask, window, temp in self._windows(m_img, m_txt):
-            if self.cfg.backend == "reference":
-                tgt = torch.where(mask, targets, torch.full_like(targets, window[0]))
-                lp, _ = K.reference.token_logprobs(self.ref.logits(h), tgt, temp, *window, mask=mask)
+            if logits is not None:
+                lp, _ = K.reference.token_logprobs(logits, targets, temp, *window, mask=mask)
             else:
                 lp = K.fused_linear_logprobs(h, w, targets, temp, window, mask=mask)
             out.append(lp)
@@ -210,7 +210,8 @@ class GRPOTrainer:
             if not bool(mask.any()):
                 continue
             if logits is not None:
-                part, m = self._reference_loss(logits, targets, adv, mask, old, ref, temp, window, w_all)
+                part, m = K.reference.grpo_loss(logits, targets, adv, mask, old, ref, temperature=temp,
+                                                vocab_range=window, **kw)
             else:
                 part, m = K.fused_linear_grpo_loss(h, weight, targets, adv, mask, old, ref, temperature=temp,
                                                    vocab_range=window, **kw)
@@ -218,20 +219,6 @@ class GRPOTrainer:
             for k, v in m.items():
                 metrics[f"{name}/{k}"] = float(v)
         return loss, metrics
-
-    def _reference_loss(self, logits, targets, adv, mask, old, ref, temp, window, loss_weights):
-        """The loss over one window from materialized logits and mmr1_kernels.reference (the kernels' spec)."""
-        cfg = self.cfg
-        tgt = torch.where(mask, targets, torch.full_like(targets, window[0]))
-        logp, _ = K.reference.token_logprobs(logits, tgt, temp, *window, mask=mask)
-        a = adv[:, None].expand_as(logp)
-        terms, ratio, kl = K.reference.grpo_token_terms(logp, a, old, ref, cfg.eps_low, cfg.eps_high, cfg.beta)
-        zero = torch.zeros_like(terms)
-        loss = (torch.where(mask, terms, zero) * loss_weights).sum()
-        ratio = torch.where(mask, ratio.detach(), torch.ones_like(zero))
-        m = K.reference.grpo_metrics(logp.detach(), ratio, torch.where(mask, kl.detach(), zero), a, mask,
-                                     cfg.eps_low, cfg.eps_high)
-        return loss, m
 
     # ------------------------------------------------------------------ step
     def step(self) -> Dict[str, float]:

@@ -189,14 +189,17 @@ def subject_view(scene_or_subject: Union[Subject, AnyScene]) -> AnyScene:
     return Scene(subject, "white", "center", "big")
 
 
+def pick(seq: Sequence, g: torch.Generator):
+    """One element of ``seq``, drawn from ``g``."""
+    return seq[int(torch.randint(len(seq), (1,), generator=g))]
+
+
 def random_scene(subject: Subject, g: torch.Generator) -> Scene:
-    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
-    return Scene(subject, pick(list(BACKGROUNDS)), pick(list(POSITIONS)), pick(list(SCALES)))
+    return Scene(subject, pick(list(BACKGROUNDS), g), pick(list(POSITIONS), g), pick(list(SCALES), g))
 
 
 def random_pair_scene(first: Subject, second: Subject, g: torch.Generator) -> PairScene:
-    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
-    return PairScene(first, second, pick(list(BACKGROUNDS)), pick(["left", "right"]))
+    return PairScene(first, second, pick(list(BACKGROUNDS), g), pick(["left", "right"], g))
 
 
 # --------------------------------------------------------------------------- VQ tokenizer
@@ -225,8 +228,7 @@ class PatchVQ:
         measured mean reconstruction error 5.3/255 with 128 codes, vs 14.4 for k-means on distinct patches)."""
         g = torch.Generator().manual_seed(seed)
         subjects = all_subjects()
-        scenes = [random_scene(subjects[int(torch.randint(len(subjects), (1,), generator=g))], g)
-                  for _ in range(num_images)]
+        scenes = [random_scene(pick(subjects, g), g) for _ in range(num_images)]
         imgs = torch.stack([render(s) for s in scenes[: num_images // 2]] +
                            [render(subject_view(s.subject)) for s in scenes[num_images // 2:]])
         x = cls.patches(imgs).reshape(-1, PATCH * PATCH * 3)  # every patch: frequent ones weigh more
@@ -443,7 +445,7 @@ def load_world(directory) -> WorldTokens:
     return WorldTokens(vq, text, ImageVocab.from_tokenizer_json(directory / "tokenizer.json", size_unit=1))
 
 
-__all__ = ["Subject", "Scene", "PairScene", "placements", "all_subjects", "render", "subject_view", "random_scene",
+__all__ = ["Subject", "Scene", "PairScene", "placements", "pick", "all_subjects", "render", "subject_view", "random_scene",
            "random_pair_scene", "PatchVQ",
            "build_tokenizer", "WorldTokens", "analyze", "text_alignment", "subject_similarity", "save_world",
            "load_world"]

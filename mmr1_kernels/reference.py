@@ -97,6 +97,9 @@ def loss_weights(mask, loss_type):
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
+_aggregation_weights = loss_weights  # grpo_loss's ``loss_weights`` argument shadows the name
+
+
 def grpo_metrics(logp, ratio, kl, advantages, mask, eps_low, eps_high):
     """Masked token means of the quantities a GRPO trainer logs (all detached)."""
     with torch.no_grad():
@@ -115,8 +118,10 @@ def grpo_metrics(logp, ratio, kl, advantages, mask, eps_low, eps_high):
 
 
 def grpo_loss(logits, targets, advantages, mask=None, old_logprobs=None, ref_logprobs=None, *, temperature=1.0,
-              vocab_range=None, eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo", dtype=torch.float32):
-    """GRPO loss from logits [B, T, V]; differentiable w.r.t. ``logits``. Returns (loss, metrics)."""
+              vocab_range=None, eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo", loss_weights=None,
+              dtype=torch.float32):
+    """GRPO loss from logits [B, T, V]; differentiable w.r.t. ``logits``. Returns (loss, metrics).
+    ``loss_weights`` [B, T] replaces the loss_type aggregation: loss = sum(w * token_loss)."""
     B, T = targets.shape
     lo, hi = vocab_range if vocab_range is not None else (0, logits.shape[-1])
     if mask is None:
@@ -130,7 +135,7 @@ def grpo_loss(logits, targets, advantages, mask=None, old_logprobs=None, ref_log
     token_loss = torch.where(keep, token_loss, torch.zeros_like(token_loss))
     ratio = torch.where(keep, ratio, torch.ones_like(ratio))
     kl = torch.where(keep, kl, torch.zeros_like(kl))
-    w = loss_weights(mask, loss_type).to(dtype)
+    w = (_aggregation_weights(mask, loss_type) if loss_weights is None else loss_weights).to(dtype)
     loss = (token_loss * w).sum()
     return loss, grpo_metrics(logp, ratio, kl, adv, mask, eps_low, eps_high)
 
