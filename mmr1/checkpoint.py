@@ -30,8 +30,9 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, config: Dict[str, Any],
-                    optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None, step: int = 0,
-                    extra: Optional[Dict[str, Any]] = None) -> Path:
+                    optimizer: Union[torch.optim.Optimizer, Dict[str, Any], None] = None, scheduler=None,
+                    step: int = 0, extra: Optional[Dict[str, Any]] = None) -> Path:
+    """``optimizer``: an optimizer, or an optimizer state dict already gathered (FSDP's full state)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -44,7 +45,7 @@ def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, config: Dict
     save_file(state, str(tmp / "model.safetensors"))
     torch.save({
         "step": step,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": (optimizer if isinstance(optimizer, dict) or optimizer is None else optimizer.state_dict()),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": _rng_state(),
         "extra": extra or {},
@@ -64,11 +65,13 @@ def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, config: Dict
 
 def load_checkpoint(path: Union[str, Path], model: torch.nn.Module, config: Optional[Dict[str, Any]] = None,
                     optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None,
-                    restore_rng: bool = True) -> Dict[str, Any]:
+                    restore_rng: bool = True, full_state: bool = False) -> Dict[str, Any]:
     """Load into ``model`` (and optimizer / scheduler); returns {"step", "extra", "config"}.
 
     ``config``: the current run's config; a checkpoint from a different
     config (other than run-length fields) is refused with the differing keys.
+    ``full_state=True`` loads nothing into ``model`` / ``optimizer`` and returns the weights and the optimizer
+    state as "model_state" / "optimizer_state" instead (for FSDP, which re-shards them itself).
     """
     from safetensors.torch import load_file
 
@@ -84,12 +87,19 @@ def load_checkpoint(path: Union[str, Path], model: torch.nn.Module, config: Opti
             raise ValueError(f"checkpoint {path} was written with a different config: "
                              + ", ".join(f"{k}: {saved_cfg.get(k)!r} != {cur.get(k)!r}" for k in diff[:8]))
     state = load_file(str(path / "model.safetensors"))
+    ts = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if full_state:
+        if scheduler is not None and ts["scheduler"] is not None:
+            scheduler.load_state_dict(ts["scheduler"])
+        if restore_rng:
+            _set_rng_state(ts["rng"])
+        return {"step": ts["step"], "extra": ts["extra"], "config": saved_cfg, "model_state": state,
+                "optimizer_state": ts["optimizer"]}
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    ts = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     if optimizer is not None and ts["optimizer"] is not None:
         optimizer.load_state_dict(ts["optimizer"])
     if scheduler is not None and ts["scheduler"] is not None:

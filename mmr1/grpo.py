@@ -21,7 +21,9 @@ Multi-process: wrap nothing yourself -- pass ``parallel="ddp"`` (or "fsdp")
 under torchrun. "ddp" wraps the policy in DistributedDataParallel (gloo on
 CPU, NCCL on CUDA); "fsdp" shards every block and the root with FSDP2's
 ``fully_shard`` for models that do not fit one device. Each rank runs its
-slice of the step's prompts; gradients are averaged across ranks.
+slice of the step's prompts; gradients are averaged across ranks, and the
+logged metrics are the global batch's (token means weighted by each rank's
+token count), so a 2-process run logs what one process would.
 """
 from __future__ import annotations
 
@@ -111,6 +113,9 @@ def _peak_mib() -> float:
     except OSError:
         pass
     return float("nan")
+
+
+WINDOW_METRICS = ("ratio_mean", "clip_low_frac", "clip_high_frac", "kl_mean", "logp_mean")
 
 
 class GRPOTrainer:
@@ -266,6 +271,9 @@ class GRPOTrainer:
             "throughput/train_tok_s": float(ro.lengths.sum()) * cfg.mu / max(t_train, 1e-9),
             "time/rollout_s": t_roll, "time/train_s": t_train, "memory/peak_mib": _peak_mib(),
         }
+        if self.world > 1:
+            out = self._global_metrics(out, {"image": int((chosen & ro.image_positions[:, 1:]).sum()),
+                                             "text": int((chosen & ~ro.image_positions[:, 1:]).sum())})
         self.step_idx += 1
         self.history.append(out)
         if cfg.log_path and self.rank == 0:
@@ -273,6 +281,37 @@ class GRPOTrainer:
             with open(cfg.log_path, "a") as f:
                 f.write(json.dumps(out) + "\n")
         return out
+
+    def _global_metrics(self, out: Dict[str, float], tokens: Dict[str, int]) -> Dict[str, float]:
+        """This rank's metrics -> the global batch's: window metrics are token means (weighted by each rank's token
+        count; a window a rank did not train contributes weight 0), sample means are averaged (every rank has the
+        same number of samples), throughputs summed, times and memory maxed; grad_norm, lr and step are global."""
+        keys = sorted(set(out) | {f"{w}/{m}" for w in tokens for m in WINDOW_METRICS})
+        weighted, maxed = [], []
+        for k in keys:
+            window = k.split("/")[0]
+            if k in ("step", "lr", "grad_norm"):
+                continue
+            if k.startswith(("time/", "memory/")):
+                maxed.append(k)
+            elif window in tokens:
+                present = k in out
+                weighted.append((k, out.get(k, 0.0) * tokens[window] if present else 0.0,
+                                 float(tokens[window]) if present else 0.0))
+            elif k.startswith("throughput/"):
+                weighted.append((k, out[k] * self.world, 1.0))  # sum over ranks = world x the mean
+            else:
+                weighted.append((k, out[k], 1.0))
+        t = torch.tensor([[v, w] for _, v, w in weighted], dtype=torch.float64)
+        dist.all_reduce(t)
+        m = torch.tensor([out[k] for k in maxed], dtype=torch.float64)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        result = {k: out[k] for k in ("step", "lr", "grad_norm")}
+        for (k, _, _), (v, w) in zip(weighted, t.tolist()):
+            if w > 0:
+                result[k] = v / w
+        result.update({k: v for k, v in zip(maxed, m.tolist())})
+        return result
 
     def train(self, steps: Optional[int] = None, progress: bool = True, checkpoint_dir: Optional[str] = None,
               checkpoint_every: int = 0) -> List[Dict[str, float]]:
@@ -292,20 +331,34 @@ class GRPOTrainer:
         return {**asdict(self.cfg), "model": asdict(self.policy.config)}
 
     def save(self, path) -> Optional[Path]:
-        """Write a checkpoint (call on every rank; rank 0 writes). With FSDP the full weights are gathered,
-        and the optimizer state (sharded) is not saved: an FSDP resume restarts AdamW's moments."""
+        """Write a checkpoint: weights, AdamW state, scheduler, RNG, step (call on every rank; rank 0 writes).
+        With FSDP the shards of the weights and of the optimizer state are gathered into full tensors first
+        (torch.distributed.checkpoint's state-dict API), so a resume continues exactly."""
         if self.parallel == "fsdp":
-            full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in self.policy.state_dict().items()}
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.policy, self.optimizer,
+                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if self.rank != 0:
                 return None
-            holder = _StateHolder(full)
-            return save_checkpoint(path, holder, self.config_dict(), None, self.scheduler, self.step_idx)
+            return save_checkpoint(path, _StateHolder(model_sd), self.config_dict(), optim_sd, self.scheduler,
+                                   self.step_idx)
         if self.rank != 0:
             return None
         return save_checkpoint(path, self.policy, self.config_dict(), self.optimizer, self.scheduler, self.step_idx)
 
     def load(self, path) -> None:
-        info = load_checkpoint(path, self.policy, self.config_dict(), self.optimizer, self.scheduler)
+        """Resume from ``save``'s checkpoint (every rank reads it; FSDP re-shards the full tensors)."""
+        if self.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            holder = _StateHolder({})
+            info = load_checkpoint(path, holder, self.config_dict(), None, self.scheduler, full_state=True)
+            set_state_dict(self.policy, self.optimizer, model_state_dict=info["model_state"],
+                           optim_state_dict=info["optimizer_state"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            info = load_checkpoint(path, self.policy, self.config_dict(), self.optimizer, self.scheduler)
         self.step_idx = info["step"]
 
 

@@ -155,7 +155,7 @@ def grpo_args(B: int, T: int, V: int, device, vec_dtype, targets, advantages, ma
     m = m2d.reshape(-1).contiguous()
     check_targets_in_window(tgt, lo, hi, m)
     if loss_weights is None:
-        w = _loss_weights(m2d, loss_type)
+        w = _loss_weights(m2d, loss_type, vec_dtype)
     else:  # explicit weights, e.g. normalized over a union of masks split across several calls
         check_tensor("loss_weights", loss_weights, dtypes=(torch.float32, torch.float64), device=device)
         check_shape("loss_weights", loss_weights, (B, T))

@@ -70,27 +70,26 @@ _EXT_PATH = _find_extension()
 _BUILD_HINT = "pip install --no-build-isolation -e .  (or: make build)"
 
 
+def _missing(message: str) -> bool:
+    """A missing or unloadable extension: a warning (CPU tensors then run the reference), or with
+    MMR1_REQUIRE_CPP=1 (what `make test` and CI set) an ImportError, so no test silently compares the reference
+    with itself."""
+    if os.environ.get("MMR1_REQUIRE_CPP") == "1":
+        raise ImportError(f"{message}; MMR1_REQUIRE_CPP=1 requires the C++ kernels. Build them with: {_BUILD_HINT}")
+    warnings.warn(f"{message}; CPU tensors use the slower pure-PyTorch reference. Build them with: {_BUILD_HINT}",
+                  RuntimeWarning, stacklevel=4)
+    return False
+
+
 def _load_extension() -> bool:
-    if os.environ.get("MMR1_DISABLE_CPP") == "1":
+    if os.environ.get("MMR1_DISABLE_CPP") == "1":  # an explicit opt-out (a pure-Python install, benchmarks)
         return False
     if not _EXT_PATH.exists():
-        warnings.warn(
-            f"mmr1_kernels: the C++ CPU kernels are not built ({_EXT_PATH.name} missing); CPU tensors "
-            f"use the slower pure-PyTorch reference. Build them with: {_BUILD_HINT}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
+        return _missing(f"mmr1_kernels: the C++ CPU kernels are not built ({_EXT_PATH.name} missing)")
     try:
         torch.ops.load_library(str(_EXT_PATH))
     except OSError as err:  # e.g. built against another torch version
-        warnings.warn(
-            f"mmr1_kernels: could not load {_EXT_PATH} ({err}); CPU tensors use the reference. "
-            f"Rebuild with: {_BUILD_HINT}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
+        return _missing(f"mmr1_kernels: could not load {_EXT_PATH} ({err})")
     return True
 
 

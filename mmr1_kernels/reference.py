@@ -84,9 +84,9 @@ def grpo_token_coef(logp, advantages, old_logprobs=None, ref_logprobs=None, eps_
     return coef
 
 
-def loss_weights(mask, loss_type):
-    """Per-token weights w with loss = sum(w * token_loss), for mask [B, T]."""
-    mask = mask.to(torch.float32) if not mask.is_floating_point() else mask  # weights are fp32 (fp64 in callers that need it)
+def loss_weights(mask, loss_type, dtype=torch.float32):
+    """Per-token weights w with loss = sum(w * token_loss), for mask [B, T], in ``dtype``."""
+    mask = mask.to(dtype)
     B, T = mask.shape
     if loss_type == "grpo":  # mean over sequences of the masked token mean
         return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / B
@@ -135,7 +135,7 @@ def grpo_loss(logits, targets, advantages, mask=None, old_logprobs=None, ref_log
     token_loss = torch.where(keep, token_loss, torch.zeros_like(token_loss))
     ratio = torch.where(keep, ratio, torch.ones_like(ratio))
     kl = torch.where(keep, kl, torch.zeros_like(kl))
-    w = (_aggregation_weights(mask, loss_type) if loss_weights is None else loss_weights).to(dtype)
+    w = (_aggregation_weights(mask, loss_type, dtype) if loss_weights is None else loss_weights).to(dtype)
     loss = (token_loss * w).sum()
     return loss, grpo_metrics(logp, ratio, kl, adv, mask, eps_low, eps_high)
 

@@ -1,4 +1,5 @@
-"""token_logprobs / grpo_loss: every backend against the fp64 reference."""
+"""token_logprobs / grpo_loss: every backend against the tests' fp64 oracle, with tolerances from error analysis
+(tests/tolerance.py): the oracle (tests/oracle.py) is independent of mmr1_kernels.reference."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,9 @@ import mmr1_kernels as K
 from mmr1_kernels import reference as R
 from mmr1_kernels._library import op
 
-from conftest import GRAD_TOLERANCES, TOLERANCES, requires_cpp, triton_device
+import oracle as O
+import tolerance as TOL
+from conftest import requires_cpp, triton_device
 
 # (name, leading shape, V, vocab window)
 SHAPES = [
@@ -47,21 +50,22 @@ def make_targets(lead, V, window, logits):
     return torch.where(finite, t, torch.full_like(t, lo + 1 if hi - lo > 1 else lo))
 
 
-def scaled_close(actual, expected, dtype, scale, grad=False):
-    atol, rtol = (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol * max(1.0, scale),
-                               rtol=rtol, equal_nan=True)
-
-
 def oracle(logits, targets, mask, T, lo, hi, adv=None, old=None, ref=None, eps_low=0.2, eps_high=0.2, beta=0.0):
+    """fp64 per-token (logp, lse[, loss, ratio, kl, delta]) from tests/oracle.py; masked tokens give 0 (ratio 1)."""
     z = logits.reshape(-1, logits.shape[-1]).double().cpu()
-    logp, lse = R.token_logprobs(z, targets.cpu(), T, lo, hi, mask=None if mask is None else mask.cpu(),
-                                 dtype=torch.float64)
+    t = targets.cpu()
+    m = torch.ones_like(t, dtype=torch.bool) if mask is None else mask.cpu()
+    logp = torch.where(m, O.logprobs(z, torch.where(m, t, lo), T, lo, hi), 0.0)
+    lse = torch.where(m, O.logsumexp(z, T, lo, hi), 0.0)
     if adv is None:
         return logp, lse
-    loss, ratio, kl = R.grpo_token_terms(logp, adv.double().cpu(), None if old is None else old.double().cpu(),
-                                         None if ref is None else ref.double().cpu(), eps_low, eps_high, beta)
-    return logp, lse, loss, ratio, kl
+    o = None if old is None else old.double().cpu()
+    r_ = None if ref is None else ref.double().cpu()
+    loss, ratio, kl = O.token_terms(logp, adv.double().cpu(), o, r_, eps_low, eps_high, beta)
+    delta = (r_ - logp) if r_ is not None else torch.zeros_like(logp)
+    zero = torch.zeros_like(loss)
+    return (logp, lse, torch.where(m, loss, zero), torch.where(m, ratio, 1.0), torch.where(m, kl, zero),
+            torch.where(m, delta, zero))
 
 
 def forward(backend, logits, targets, mask, T, lo, hi, *grpo):
@@ -107,9 +111,9 @@ def test_token_logprobs_matches_fp64(request, backend, dtype, name, lead, V, win
     lo, hi = window if window else (0, V)
     logp, lse = forward(backend, logits, targets, None, T, lo, hi)
     ref_logp, ref_lse = oracle(logits, targets, None, T, lo, hi)
-    scale = float(logits[..., lo:hi].double().abs().nan_to_num(posinf=0, neginf=0).max()) / T
-    scaled_close(logp, ref_logp, dtype, scale)
-    scaled_close(lse, ref_lse, dtype, scale)
+    E = TOL.logprob_error(dtype, TOL.window_scale(logits, lo, hi, T), hi - lo)
+    TOL.assert_within(f"token_logprobs logp {backend} {dtype}", logp, ref_logp, E)
+    TOL.assert_within(f"token_logprobs lse {backend} {dtype}", lse, ref_lse, E)
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
@@ -131,17 +135,21 @@ def test_grpo_token_loss_matches_fp64(request, backend, dtype, beta, with_old):
     ref = (ref_logp + 0.3 * torch.randn(N, dtype=torch.float64)).to(vec).to(dev)
     outs = forward(backend, logits, targets, mask, 0.9, lo, hi, adv, old, ref, 0.2, 0.28, beta)
     logp, lse, loss, coef, ratio, kl = outs
-    e_logp, e_lse, e_loss, e_ratio, e_kl = oracle(logits, targets, mask, 0.9, lo, hi, adv, old, ref, 0.2, 0.28, beta)
+    e_logp, e_lse, e_loss, e_ratio, e_kl, delta = oracle(logits, targets, mask, 0.9, lo, hi, adv, old, ref, 0.2, 0.28,
+                                                         beta)
     m = mask.cpu()
-    for got, exp in [(logp, e_logp), (lse, e_lse), (loss, e_loss), (ratio, e_ratio), (kl, e_kl)]:
-        exp = torch.where(m, exp, torch.zeros_like(exp)) if exp is not e_ratio else torch.where(m, exp, 1.0)
-        scaled_close(got, exp, dtype, 30.0)
-    # d loss / d logp by autograd of the reference
-    x = e_logp.clone().requires_grad_(True)
-    l2, _, _ = R.grpo_token_terms(x, adv.double().cpu(), None if old is None else old.double().cpu(),
-                                  ref.double().cpu(), 0.2, 0.28, beta)
+    x = e_logp.clone().requires_grad_(True)  # d loss / d logp by autograd of the oracle
+    l2, _, _ = O.token_terms(x, adv.double().cpu(), None if old is None else old.double().cpu(), ref.double().cpu(),
+                             0.2, 0.28, beta)
     (e_coef,) = torch.autograd.grad(l2.sum(), x)
-    scaled_close(coef, torch.where(m, e_coef, 0.0), dtype, 30.0)
+    e_coef = torch.where(m, e_coef, 0.0)
+    E = TOL.logprob_error(dtype, TOL.window_scale(logits, lo, hi, 0.9), hi - lo)
+    t_ratio, t_kl, t_loss, t_coef = TOL.token_errors(dtype, E, adv.double().cpu(), e_ratio, delta, beta, e_loss)
+    tag = f"{backend} {dtype} beta={beta} old={with_old}"
+    for name, got, exp, tol in (("logp", logp, e_logp, E), ("lse", lse, e_lse, E), ("loss", loss, e_loss, t_loss),
+                                ("ratio", ratio, e_ratio, t_ratio), ("kl", kl, e_kl, t_kl),
+                                ("dloss/dlogp", coef, e_coef, t_coef)):
+        TOL.assert_within(f"grpo_token_loss {name} {tag}", got, exp, tol)
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
@@ -158,7 +166,11 @@ def test_logprob_backward_matches_fp64(request, backend, dtype, inplace):
     g = torch.randn(B * T_, dtype=vec)
     g[2] = 0.0  # a masked token: zero gradient row
     lse_v, g_v = lse.to(vec).to(dev), g.to(dev)
-    expected = R.logprob_backward(logits.double().cpu(), targets.cpu(), lse, g.double(), temp, lo, hi)
+    z = logits.reshape(-1, V).double().cpu()[:, lo:hi] / temp
+    p = torch.softmax(z, -1)
+    onehot = torch.nn.functional.one_hot(targets.cpu() - lo, hi - lo).double()
+    expected = torch.zeros(B * T_, V, dtype=torch.float64)
+    expected[:, lo:hi] = (g.double() / temp)[:, None] * (onehot - p)
     if backend == "ops":
         if inplace:
             out = logits.clone()
@@ -170,7 +182,12 @@ def test_logprob_backward_matches_fp64(request, backend, dtype, inplace):
 
         out = G.logprob_backward(logits, targets, lse_v, g_v, temp, lo, hi, out=logits.clone() if inplace else None)
     assert out.dtype == dtype and out.shape == logits.shape
-    scaled_close(out, expected, dtype, float(expected.abs().max()), grad=True)
+    E = TOL.logprob_error(dtype, TOL.window_scale(logits, lo, hi, temp), hi - lo) + 2 * TOL.UNIT[vec] * lse.abs()
+    # (lse is handed over rounded to fp32)
+    tol = torch.zeros(B * T_, V, dtype=torch.float64)
+    tol[:, lo:hi] = TOL.logits_grad_error(dtype, g.double(), temp, p, onehot, expected[:, lo:hi], E)
+    TOL.assert_within(f"logprob_backward {backend} {dtype} inplace={inplace}", out.reshape(-1, V), expected,
+                      tol + TOL.TINY[dtype])
     assert torch.all(out[..., :lo] == 0) and torch.all(out[..., hi:] == 0)
     assert torch.all(out.reshape(-1, V)[2] == 0)
 
@@ -190,25 +207,65 @@ def _grpo_inputs(B=4, T=9, V=700, dtype=torch.float32, window=(50, 650)):
     return logits, targets, mask, torch.randn(B), old, ref
 
 
+def expected_loss_and_tolerances(logits, targets, adv, mask, old, ref, temperature, window, eps_low, eps_high, beta,
+                                 loss_type, dtype):
+    """The oracle's loss, metrics and logits gradient, and their tolerances propagated from the per-token errors
+    through the aggregation weights (w = d loss / d token_loss, by autograd of the oracle's aggregation)."""
+    kw = dict(temperature=temperature, vocab_range=window, eps_low=eps_low, eps_high=eps_high, beta=beta,
+              loss_type=loss_type)
+    eloss, egrad = O.grad(lambda z: O.grpo_loss(z, targets, adv, mask, old, ref, **kw)[0], logits)
+    _, emetrics = O.grpo_loss(logits.double(), targets, adv, mask, old, ref, **kw)
+    B, T, V = logits.shape
+    lo, hi = window
+    m = mask.reshape(-1)
+    a = adv.double()[:, None].expand(B, T).reshape(-1) if adv.dim() == 1 else adv.double().reshape(-1)
+    e_logp, _, e_loss, e_ratio, e_kl, delta = oracle(logits, torch.where(mask, targets, lo).reshape(-1), m,
+                                                     temperature, lo, hi, a, old.reshape(-1), ref.reshape(-1),
+                                                     eps_low, eps_high, beta)
+    x = e_logp.clone().requires_grad_(True)
+    l2, _, _ = O.token_terms(x, a, old.reshape(-1).double(), ref.reshape(-1).double(), eps_low, eps_high, beta)
+    (coef,) = torch.autograd.grad(l2.sum(), x)
+    _, w = O.grad(lambda tl: O.aggregate(tl.reshape(B, T), mask, loss_type), torch.zeros(B * T))
+    w = torch.where(m, w, 0.0)
+    E = TOL.logprob_error(dtype, TOL.window_scale(logits, lo, hi, temperature), hi - lo)
+    t_ratio, t_kl, t_loss, t_coef = TOL.token_errors(dtype, E, a, e_ratio, delta, beta, e_loss)
+    u = TOL.math_unit(dtype)
+    n = max(int(m.sum()), 1)
+    tol_loss = float((w.abs() * t_loss).sum()) + 4 * u * abs(float(eloss))
+    z = logits.reshape(-1, V).double()[:, lo:hi] / temperature
+    p = torch.softmax(z, -1)
+    onehot = torch.nn.functional.one_hot(torch.where(m, targets.reshape(-1), lo) - lo, hi - lo).double()
+    g = w * torch.where(m, coef, 0.0)
+    tol_grad = torch.zeros(B * T, V, dtype=torch.float64)
+    tol_grad[:, lo:hi] = TOL.logits_grad_error(dtype, g, temperature, p, onehot,
+                                               egrad.reshape(-1, V)[:, lo:hi], E, w.abs() * t_coef)
+    near_clip = bool(((e_ratio - (1 - eps_low)).abs() < t_ratio).any() | ((e_ratio - (1 + eps_high)).abs() < t_ratio).any())
+    tol_metrics = {"ratio_mean": float(t_ratio[m].sum()) / n, "kl_mean": float(t_kl[m].sum()) / n,
+                   "logp_mean": float(E[m].sum()) / n,
+                   "clip_low_frac": 1.0 / n if near_clip else 0.0, "clip_high_frac": 1.0 / n if near_clip else 0.0}
+    tol_metrics = {k: v + 4 * u * abs(float(emetrics[k])) for k, v in tol_metrics.items()}
+    return eloss, emetrics, egrad, tol_loss, tol_metrics, tol_grad.reshape(B, T, V)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loss_type", list(R.LOSS_TYPES))
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_grpo_loss_and_grad_vs_reference(dtype, loss_type, temperature):
+def test_grpo_loss_and_grad_match_the_oracle(dtype, loss_type, temperature):
     logits, targets, mask, adv, old, ref = _grpo_inputs(dtype=dtype)
     kw = dict(temperature=temperature, vocab_range=(50, 650), eps_low=0.2, eps_high=0.28, beta=0.04,
               loss_type=loss_type)
     x = logits.clone().requires_grad_(True)
     loss, metrics = K.grpo_loss(x, targets, adv, mask, old, ref, **kw)
     (grad,) = torch.autograd.grad(loss, x)
-    xr = logits.double().clone().requires_grad_(True)
-    eloss, emetrics = R.grpo_loss(xr, targets.clamp(min=0), adv, mask, old, ref, dtype=torch.float64, **kw)
-    (egrad,) = torch.autograd.grad(eloss, xr)
+    eloss, emetrics, egrad, tol_loss, tol_metrics, tol_grad = expected_loss_and_tolerances(
+        logits, targets, adv, mask, old, ref, temperature, (50, 650), 0.2, 0.28, 0.04, loss_type, dtype)
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    scaled_close(loss, eloss, dtype, 10.0)
+    tag = f"{dtype} {loss_type}"
+    TOL.assert_within(f"grpo_loss loss {tag}", loss, eloss, tol_loss)
     for k in emetrics:
-        scaled_close(metrics[k], emetrics[k], dtype, 30.0)
+        TOL.assert_within(f"grpo_loss {k} {tag}", metrics[k], emetrics[k], tol_metrics[k])
     assert grad.dtype == dtype
-    scaled_close(grad, egrad, dtype, float(egrad.abs().max()), grad=True)
+    TOL.assert_within(f"grpo_loss grad {tag}", grad, egrad, tol_grad)
     assert torch.all(grad[1] == 0), "fully masked sequence must get zero gradient"
 
 
@@ -225,14 +282,23 @@ def test_grpo_loss_inplace_backward_reuses_logits_storage():
     torch.testing.assert_close(g_inplace, g_expected)
 
 
-def test_on_policy_ratio_is_one_and_gradient_is_minus_advantage():
+def test_on_policy_ratio_is_one_loss_is_minus_advantage_and_gradient_is_minus_advantage_times_dlogp():
+    """old = None: ratio 1, no clipping, the loss value is -A under the aggregation, and the gradient is exactly
+    -A w d logp / dz, i.e. (A w / T)(softmax - onehot) on the window."""
     logits, targets, mask, adv, _, _ = _grpo_inputs()
-    loss, metrics = K.grpo_loss(logits, targets, adv, mask, vocab_range=(50, 650), loss_type="dr_grpo")
+    x = logits.clone().requires_grad_(True)
+    loss, metrics = K.grpo_loss(x, targets, adv, mask, vocab_range=(50, 650), loss_type="dr_grpo")
+    (grad,) = torch.autograd.grad(loss, x)
     assert metrics["ratio_mean"].item() == pytest.approx(1.0)
     assert metrics["clip_low_frac"].item() == 0 and metrics["clip_high_frac"].item() == 0
-    # on-policy loss value is -A averaged with the dr_grpo weights
-    expected = -(adv[:, None] * mask).sum() / mask.numel()
+    expected = -(adv[:, None] * mask).sum() / mask.numel()  # dr_grpo weights: 1 / (B T)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    B, T, V = logits.shape
+    p = torch.softmax(logits.double()[..., 50:650], -1)
+    onehot = torch.nn.functional.one_hot(torch.where(mask, targets, 50) - 50, 600).double()
+    want = torch.zeros(B, T, V, dtype=torch.float64)
+    want[..., 50:650] = (adv.double()[:, None, None] * mask[..., None] / (B * T)) * (p - onehot)
+    torch.testing.assert_close(grad.double(), want, atol=1e-9, rtol=1e-5)
 
 
 def test_token_logprobs_public_shapes_mask_and_grad():

@@ -1,4 +1,6 @@
-"""Property-based tests: random shapes, windows, temperatures, masks and value ranges vs the fp64 reference."""
+"""Property-based tests: random shapes, windows, temperatures, masks and value ranges vs the tests' fp64 oracle
+(log-probs and GRPO loss, with the error-analysis tolerances of tests/tolerance.py) and vs the reference (group
+advantages; the reference itself is checked against the oracle in test_reference_oracle.py)."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +10,9 @@ from hypothesis import strategies as st
 import mmr1_kernels as K
 from mmr1_kernels import reference as R
 
-from conftest import TOLERANCES
+import oracle as O
+import tolerance as TOL
+from test_logprob import expected_loss_and_tolerances
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -43,17 +47,18 @@ def test_token_logprobs_and_grad_property(case):
     lp = K.token_logprobs(x, targets, temperature, (lo, hi), mask=mask)
     coeff = torch.randn(B, T, generator=g)
     (lp * coeff).sum().backward()
-    xr = logits.double().requires_grad_(True)
-    e, _ = R.token_logprobs(xr, targets, temperature, lo, hi, mask=mask, dtype=torch.float64)
-    (e * coeff.double()).sum().backward()
-    atol, rtol = TOLERANCES[dtype]
-    mag = max(1.0, float(logits[..., lo:hi].double().abs().max()) / temperature)
-    torch.testing.assert_close(lp.double(), e, atol=atol * mag, rtol=rtol)
-    gscale = max(float(xr.grad.abs().max()), 1e-30)
-    grad_rtol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    # fp32 rounds the softmax argument z/T - lse by ~eps*|z/T|; the gradient multiplies that by |g|/T
-    arg_err = 8 * 6e-8 * mag * float(coeff.abs().max()) / temperature
-    torch.testing.assert_close(x.grad.double(), xr.grad, atol=grad_rtol * gscale + arg_err, rtol=grad_rtol)
+    cf = torch.where(mask, coeff.double(), 0.0).reshape(-1)
+    e, eg = O.grad(lambda z: (torch.where(mask, O.logprobs(z, targets, temperature, lo, hi), 0.0) * coeff).sum(),
+                   logits)
+    want = torch.where(mask, O.logprobs(logits, targets, temperature, lo, hi), 0.0)
+    E = TOL.logprob_error(dtype, TOL.window_scale(logits, lo, hi, temperature), hi - lo)
+    TOL.assert_within("property token_logprobs logp", lp, want, E.reshape(B, T))
+    z = logits.double().reshape(-1, V)[:, lo:hi] / temperature
+    p = torch.softmax(z, -1)
+    onehot = torch.nn.functional.one_hot(targets.reshape(-1) - lo, hi - lo).double()
+    tol = torch.zeros(B * T, V, dtype=torch.float64)
+    tol[:, lo:hi] = TOL.logits_grad_error(dtype, cf, temperature, p, onehot, eg.reshape(-1, V)[:, lo:hi], E)
+    TOL.assert_within("property token_logprobs grad", x.grad, eg, tol.reshape(B, T, V))
 
 
 @st.composite
@@ -76,8 +81,7 @@ def test_grpo_loss_property(case):
     logits = torch.randn(B, T, V, generator=g) * 3
     targets = torch.randint(lo, hi, (B, T), generator=g)
     mask = torch.rand(B, T, generator=g) > 0.3
-    with torch.no_grad():
-        base, _ = R.token_logprobs(logits.double(), targets, temperature, lo, hi, dtype=torch.float64)
+    base = O.logprobs(logits, targets, temperature, lo, hi)
     old = (base + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5).float()
     ref = (base + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5).float()
     adv = torch.randn(B, generator=g)
@@ -86,13 +90,12 @@ def test_grpo_loss_property(case):
     x = logits.clone().requires_grad_(True)
     loss, metrics = K.grpo_loss(x, targets, adv, mask, old, ref, **kw)
     loss.backward()
-    xr = logits.double().requires_grad_(True)
-    eloss, emetrics = R.grpo_loss(xr, targets, adv, mask, old, ref, dtype=torch.float64, **kw)
-    eloss.backward()
-    torch.testing.assert_close(loss.double(), eloss, atol=1e-4, rtol=1e-4)
+    eloss, emetrics, egrad, tol_loss, tol_metrics, tol_grad = expected_loss_and_tolerances(
+        logits, targets, adv, mask, old, ref, temperature, (lo, hi), eps_low, eps_high, beta, loss_type, torch.float32)
+    TOL.assert_within("property grpo_loss loss", loss, eloss, tol_loss)
     for k in emetrics:
-        torch.testing.assert_close(metrics[k].double(), emetrics[k], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5 * max(1.0, float(xr.grad.abs().max())), rtol=1e-4)
+        TOL.assert_within(f"property grpo_loss {k}", metrics[k], emetrics[k], tol_metrics[k])
+    TOL.assert_within("property grpo_loss grad", x.grad, egrad, tol_grad)
 
 
 @st.composite

@@ -1,6 +1,7 @@
 """Rewards, SFT, the GRPO trainer, checkpoints and multi-process training (tiny models made here)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -216,20 +217,57 @@ def test_grpo_step_metrics_and_learning_signal(tmp_path):
     assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])["step"] == 0
 
 
-def test_reference_backend_trains_the_same_step():
+def test_reference_backend_computes_the_same_loss_and_gradients_off_policy():
     """GRPOConfig(backend="reference") -- full logits and mmr1_kernels.reference, the baseline the demo and the
-    benchmarks time -- takes the same step as the fused path: same rollout, loss, metrics and weights after AdamW."""
-    tr = {b: GRPOTrainer(tiny_model(5), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(backend=b, lr=1e-3))
+    benchmarks time -- against the fused path where the two can differ: ratios != 1 with clipping active on both
+    sides (old log-probs shifted by +-0.6), beta > 0 against a reference model that is not the policy, asymmetric
+    advantages. Compared before any optimizer step: the loss, every metric, and every parameter's gradient."""
+    policy = tiny_model(5)
+    tr = {b: GRPOTrainer(copy.deepcopy(policy), VOCAB, FMT, reward_set(), PROMPTS,
+                         grpo_cfg(backend=b, beta=0.3, eps_low=0.2, eps_high=0.28), ref_model=tiny_model(21))
           for b in ("kernels", "reference")}
-    m = {b: t.step() for b, t in tr.items()}
-    for key in ("loss", "grad_norm", "reward/codes", "image/kl_mean", "image/logp_mean", "text/logp_mean",
-                "image/ratio_mean"):
-        assert m["reference"][key] == pytest.approx(m["kernels"][key], rel=1e-4, abs=1e-5), key
+    ro = xcot_rollout(policy, [p["prompt_ids"] for p in PROMPTS[:2]], VOCAB, FMT,
+                      SamplingConfig(cfg_scale=2.0, top_k=0, text_top_k=0, seed=4), num_samples=4)
+    adv = torch.tensor([2.0, -0.5, -0.5, -1.0, 0.3, 0.3, 1.2, -1.8])
+    shift = torch.where(torch.arange(ro.tokens.shape[1] - 1) % 2 == 0, 0.6, -0.6)
+    old = ro.logprobs[:, 1:] + shift
+    out = {}
+    for b, t in tr.items():
+        ref = t.ref_logprobs(ro)
+        t.policy.zero_grad()
+        loss, metrics = t.loss(ro, adv, old, ref)
+        loss.backward()
+        out[b] = (float(loss.detach()), metrics, {k: p.grad.clone() for k, p in t.policy.named_parameters()}, ref)
+    (lk, mk, gk, rk), (lr_, mr, gr, rr) = out["kernels"], out["reference"]
+    m_img = ro.chosen[:, 1:] & ro.image_positions[:, 1:]
+    torch.testing.assert_close(rk[m_img], rr[m_img], atol=2e-6, rtol=1e-6)
+    assert mk["image/clip_low_frac"] > 0 and mk["image/clip_high_frac"] > 0 and mk["image/kl_mean"] > 0.01
+    assert lk == pytest.approx(lr_, rel=1e-5, abs=1e-7)
+    assert set(mk) == set(mr)
+    for key in mk:
+        assert mk[key] == pytest.approx(mr[key], rel=1e-5, abs=1e-7), key
+    for k in gk:
+        scale = float(gr[k].abs().max())
+        torch.testing.assert_close(gk[k], gr[k], atol=1e-6 * scale + 1e-10, rtol=1e-5, msg=k)  # observed: 3e-7 * scale
+    with pytest.raises(ValueError, match="backend must be"):
+        grpo_cfg(backend="triton")
+
+
+def test_reference_backend_takes_the_same_steps_with_mu_2():
+    """Two full steps with mu=2 (the second inner update is off-policy: ratio != 1) on both paths: the same
+    rollouts, metrics and weights."""
+    tr = {b: GRPOTrainer(tiny_model(5), VOCAB, FMT, reward_set(), PROMPTS,
+                         grpo_cfg(backend=b, lr=1e-3, mu=2, beta=0.1), ref_model=tiny_model(22))
+          for b in ("kernels", "reference")}
+    for _ in range(2):
+        m = {b: t.step() for b, t in tr.items()}
+        assert m["kernels"]["image/ratio_mean"] != 1.0
+        for key in ("loss", "grad_norm", "reward/codes", "image/kl_mean", "image/ratio_mean", "image/logp_mean",
+                    "text/logp_mean", "image/clip_low_frac", "image/clip_high_frac"):
+            assert m["reference"][key] == pytest.approx(m["kernels"][key], rel=1e-4, abs=1e-6), key
     ref_state = tr["reference"].policy.state_dict()
     for k, v in tr["kernels"].policy.state_dict().items():
         torch.testing.assert_close(v, ref_state[k], atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="backend must be"):
-        grpo_cfg(backend="triton")
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -287,10 +325,18 @@ def test_trainer_bad_input():
 # --------------------------------------------------------------------------- multi-process
 
 
+def distributed_cfg():
+    """Cosine schedule with warmup and mu=2, so a resume that forgot the scheduler or AdamW's moments differs."""
+    return grpo_cfg(steps=4, mu=2, lr=3e-3, lr_schedule="cosine", warmup_steps=1, prompts_per_step=4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
-    """torchrun --nproc-per-node 2 (gloo): the same weights as one process on the same global batch."""
+    """torchrun --nproc-per-node 2 (gloo), 2 steps, checkpoint, resume in a fresh trainer, 2 more steps == one
+    process, 4 uninterrupted steps on the same global batches: the logged loss, metrics and pre-clip gradient norm
+    of every step (so summing instead of averaging gradients across ranks fails: it doubles the norm), and the
+    final weights and AdamW state."""
     import subprocess
     import sys
     from pathlib import Path
@@ -303,12 +349,27 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
     here = Path(__file__).parent
     torchrun = Path(sys.executable).with_name("torchrun")
     out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                          str(here / "torchrun_worker.py"), parallel, str(tmp_path / "ckpt"), str(here)],
+                          str(here / "torchrun_worker.py"), parallel, str(tmp_path), str(here)],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    multi = tiny_model(0)
-    load_checkpoint(tmp_path / "ckpt", multi, restore_rng=False)
-    single = GRPOTrainer(tiny_model(11), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg())
-    single.train(2, progress=False)
+    multi = json.loads((tmp_path / "history.json").read_text())
+    single = GRPOTrainer(tiny_model(11), VOCAB, FMT, reward_set(), PROMPTS, distributed_cfg())
+    single.train(4, progress=False)
+    assert len(multi) == len(single.history) == 4
+    for step, (m, s) in enumerate(zip(multi, single.history)):
+        for key in ("loss", "grad_norm", "lr", "reward/codes", "reward/format", "adv/mean_abs", "image/kl_mean",
+                    "image/ratio_mean", "image/clip_low_frac", "image/clip_high_frac", "image/logp_mean",
+                    "text/logp_mean"):
+            assert m[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (step, key)
+    weights = tiny_model(0)
+    load_checkpoint(tmp_path / "final", weights, restore_rng=False)
+    # 1e-5 = lr / 300: a resume without AdamW's moments or the LR schedule moves weights by ~lr; reductions in
+    # another order move them by < 4e-6 (k_norm.bias, whose true gradient is 0, takes Adam-normalized noise steps)
     for k, v in single.policy.state_dict().items():
-        torch.testing.assert_close(multi.state_dict()[k], v, atol=1e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(weights.state_dict()[k], v, atol=1e-5, rtol=0, msg=k)
+    saved = torch.load(tmp_path / "final" / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    names = [n for n, _ in single.policy.named_parameters()]
+    for i, n in enumerate(names):
+        st = saved[n] if n in saved else saved[i]  # FSDP's full state is keyed by name, a plain optimizer's by index
+        torch.testing.assert_close(st["exp_avg_sq"], single.optimizer.state[single.policy.get_parameter(n)]["exp_avg_sq"],
+                                   atol=1e-10, rtol=1e-4, msg=n)

@@ -1,0 +1,138 @@
+"""The tests' own fp64 oracle: every op written again from DESIGN.md, as plainly as possible.
+
+Nothing here imports mmr1_kernels. The spec (mmr1_kernels.reference) is
+checked against these functions, so a bug in the spec -- which is also the
+no-extension fallback and the trainer's reference path -- cannot hide behind a
+comparison of the spec with itself. Gradients come from torch.autograd of the
+fp64 forward here, never from a closed form.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Dict, Optional, Sequence
+
+import torch
+
+CLAMP = 20.0  # DESIGN.md: log-ratio and the KL's delta are clamped to +-20
+
+
+def logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, lo: int = 0,
+             hi: Optional[int] = None) -> torch.Tensor:
+    """log softmax(z / T over ids lo..hi-1)[target], fp64, for logits [..., V] and targets [...]."""
+    hi = logits.shape[-1] if hi is None else hi
+    z = logits[..., lo:hi].double() / temperature
+    lp = torch.log_softmax(z, dim=-1)
+    return lp.gather(-1, (targets.long() - lo).unsqueeze(-1)).squeeze(-1)
+
+
+def logsumexp(logits: torch.Tensor, temperature: float = 1.0, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+    hi = logits.shape[-1] if hi is None else hi
+    z = logits[..., lo:hi].double() / temperature
+    m = z.max(dim=-1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (m + torch.log(torch.exp(z - m).sum(dim=-1, keepdim=True))).squeeze(-1)
+
+
+def token_terms(logp, adv, old=None, ref=None, eps_low=0.2, eps_high=0.2, beta=0.0):
+    """(token loss, ratio, kl), differentiable in logp: -min(r A, clip(r) A) + beta (e^d - d - 1)."""
+    old = logp.detach() if old is None else old.double()
+    log_ratio = torch.clamp(logp - old, min=-CLAMP, max=CLAMP)
+    r = torch.exp(log_ratio)
+    a = adv.double()
+    surrogate = -torch.minimum(r * a, torch.clamp(r, 1.0 - eps_low, 1.0 + eps_high) * a)
+    if beta == 0.0:
+        return surrogate, r, torch.zeros_like(r)
+    d = torch.clamp(ref.double() - logp, min=-CLAMP, max=CLAMP)
+    kl = torch.exp(d) - d - 1.0
+    return surrogate + beta * kl, r, kl
+
+
+def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The loss_type aggregation, by explicit loops over sequences."""
+    B, T = mask.shape
+    m = mask.bool()
+    if loss_type == "grpo":
+        per_seq = []
+        for b in range(B):
+            n = int(m[b].sum())
+            per_seq.append(token_loss[b][m[b]].sum() / n if n else token_loss.new_zeros(()))
+        return torch.stack(per_seq).sum() / B
+    total = token_loss[m].sum()
+    if loss_type in ("bnpo", "dapo"):
+        return total / max(int(m.sum()), 1)
+    if loss_type == "dr_grpo":
+        return total / (B * T)
+    raise ValueError(loss_type)
+
+
+def grpo_loss(logits, targets, advantages, mask=None, old=None, ref=None, temperature=1.0, vocab_range=None,
+              eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo", loss_weights=None):
+    """(loss, metrics) from logits [B, T, V], fp64 and differentiable in ``logits`` (pass a leaf)."""
+    B, T = targets.shape
+    lo, hi = vocab_range if vocab_range is not None else (0, logits.shape[-1])
+    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
+    safe_targets = torch.where(mask, targets.long(), torch.full_like(targets.long(), lo))
+    logp = logprobs(logits, safe_targets, temperature, lo, hi)
+    a = advantages.double()
+    a = a[:, None].expand(B, T) if a.dim() == 1 else a
+    fill = lambda t: None if t is None else torch.where(mask, t.double(), torch.zeros_like(t.double()))  # noqa: E731
+    loss_t, r, kl = token_terms(logp, a, fill(old), fill(ref), eps_low, eps_high, beta)
+    loss_t = torch.where(mask, loss_t, torch.zeros_like(loss_t))
+    if loss_weights is not None:
+        loss = (loss_t * loss_weights.double() * mask).sum()
+    else:
+        loss = aggregate(loss_t, mask, loss_type)
+    m = mask.double()
+    n = m.sum().clamp(min=1)
+    with torch.no_grad():
+        metrics = {"ratio_mean": (r * m).sum() / n, "kl_mean": (kl * m).sum() / n, "logp_mean": (logp * m).sum() / n,
+                   "clip_low_frac": (((r < 1 - eps_low) & (a < 0)).double() * m).sum() / n,
+                   "clip_high_frac": (((r > 1 + eps_high) & (a > 0)).double() * m).sum() / n}
+    return loss, metrics
+
+
+def grad(fn, x: torch.Tensor):
+    """(value, d value / d x) of a scalar function by fp64 autograd."""
+    leaf = x.detach().double().clone().requires_grad_(True)
+    value = fn(leaf)
+    if not value.requires_grad:  # e.g. every token masked: a constant
+        return value.detach(), torch.zeros_like(leaf)
+    (g,) = torch.autograd.grad(value, leaf, allow_unused=True)
+    return value.detach(), torch.zeros_like(leaf) if g is None else g
+
+
+def group_advantages(rewards: Sequence[float], groups: Sequence[int], mode: str = "grpo", eps: float = 1e-4,
+                     unbiased: bool = True) -> list:
+    """Scalar rewards per sample (NaN = missing) and a group label per sample -> advantages, with Python's
+    statistics module (grpo, dr_grpo, rloo, batch)."""
+    labels = list(groups)
+    out = [0.0] * len(labels)
+    valid = [i for i, r in enumerate(rewards) if not math.isnan(r)]
+    sd = statistics.stdev if unbiased else statistics.pstdev
+    batch_std = sd([rewards[i] for i in valid]) if len(valid) > (1 if unbiased else 0) else 0.0
+    for g in set(labels):
+        idx = [i for i in valid if labels[i] == g]
+        if not idx:
+            continue
+        vals = [rewards[i] for i in idx]
+        mean = statistics.fmean(vals)
+        std = sd(vals) if len(vals) > 1 else 0.0
+        for i in idx:
+            d = rewards[i] - mean
+            if mode == "grpo":
+                out[i] = 0.0 if d == 0 else d / (std + eps)
+            elif mode == "dr_grpo":
+                out[i] = d
+            elif mode == "batch":
+                out[i] = 0.0 if d == 0 else d / (batch_std + eps)
+            elif mode == "rloo":
+                out[i] = rewards[i] - statistics.fmean([rewards[j] for j in idx if j != i]) if len(idx) > 1 else 0.0
+            else:
+                raise ValueError(mode)
+    return out
+
+
+def metrics_close(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], atol: float) -> None:
+    for k, v in want.items():
+        torch.testing.assert_close(torch.as_tensor(got[k]).double(), v.double(), atol=atol, rtol=0, msg=k)
