@@ -1,6 +1,7 @@
 """`mmr1` command line: demo, sft, grpo, generate, eval, bench.
 
-    mmr1 demo [--out-dir runs/demo]                   the synthetic-world MM-R1 run (SFT -> eval -> GRPO -> eval)
+    mmr1 demo [--out-dir runs/demo]                   the synthetic-world MM-R1 run (cold start -> eval -> GRPO -> eval)
+    mmr1 ablation                                     X-CoT vs direct on the synthetic world (make ablation)
     mmr1 sft --out-dir runs/sft [--steps 1500]        only the world + cold-start SFT (what `make cold-start` ships)
     mmr1 grpo --cold-start runs/sft/cold_start --out-dir runs/grpo [--steps 300]
     mmr1 generate --run runs/demo --prompt "my subject big at the left on sky" --reference ref.png
@@ -22,11 +23,12 @@ def _generate(args) -> None:
     import torch
     from PIL import Image
 
-    from .demo import xcot_format
     from .generate import SamplingConfig
     from .model import load_transformer
     from .rollout import xcot_rollout
     from .world import SIZE, load_world
+    from .world.identity import parse_subjects
+    from .world.tasks import xcot_format
 
     run = Path(args.run)
     for need in (run / "world" / "tokenizer.json", run / args.model / "config.json"):
@@ -54,7 +56,9 @@ def _generate(args) -> None:
     fmt = xcot_format(world)
     ro = xcot_rollout(model, [ids], world.image, fmt, SamplingConfig(cfg_scale=args.cfg, top_k=0, text_top_k=0,
                                                                      seed=args.seed))
-    print("reasoning:", world.text.decode(ro.reasoning[0]))
+    text = world.text.decode(ro.reasoning[0])
+    print("reasoning:", text)
+    print("names:", ", ".join(s.words() if s else "(unreadable)" for s in parse_subjects(text)) or "(nothing)")
     out = Path(args.out)
     imgs = refs + [world.vq.decode(ro.subject_codes)[0], world.vq.decode(ro.final_codes)[0]]
     strip = torch.cat(imgs, dim=1).numpy()
@@ -66,7 +70,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="mmr1", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="MM-R1 on the synthetic world: cold-start SFT, GRPO, before/after evaluation")
-    d.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m mmr1.demo (see --help there)")
+    d.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m mmr1.world.demo (see --help there)")
+    a = sub.add_parser("ablation", help="X-CoT vs direct: same model, cold-start and GRPO budgets (about an hour)")
+    a.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m mmr1.world.ablation")
     g = sub.add_parser("generate", help="prompt + reference image -> X-CoT reasoning, subject image, final image")
     g.add_argument("--run", default="runs/demo", help="a demo output directory (world + trained models)")
     g.add_argument("--model", default="grpo", choices=["grpo", "cold_start"])
@@ -81,6 +87,8 @@ def main(argv=None) -> None:
     s_.add_argument("--out-dir", default="runs/sft")
     s_.add_argument("--steps", type=int, default=None, help="SFT steps (default: the demo's, 1500)")
     s_.add_argument("--seed", type=int, default=0)
+    s_.add_argument("--eval-every", type=int, default=0,
+                    help="log held-out identity every N steps (64 + 32 prompts, ~10 s each; 0 = never)")
     r = sub.add_parser("grpo", help="GRPO from a cold-start model, with before/after evaluation")
     r.add_argument("--cold-start", required=True, help="a model directory written by `mmr1 sft` or `mmr1 demo`")
     r.add_argument("--out-dir", default="runs/grpo")
@@ -96,16 +104,20 @@ def main(argv=None) -> None:
     b.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.cmd == "demo":
-        from .demo import main as demo_main
+        from .world.demo import main as demo_main
 
         demo_main(args.rest)
+    elif args.cmd == "ablation":
+        from .world.ablation import main as ablation_main
+
+        ablation_main(args.rest)
     elif args.cmd == "sft":
-        from .demo import DemoConfig, run_sft_only
+        from .world.demo import DemoConfig, run_sft_only
 
         steps = DemoConfig.sft_steps if args.steps is None else args.steps
-        run_sft_only(DemoConfig(out_dir=args.out_dir, sft_steps=steps, seed=args.seed))
+        run_sft_only(DemoConfig(out_dir=args.out_dir, sft_steps=steps, seed=args.seed), eval_every=args.eval_every)
     elif args.cmd == "grpo":
-        from .demo import DemoConfig, run
+        from .world.demo import DemoConfig, run
 
         if not (Path(args.cold_start) / "config.json").exists():
             raise SystemExit(f"error: no model at {args.cold_start} (expected config.json + model.safetensors)")

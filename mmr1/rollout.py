@@ -7,7 +7,9 @@ One sequence per sample, generated on one static cache:
 
 think_open, the image-structure tokens (boi, H, W, newlines, eoi) and the
 final end-of-turn are forced; the reasoning text and the image codes are
-sampled. The rollout records which tokens the policy chose (the GRPO loss
+sampled. ``XCoTFormat(reasoning=False, subject_image=False)`` is the "direct"
+policy of the X-CoT ablation (prompt | final image block | end-of-turn); either
+phase can be left out alone too. The rollout records which tokens the policy chose (the GRPO loss
 mask), the sampler's log-prob of each, and which positions are image codes
 (trained over the image vocab window) vs text (trained over the text window).
 """
@@ -35,6 +37,12 @@ class XCoTFormat:
     final_hw: Tuple[int, int] = (32, 32)
     text_range: Tuple[int, int] = (8196, 65536)  # ids the reasoning text is sampled from
     max_text_tokens: int = 64
+    reasoning: bool = True  # think_open ... think_close before the images
+    subject_image: bool = True  # the intermediate subject image before the final one
+
+    @property
+    def direct(self) -> bool:
+        return not self.reasoning and not self.subject_image
 
 
 @dataclass
@@ -45,7 +53,7 @@ class Rollout:
     chosen: torch.Tensor  # [N, L] bool: tokens the policy sampled (the loss mask)
     logprobs: torch.Tensor  # [N, L] fp32: sampler log-prob of each chosen token (0 elsewhere)
     image_positions: torch.Tensor  # [N, L] bool: image-code positions (subject + final)
-    subject_codes: torch.Tensor  # [N, h, w]
+    subject_codes: Optional[torch.Tensor]  # [N, h, w]; None when the format has no subject image
     final_codes: torch.Tensor  # [N, h, w]
     reasoning: List[List[int]] = field(default_factory=list)  # reasoning tokens incl. think_close
     subject_images: Optional[torch.Tensor] = None  # [N, 3, H, W] in [-1, 1] when a VQ decoder was given
@@ -66,30 +74,39 @@ def xcot_rollout(model: Transformer, prompts: Sequence[Sequence[int]], vocab: Im
     0..N-1); ``vq_decode`` (e.g. VQModel.decode) turns codes into images.
     """
     scfg = scfg or SamplingConfig()
-    seqs = [list(p) + [fmt.think_open] for p in prompts for _ in range(num_samples)]
+    open_ = [fmt.think_open] if fmt.reasoning else []
+    seqs = [list(p) + open_ for p in prompts for _ in range(num_samples)]
     n = len(seqs)
     if n == 0:
         raise ValueError("prompts must not be empty")
     use_cfg = scfg.cfg_scale != 1.0
     (sh, sw), (fh, fw) = fmt.subject_hw, fmt.final_hw
-    max_len = max(len(s) for s in seqs) + fmt.max_text_tokens + vocab.block_length(sh, sw) + \
-        vocab.block_length(fh, fw) + 2
+    max_len = (max(len(s) for s in seqs) + (fmt.max_text_tokens if fmt.reasoning else 0)
+               + (vocab.block_length(sh, sw) if fmt.subject_image else 0) + vocab.block_length(fh, fw) + 2)
     dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len)
     dev = dec.device
     rows = torch.arange(n, device=dev)
     row_ids = rows if row_ids is None else row_ids.to(dev)
+    subject = None
     try:
         first = dec.prefill(rows, seqs)
-        text, text_lp, text_chosen = sample_text(dec, n, first, fmt.think_close, fmt.max_text_tokens,
-                                                 fmt.text_range, scfg, TEXT_OFFSET, row_ids)
-        subject = sample_image_blocks(dec, n, sh, sw, vocab, scfg, SUBJECT_OFFSET, row_ids)
-        dec.step(torch.full((n,), vocab.eoi, dtype=torch.long, device=dev), rows)  # feed the subject's eoi
+        if fmt.reasoning:
+            text, text_lp, text_chosen = sample_text(dec, n, first, fmt.think_close, fmt.max_text_tokens,
+                                                     fmt.text_range, scfg, TEXT_OFFSET, row_ids)
+        else:
+            text, text_lp, text_chosen = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        if fmt.subject_image:
+            subject = sample_image_blocks(dec, n, sh, sw, vocab, scfg, SUBJECT_OFFSET, row_ids)
+            dec.step(torch.full((n,), vocab.eoi, dtype=torch.long, device=dev), rows)  # feed the subject's eoi
         final = sample_image_blocks(dec, n, fh, fw, vocab, scfg, FINAL_OFFSET, row_ids)
     finally:
         dec.close()
 
     full, chosen, logps, is_img = [], [], [], []
-    sub_t, sub_l, sub_c = subject.tokens.tolist(), subject.logprobs.tolist(), subject.chosen.tolist()
+    if subject is not None:
+        sub_t, sub_l, sub_c = subject.tokens.tolist(), subject.logprobs.tolist(), subject.chosen.tolist()
+    else:
+        sub_t = sub_l = sub_c = [[] for _ in range(n)]
     fin_t, fin_l, fin_c = final.tokens.tolist(), final.logprobs.tolist(), final.chosen.tolist()
     for r in range(n):
         p = seqs[r]
@@ -103,9 +120,10 @@ def xcot_rollout(model: Transformer, prompts: Sequence[Sequence[int]], vocab: Im
         tokens=tokens, lengths=lengths, prompt_lengths=torch.tensor([len(s) for s in seqs]),
         chosen=_padded(chosen, L, torch.bool), logprobs=_padded(logps, L, torch.float32),
         image_positions=_padded(is_img, L, torch.bool),
-        subject_codes=subject.codes.cpu(), final_codes=final.codes.cpu(), reasoning=text)
+        subject_codes=None if subject is None else subject.codes.cpu(), final_codes=final.codes.cpu(),
+        reasoning=text)
     if vq_decode is not None:
-        rollout.subject_images = vq_decode(subject.codes).cpu()
+        rollout.subject_images = None if subject is None else vq_decode(subject.codes).cpu()
         rollout.final_images = vq_decode(final.codes).cpu()
     return rollout
 

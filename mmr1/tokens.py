@@ -177,13 +177,13 @@ class TextTokenizer:
         return self.tok.get_vocab_size()
 
 
-def pad_sequences(seqs: Sequence[Sequence[int]], pad: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists -> (tokens [B, T], lengths [B])."""
+def pad_sequences(seqs: Sequence[Sequence], pad=0, dtype: torch.dtype = torch.long) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad lists -> (values [B, T] of ``dtype``, lengths [B])."""
     lengths = torch.tensor([len(s) for s in seqs])
     T = int(lengths.max()) if len(seqs) else 0
-    out = torch.full((len(seqs), T), pad, dtype=torch.long)
+    out = torch.full((len(seqs), T), pad, dtype=dtype)
     for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        out[i, : len(s)] = torch.as_tensor(list(s), dtype=dtype)
     return out, lengths
 
 

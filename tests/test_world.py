@@ -1,132 +1,276 @@
-"""The synthetic personalization world: rendering, the patch VQ tokenizer, tokens, X-CoT examples, rewards."""
+"""The synthetic personalization world: tiles, the exact VQ, identity round trips, identity metrics and rewards."""
+import json
+
 import pytest
 import torch
 
 from mmr1.rewards import format_reward
-from mmr1.rollout import Rollout, XCoTFormat
+from mmr1.rollout import Rollout
 from mmr1.tokens import pad_sequences
-from mmr1.world import (BACKGROUNDS, GRID, PairScene, PatchVQ, Scene, Subject, all_subjects, analyze, load_world,
-                        random_pair_scene, random_scene, render, save_world, subject_similarity, subject_view,
-                        text_alignment)
+from mmr1.world import (BACKGROUNDS, CELL, COLORS, GRID, POSITION_NAMES, SCALES, SIZE, PairScene, PatchVQ, Scene,
+                        Subject, all_subjects, load_world, render, save_world, subject_view)
+from mmr1.world.identity import IdentityJudge, judge_text, parse_subjects
+from mmr1.world.tasks import random_task, split_subjects, xcot_format
+
+VQ = PatchVQ.build()
+JUDGE = IdentityJudge(VQ)
+A = Subject("cross", "red", "stripes", "yellow")
+B = Subject("square", "green")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    vq = PatchVQ.fit(num_codes=64, num_images=300, iters=6, seed=0)
-    return save_world(tmp_path_factory.mktemp("world"), vq)
+    return save_world(tmp_path_factory.mktemp("world"), VQ)
 
 
-def test_subjects_and_rendering():
+def codes(scene):
+    return VQ.encode(render(scene)[None])[0]
+
+
+# --------------------------------------------------------------------------- subjects, tiles, rendering
+
+def test_subject_space_and_validation():
     subjects = all_subjects()
     assert len(subjects) == len(set(subjects)) == 1056
-    s = Scene(Subject("ring", "red", "stripes", "blue"), "sky", "left", "big")
-    img = render(s)
-    assert img.shape == (32, 32, 3) and img.dtype == torch.uint8 and torch.equal(img, render(s))
-    a = analyze(img)
-    assert a["background"] == "sky" and a["position"] == "left" and a["scale"] == "big"
-    small = analyze(render(Scene(Subject("circle", "green"), "black", "right", "small")))
-    assert small["position"] == "right" and small["scale"] == "small" and small["background"] == "black"
+    with pytest.raises(ValueError, match="shape"):
+        Subject("hexagon", "red")
+    with pytest.raises(ValueError, match="pattern_color"):
+        Subject("ring", "red", "stripes")
+    with pytest.raises(ValueError, match="pattern_color must be a color other than"):
+        Subject("ring", "red", "stripes", "red")
+    with pytest.raises(ValueError, match="bad scene"):
+        Scene(A, "mars", "left", "big")
+    train, held = split_subjects(0, 0.1)
+    assert len(held) == 105 and not set(train) & set(held) and len(train) + len(held) == 1056
 
 
-def test_patch_vq_is_deterministic_and_reconstructs(world, tmp_path):
-    again = PatchVQ.fit(num_codes=64, num_images=300, iters=6, seed=0)
-    assert torch.equal(again.codebook, world.vq.codebook)
-    g = torch.Generator().manual_seed(1)
-    imgs = torch.stack([render(random_scene(s, g)) for s in all_subjects()[::97]])
-    codes = world.vq.encode(imgs)
-    assert codes.shape == (len(imgs), GRID, GRID)
-    err = (world.vq.decode(codes).float() - imgs.float()).abs().mean()
-    assert err < 12.0, f"mean reconstruction error {err:.1f}/255"
-    loaded = load_world(tmp_path.parent / next(p.name for p in tmp_path.parent.iterdir() if p.name.startswith("world")))
-    assert torch.equal(loaded.vq.codebook, world.vq.codebook)
+def test_render_paints_the_cells_the_shape_map_names():
+    """Pixel-level check, independent of the VQ: a small solid square at the center of sky covers exactly the
+    box's 3 x 3 cells; a big striped square paints 2-px pattern-color bands inside its full cells."""
+    img = render(Scene(Subject("square", "red"), "sky", "center", "small")).long()
+    assert img.shape == (SIZE, SIZE, 3)
+    inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    inside[2 * CELL:5 * CELL, 2 * CELL:5 * CELL] = True
+    assert bool((img[inside] == torch.tensor(COLORS["red"])).all())
+    assert bool((img[~inside] == torch.tensor(BACKGROUNDS["sky"])).all())
+    big = render(Scene(Subject("square", "blue", "stripes", "yellow"), "black", "left", "big")).long()
+    cell = big[CELL:2 * CELL, 0:CELL]  # a full cell of the box (rows 1..5, cols 0..4)
+    cols = torch.arange(CELL)
+    yellow = (cell == torch.tensor(COLORS["yellow"])).all(-1)
+    assert torch.equal(yellow, ((cols // 2) % 2 == 1).expand(CELL, CELL))
+    # a star's tips are partial tiles: some pixels of its top cell are background
+    star = render(Scene(Subject("star", "green"), "white", "center", "big")).long()
+    top = star[CELL:2 * CELL, 3 * CELL:4 * CELL]
+    assert 0 < int((top == torch.tensor(COLORS["green"])).all(-1).sum()) < CELL * CELL
 
 
-def test_xcot_example_layout_and_format_reward(world):
-    g = torch.Generator().manual_seed(2)
-    subj = all_subjects()[123]
-    scene, ref = random_scene(subj, g), random_scene(subj, g)
-    seq, plen = world.example(scene, ref)
-    vocab = world.image
-    assert vocab.window == (4, 4 + 64)
-    spans = vocab.find_blocks(seq)
-    assert len(spans) == 3  # reference, subject, final
-    assert torch.equal(vocab.decode_block(seq[spans[2][0]:spans[2][1]]), world.vq.encode(render(scene)[None])[0])
-    assert world.text.decode(seq[plen + 1: seq.index(world.text.token_id("</think>"))]) == scene.plan()
-    fmt = XCoTFormat(think_open=world.text.token_id("<think>"), think_close=world.text.token_id("</think>"),
-                     end_of_turn=world.end_of_turn, subject_hw=(GRID, GRID), final_hw=(GRID, GRID))
-    tokens, lengths = pad_sequences([seq])
-    ro = Rollout(tokens=tokens, lengths=lengths, prompt_lengths=torch.tensor([plen - 0]),
-                 chosen=torch.zeros_like(tokens, dtype=torch.bool), logprobs=torch.zeros(tokens.shape),
-                 image_positions=torch.zeros_like(tokens, dtype=torch.bool),
-                 subject_codes=torch.zeros(1, GRID, GRID, dtype=torch.long),
-                 final_codes=torch.zeros(1, GRID, GRID, dtype=torch.long))
-    # the prompt ends with end-of-turn; the completion starts at <think>
-    assert seq[plen] == fmt.think_open
-    ro.prompt_lengths = torch.tensor([plen + 1])
-    assert format_reward(ro, vocab, fmt)[0].item() == 1.0
-
-
-def test_procedural_rewards_are_exact_on_ideal_images():
-    scene = Scene(Subject("triangle", "yellow", "dots", "purple"), "gray", "center", "small")
-    ideal = render(scene)
-    assert text_alignment(ideal, scene) == 1.0 and subject_similarity(ideal, scene) == pytest.approx(1.0)
-    wrong_bg = render(Scene(scene.subject, "white", "center", "small"))
-    assert text_alignment(wrong_bg, scene) == pytest.approx(2 / 3)
-    other = render(Scene(Subject("square", "blue"), "gray", "center", "small"))
-    assert subject_similarity(other, scene) < 0.8
-    blank = torch.tensor(BACKGROUNDS["gray"], dtype=torch.uint8).expand(32, 32, 3).clone()
-    assert text_alignment(blank, scene) == pytest.approx(1 / 3)  # the background alone
-    assert subject_view(scene.subject).position == "center"
-
-
-A, B = Subject("circle", "red", "stripes", "blue"), Subject("square", "green")
-
-
-def test_pair_scenes_render_both_subjects_and_reject_bad_input():
+def test_pair_scene_halves_are_the_single_renders():
     pair = PairScene(A, B, "sand", "right")
     img = render(pair)
-    # each half is exactly the one-subject render of its subject at that side
     for subject, side in ((A, "right"), (B, "left")):
         alone = render(Scene(subject, "sand", side, "small"))
-        half = slice(16, 32) if side == "right" else slice(0, 16)
+        half = slice(SIZE // 2, SIZE) if side == "right" else slice(0, SIZE // 2)
         assert torch.equal(img[:, half], alone[:, half])
     assert pair.prompt() == "my first subject at the right and my second subject at the left on sand"
-    view = subject_view(pair)
-    assert view.background == "white" and view.first_position == "right"
-    assert isinstance(random_pair_scene(A, B, torch.Generator().manual_seed(0)), PairScene)
+    assert subject_view(pair).background == "white" and subject_view(pair).first_position == "right"
     with pytest.raises(ValueError, match="first_position"):
         PairScene(A, B, "sand", "center")
     with pytest.raises(ValueError, match="two different subjects"):
         PairScene(A, A, "sand", "left")
 
 
-def test_pair_rewards_locate_each_subject_like_psr():
+# --------------------------------------------------------------------------- the VQ carries identity
+
+def test_codebook_is_the_distinct_cell_patches():
+    assert VQ.num_codes == 501
+    assert torch.unique(VQ.codebook, dim=0).shape[0] == VQ.num_codes  # no two codes decode alike
+    assert torch.equal(PatchVQ.build().codebook, VQ.codebook)  # deterministic
+    s = Scene(A, "sky", "left", "big")
+    assert torch.equal(codes(s), VQ.scene_codes(s))
+    with pytest.raises(ValueError, match="images must be"):
+        VQ.encode(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+
+
+def test_every_subject_renders_differently_at_every_placement():
+    """Nearest-ideal-render classification is well defined: no two of the 1056 subjects look alike anywhere."""
+    for bg in BACKGROUNDS:
+        for pos in POSITION_NAMES:
+            for scale in SCALES:
+                ideal = JUDGE.ideal(bg, pos, scale).reshape(1056, -1)
+                assert torch.unique(ideal, dim=0).shape[0] == 1056, (bg, pos, scale)
+
+
+def test_vq_round_trip_keeps_identity_of_held_out_subjects():
+    """render -> encode -> decode -> encode of held-out one- and two-subject scenes is still classified as the
+    right subject(s) on the right side(s) (nearest ideal render among all 1056 at the located placement)."""
+    _, held = split_subjects(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    right = total = 0
+    for pair in (False, True):
+        for _ in range(len(held)):
+            scene, _ = random_task(held, g, pair)
+            again = VQ.encode(VQ.decode(codes(scene)[None]))[0]
+            j = JUDGE.judge_image(again, scene)
+            right += int(j["whole"] == 1.0 and j["layout"] == 1.0)
+            total += 1
+    assert right / total >= 0.99, f"identity kept in {right}/{total} round trips"
+
+
+def test_encoding_is_robust_to_pixel_noise():
+    scene = PairScene(A, Subject("ring", "blue", "checker", "pink"), "gray", "left")
+    img = render(scene).float() + torch.randn(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(0)) * 20
+    assert torch.equal(VQ.encode(img.clamp(0, 255).to(torch.uint8)[None])[0], VQ.scene_codes(scene))
+
+
+def test_save_and_load_world(tmp_path):
+    saved = save_world(tmp_path / "w", VQ)
+    again = load_world(tmp_path / "w")
+    assert torch.equal(again.vq.codebook, VQ.codebook) and again.vq.keys == VQ.keys
+    assert again.text.tok.get_vocab() == saved.text.tok.get_vocab()
+    assert json.loads((tmp_path / "w" / "world.json").read_text())["codes"] == 501
+    (tmp_path / "w" / "world.json").write_text(json.dumps({"world_version": 2}))
+    with pytest.raises(ValueError, match="world version 2"):
+        load_world(tmp_path / "w")
+    with pytest.raises(FileNotFoundError, match="vq.safetensors not found"):
+        load_world(tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------- identity reward: failure cases
+
+def test_identity_reward_ranks_the_right_subject_clearly_above_look_alikes():
+    scene = Scene(A, "sky", "left", "big")
+    right = JUDGE.identity_reward(codes(scene), scene)
+    assert right == 1.0
+    look_alikes = {
+        "right colours, wrong shape": Subject("square", "red", "stripes", "yellow"),
+        "right shape, wrong pattern": Subject("cross", "red", "rows", "yellow"),
+        "right shape, wrong pattern colour": Subject("cross", "red", "stripes", "blue"),
+        "colours swapped": Subject("cross", "yellow", "stripes", "red"),
+        "a plain blob of the main colour": Subject("circle", "red"),
+    }
+    for what, other in look_alikes.items():
+        r = JUDGE.identity_reward(codes(Scene(other, "sky", "left", "big")), scene)
+        assert r <= 0.375, f"{what}: {r}"
+    blank = torch.full((GRID, GRID), VQ.code_of[(".", None, "solid", None, "sky")])
+    assert JUDGE.identity_reward(blank, scene) == 0.0
+    # the subject where it was not asked: identity is about what is drawn (layout is the other reward)
+    moved = Scene(A, "black", "right", "small")
+    assert JUDGE.identity_reward(codes(moved), scene) == 1.0 and JUDGE.layout(codes(moved), scene) == 0.0
+
+
+def test_identity_reward_sees_what_pixel_similarity_does_not():
+    """The old subject reward (pixel L1 similarity) scores a right-coloured wrong shape almost as high as the right
+    subject; the identity reward does not."""
+    scene = Scene(A, "sky", "center", "big")
+    ideal = render(scene).float()
+
+    def pixel_similarity(img):
+        return 1.0 - float((img.float() - ideal).abs().mean()) / 255.0
+
+    wrong = Scene(Subject("star", "red", "stripes", "yellow"), "sky", "center", "big")
+    assert pixel_similarity(render(wrong)) > 0.9
+    assert JUDGE.identity_reward(codes(wrong), scene) < 0.4
+
+
+def test_pair_identity_is_psr_pairwise_consistency():
     pair = PairScene(A, B, "sky", "left")
-    ideal = render(pair)
-    assert text_alignment(ideal, pair) == 1.0 and subject_similarity(ideal, pair) == pytest.approx(1.0)
-    # subjects swapped: the layout is wrong, but each subject is still found (PSR's located comparison)
-    swapped = render(PairScene(A, B, "sky", "right"))
-    assert text_alignment(swapped, pair) == pytest.approx(1 / 3)
-    assert subject_similarity(swapped, pair) == pytest.approx(1.0)
-    # one subject missing: its side fails and its consistency drops
-    only_a = render(Scene(A, "sky", "left", "small"))
-    assert text_alignment(only_a, pair) == pytest.approx(2 / 3)
-    assert subject_similarity(only_a, pair) < 0.9
-    # the first subject drawn twice: the second is never found
-    twice = render(PairScene(A, Subject("circle", "red", "dots", "blue"), "sky", "left"))
-    assert subject_similarity(twice, pair) < subject_similarity(swapped, pair)
-    blank = torch.tensor(BACKGROUNDS["sky"], dtype=torch.uint8).expand(32, 32, 3).clone()
-    assert text_alignment(blank, pair) == pytest.approx(1 / 3)
+    assert JUDGE.identity_reward(codes(pair), pair) == 1.0 and JUDGE.layout(codes(pair), pair) == 1.0
+    swapped = PairScene(A, B, "sky", "right")  # both found (PSR locates them), sides wrong
+    assert JUDGE.identity_reward(codes(swapped), pair) == 1.0
+    assert JUDGE.layout(codes(swapped), pair) == pytest.approx(1 / 3)
+    assert JUDGE.judge_image(codes(swapped), pair)["whole"] == 0.0  # not on their sides
+    only_a = Scene(A, "sky", "left", "small")  # the second subject missing
+    assert JUDGE.identity_reward(codes(only_a), pair) == 0.5
+    twice = PairScene(A, Subject("cross", "red", "stripes", "blue"), "sky", "left")  # A and a look-alike of A
+    assert JUDGE.identity_reward(codes(twice), pair) < 0.6
+    other_pair = PairScene(B, Subject("ring", "pink"), "sky", "left")  # the other subject of the pair, and a stranger
+    assert JUDGE.identity_reward(codes(other_pair), pair) < 0.7
+
+
+# --------------------------------------------------------------------------- identity metrics on hand-made outputs
+
+def test_judge_image_per_attribute_and_layout():
+    scene = Scene(A, "gray", "right", "small")
+    assert JUDGE.judge_image(codes(scene), scene) == {"shape": 1.0, "color": 1.0, "pattern": 1.0,
+                                                      "pattern_color": 1.0, "whole": 1.0, "layout": 1.0}
+    wrong_color = Scene(Subject("cross", "blue", "stripes", "yellow"), "gray", "right", "small")
+    assert JUDGE.judge_image(codes(wrong_color), scene) == {"shape": 1.0, "color": 0.0, "pattern": 1.0,
+                                                            "pattern_color": 1.0, "whole": 0.0, "layout": 1.0}
+    big_center = Scene(A, "white", "center", "big")
+    j = JUDGE.judge_image(codes(big_center), scene)
+    assert j["whole"] == 1.0 and j["layout"] == 0.0
+    # a pair image: the second subject's pattern colour wrong
+    pair = PairScene(A, Subject("ring", "blue", "checker", "pink"), "sand", "left")
+    drawn = PairScene(A, Subject("ring", "blue", "checker", "green"), "sand", "left")
+    j = JUDGE.judge_image(codes(drawn), pair)
+    assert j["pattern_color"] == 0.5 and j["shape"] == 1.0 and j["whole"] == 0.0 and j["layout"] == 1.0
+    # half the image cut away: one side empty
+    half = codes(pair).clone()
+    half[:, 4:] = VQ.code_of[(".", None, "solid", None, "sand")]
+    j = JUDGE.judge_image(half, pair)
+    assert j["whole"] == 0.0 and j["shape"] == 0.5 and j["layout"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="code grid"):
+        JUDGE.judge_image(torch.zeros(8, 8, dtype=torch.long), scene)
+
+
+def test_judge_text_reads_the_reasoning():
+    scene = Scene(A, "gray", "right", "small")
+    assert judge_text(scene.plan(), scene)["whole"] == 1.0
+    assert parse_subjects(scene.plan()) == [A]
+    j = judge_text("subject is a red cross with blue stripes ; place it small at the right on gray", scene)
+    assert j == {"shape": 1.0, "color": 1.0, "pattern": 1.0, "pattern_color": 0.0, "whole": 0.0}
+    assert judge_text("subject is a red blob with yellow stripes", scene)["whole"] == 0.0  # unknown shape
+    assert judge_text("subject is a", scene) == {"shape": 0.0, "color": 0.0, "pattern": 0.0, "pattern_color": 0.0,
+                                                 "whole": 0.0}
+    pair = PairScene(A, B, "sky", "left")
+    assert judge_text(pair.plan(), pair)["whole"] == 1.0
+    swapped = PairScene(B, A, "sky", "left").plan()  # the right subjects in the wrong order
+    assert judge_text(swapped, pair)["whole"] == 0.0
+    assert judge_text(Scene(A, "sky", "left", "big").plan(), pair)["whole"] == 0.0  # one subject named of two
+    # the layout half of the plan never counts as a subject
+    assert parse_subjects("subject is a green square with solid ; place it a red cross with solid") == [B]
+
+
+# --------------------------------------------------------------------------- token sequences
+
+def _as_rollout(seq, plen, fmt):
+    tokens, lengths = pad_sequences([seq])
+    return Rollout(tokens=tokens, lengths=lengths, prompt_lengths=torch.tensor([plen + int(fmt.reasoning)]),
+                   chosen=torch.zeros_like(tokens, dtype=torch.bool), logprobs=torch.zeros(tokens.shape),
+                   image_positions=torch.zeros_like(tokens, dtype=torch.bool), subject_codes=None,
+                   final_codes=torch.zeros(1, GRID, GRID, dtype=torch.long))
+
+
+def test_xcot_and_direct_examples_and_their_format(world):
+    g = torch.Generator().manual_seed(2)
+    scene, refs = random_task(all_subjects(), g, pair=False)
+    seq, plen = world.example(scene, refs)
+    vocab = world.image
+    assert vocab.window == (4, 4 + 501)
+    spans = vocab.find_blocks(seq)
+    assert len(spans) == 3  # reference, subject, final
+    assert torch.equal(vocab.decode_block(seq[spans[0][0]:spans[0][1]]), codes(refs[0]))
+    assert torch.equal(vocab.decode_block(seq[spans[2][0]:spans[2][1]]), codes(scene))
+    assert world.text.decode(seq[plen + 1: seq.index(world.text.token_id("</think>"))]) == scene.plan()
+    fmt = xcot_format(world)
+    assert seq[plen] == fmt.think_open
+    assert format_reward(_as_rollout(seq, plen, fmt), vocab, fmt)[0].item() == 1.0
+    # the direct policy: the same prompt, then only the final image
+    dseq, dplen = world.example(scene, refs, direct=True)
+    assert dseq[:dplen] == seq[:plen] and len(vocab.find_blocks(dseq[dplen:])) == 1
+    dfmt = xcot_format(world, direct=True)
+    assert format_reward(_as_rollout(dseq, dplen, dfmt), vocab, dfmt)[0].item() == 1.0
+    assert format_reward(_as_rollout(seq, plen, dfmt), vocab, dfmt)[0].item() == 0.0  # X-CoT is not direct
+    assert format_reward(_as_rollout(dseq, dplen, fmt), vocab, fmt)[0].item() == 0.0
 
 
 def test_pair_and_describe_examples(world):
     pair = PairScene(A, B, "gray", "left")
     refs = [Scene(A, "white", "center", "big"), Scene(B, "sky", "right", "small")]
     seq, plen = world.example(pair, refs)
-    spans = world.image.find_blocks(seq)
-    assert len(spans) == 4  # two references, subject image, final image
+    assert len(world.image.find_blocks(seq)) == 4  # two references, subject image, final image
     assert world.text.decode(seq[plen + 1: seq.index(world.text.token_id("</think>"))]) == pair.plan()
-    assert torch.equal(world.image.decode_block(seq[spans[3][0]:spans[3][1]]), world.vq.encode(render(pair)[None])[0])
+    assert world.prompt_ids([render(r) for r in refs], pair) == seq[:plen]  # pixels in, same tokens
     with pytest.raises(ValueError, match="2 subject"):
         world.prompt_ids(render(refs[0]), pair)
     d, dlen = world.describe_example(pair)

@@ -23,7 +23,7 @@ RewardFn = Callable[[Rollout, Sequence[dict]], Tuple[torch.Tensor, Dict[str, flo
 
 def format_reward(rollout: Rollout, vocab: ImageVocab, fmt: XCoTFormat) -> Tuple[torch.Tensor, Dict[str, float]]:
     """1.0 when the completion is think... think_close, a subject block and a final block of the expected
-    sizes, then end-of-turn, with no other image structure; else 0.0."""
+    sizes, then end-of-turn, with no other image structure (the parts ``fmt`` leaves out absent); else 0.0."""
     out = torch.zeros(rollout.num_samples)
     for r in range(rollout.num_samples):
         seq = rollout.tokens[r, rollout.prompt_lengths[r]: rollout.lengths[r]].tolist()
@@ -32,22 +32,28 @@ def format_reward(rollout: Rollout, vocab: ImageVocab, fmt: XCoTFormat) -> Tuple
 
 
 def _well_formed(seq: List[int], vocab: ImageVocab, fmt: XCoTFormat) -> bool:
-    if fmt.think_close not in seq or not seq or seq[-1] != fmt.end_of_turn:
+    if not seq or seq[-1] != fmt.end_of_turn:
         return False
-    close = seq.index(fmt.think_close)
-    text, rest = seq[:close], seq[close + 1: -1]
-    structure = {vocab.boi, vocab.eoi, vocab.newline}
-    if any(t in structure or vocab.token_to_code[t] >= 0 for t in text if 0 <= t < vocab.vocab_size):
-        return False
+    rest = seq[:-1]
+    if fmt.reasoning:
+        if fmt.think_close not in seq:
+            return False
+        close = seq.index(fmt.think_close)
+        text, rest = seq[:close], seq[close + 1: -1]
+        structure = {vocab.boi, vocab.eoi, vocab.newline}
+        if any(t in structure or vocab.token_to_code[t] >= 0 for t in text if 0 <= t < vocab.vocab_size):
+            return False
+    shapes = ([fmt.subject_hw] if fmt.subject_image else []) + [fmt.final_hw]
     spans = vocab.find_blocks(rest)
-    if len(spans) != 2 or spans[0][0] != 0 or spans[1][0] != spans[0][1] or spans[1][1] != len(rest):
+    if len(spans) != len(shapes) or not spans or spans[0][0] != 0 or spans[-1][1] != len(rest):
+        return False
+    if any(spans[i + 1][0] != spans[i][1] for i in range(len(spans) - 1)):
         return False
     try:
-        sub = vocab.decode_block(rest[spans[0][0]: spans[0][1]])
-        fin = vocab.decode_block(rest[spans[1][0]: spans[1][1]])
+        blocks = [vocab.decode_block(rest[a:b]) for a, b in spans]
     except ValueError:
         return False
-    return tuple(sub.shape) == tuple(fmt.subject_hw) and tuple(fin.shape) == tuple(fmt.final_hw)
+    return all(tuple(b.shape) == tuple(hw) for b, hw in zip(blocks, shapes))
 
 
 @dataclass

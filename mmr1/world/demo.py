@@ -1,0 +1,435 @@
+"""The embedded default: MM-R1 end to end on the synthetic world, on a CPU, in minutes.
+
+    python -m mmr1.world.demo            (or: make demo)
+
+1. the world: 1056 procedural subjects, one- and two-subject (PSR-style) scenes, an exact tile VQ tokenizer and a
+   tokenizer with Chameleon's id layout (mmr1.world)
+2. the cold start: SFT of a tiny Chameleon-architecture model on X-CoT examples (and on the understanding direction,
+   image -> prompt, which the dual self-reward reads) -- shipped in mmr1/assets/demo, or trained here
+3. evaluation on held-out subjects: does the reasoning name the subject, does the subject image show it, does the
+   final image show it (and where it was asked), per attribute and whole, mean +- 95% CI, one and two subjects
+4. GRPO with the identity reward (classification-based; PSR's pairwise consistency for pairs), the layout reward,
+   format and the dual self-reward (mmr1.grpo, fused kernels), then evaluation again
+5. rollout and training throughput of the fused kernels vs the reference path (the same GRPO steps with
+   GRPOConfig(backend="reference"): full-vocab logits and the PyTorch specs)
+6. a PNG grid (references | subject image | final image, before and after, each row's reasoning and identity
+   marks) and a reward / identity curve
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..grpo import GRPOConfig, GRPOTrainer
+from ..model import ModelConfig, Transformer, init_weights, load_transformer, save_transformer
+from ..sft import SFTConfig, SFTTrainer
+from .identity import IdentityJudge
+from .scene import WORLD_VERSION, subject_view
+from .tasks import (TaskMix, evaluate, make_prompts, sft_batch, split_subjects, world_rewards, xcot_format)
+from .tokens import WorldTokens, load_world, save_world
+from .vq import PatchVQ
+
+
+@dataclass
+class DemoConfig:
+    out_dir: str = "runs/demo"
+    seed: int = 0
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 6
+    sft_steps: int = 5000
+    sft_batch: int = 16
+    sft_lr: float = 2e-3
+    grpo_steps: int = 300
+    group_size: int = 4
+    prompts_per_step: int = 2
+    grpo_lr: float = 3e-5
+    pair_frac: float = 0.25  # two-subject (PSR-style) prompts among SFT examples and GRPO prompts
+    describe_frac: float = 0.15  # understanding examples (image -> prompt) in the cold start
+    reasoning_weight: float = 5.0  # SFT loss weight of the reasoning text tokens (image codes: 1)
+    self_reward_weight: float = 0.2  # the generation-direction dual self-reward in GRPO (0 = off)
+    eval_prompts: int = 200  # one-subject held-out prompts
+    eval_pair_prompts: int = 100  # two-subject held-out prompts
+    compare_steps: int = 2  # GRPO steps timed per backend for the fused-vs-reference throughput table
+    held_out_frac: float = 0.1
+    direct: bool = False  # the ablation's direct policy (no reasoning text, no subject image)
+    use_shipped: bool = True  # load the shipped world + cold-start weights when they match this config
+
+
+# The shipped cold start: the world (codebook + tokenizer) and the SFT weights that `make cold-start`
+# (= `mmr1 sft --out-dir runs/cold_start` + copy) writes; the demo uses them when their manifest matches.
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "demo"
+COLD_START_FIELDS = ("seed", "hidden", "layers", "heads", "sft_steps", "sft_batch", "sft_lr", "pair_frac",
+                     "describe_frac", "reasoning_weight", "held_out_frac", "direct")
+
+
+def cold_start_key(cfg: DemoConfig) -> Dict:
+    """What determines the cold-start model: the world version and the SFT settings."""
+    return {"world_version": WORLD_VERSION, **{k: getattr(cfg, k) for k in COLD_START_FIELDS}}
+
+
+def shipped_cold_start(cfg: DemoConfig, root: Path = SHIPPED) -> Optional[Path]:
+    """The shipped asset directory if its manifest was made with this config, else None."""
+    manifest = root / "manifest.json"
+    if not cfg.use_shipped or not manifest.exists():
+        return None
+    made_with = json.loads(manifest.read_text())["config"]
+    return root if made_with == json.loads(json.dumps(cold_start_key(cfg))) else None
+
+
+def new_model(world: WorldTokens, cfg: DemoConfig) -> Transformer:
+    mcfg = ModelConfig(vocab_size=world.text.vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.hidden * 8 // 3,
+                       num_layers=cfg.layers, num_heads=cfg.heads, num_kv_heads=cfg.heads, max_seq_len=512,
+                       bos_id=world.bos, eos_id=world.end_of_turn)
+    return init_weights(Transformer(mcfg), seed=cfg.seed)
+
+
+def train_cold_start(world: WorldTokens, train_subjects, cfg: DemoConfig, log=lambda rec: None,
+                     progress: bool = True, eval_every: int = 0, held_out=None) -> Transformer:
+    """SFT from random init: warmup 50 steps, cosine decay, AdamW, batches from mmr1.world.tasks.sft_batch.
+    With ``eval_every`` > 0, the identity metrics on (a small set of) held-out prompts are logged along the way."""
+    model = new_model(world, cfg)
+    tr = SFTTrainer(model, SFTConfig(lr=cfg.sft_lr, steps=cfg.sft_steps, batch_size=cfg.sft_batch))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        tr.optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.sft_steps, 1.0))))
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    mix = TaskMix(cfg.sft_batch, cfg.pair_frac, cfg.describe_frac, cfg.direct, cfg.reasoning_weight)
+    from tqdm import tqdm
+
+    bar = tqdm(range(cfg.sft_steps), desc=f"cold-start SFT ({'direct' if cfg.direct else 'X-CoT'})",
+               disable=not progress)
+    for step in bar:
+        m = tr.step(*sft_batch(world, train_subjects, g, mix))
+        sched.step()
+        bar.set_postfix(loss=f"{m['loss']:.3f}")
+        if step % 50 == 0 or step == cfg.sft_steps - 1:
+            log({"phase": "sft", "step": step, **m})
+        if eval_every and held_out and ((step + 1) % eval_every == 0 or step + 1 == cfg.sft_steps):
+            small = replace(cfg, eval_prompts=64, eval_pair_prompts=32)
+            table, _, _ = evaluate(model, world, IdentityJudge(world.vq), xcot_format(world, cfg.direct),
+                                   eval_prompts(world, held_out, small), seed=cfg.seed + 11)
+            rec = {f"{split}/{k}": round(v[0], 3) for split, t in table.items() for k, v in t.items()
+                   if k.endswith("/whole") or k == "layout"}
+            log({"phase": "sft_eval", "step": step + 1, **rec})
+            bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rec.items()))
+            model.train()
+    return model.eval()
+
+
+def grpo_trainer(model: Transformer, world: WorldTokens, judge: IdentityJudge, cfg: DemoConfig, train_subjects,
+                 log_path: Optional[str]) -> GRPOTrainer:
+    fmt = xcot_format(world, cfg.direct)
+    prompts = make_prompts(world, train_subjects, 512, seed=cfg.seed + 3, pair_frac=cfg.pair_frac)
+    gcfg = GRPOConfig(group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step, steps=cfg.grpo_steps,
+                      lr=cfg.grpo_lr, beta=0.04, cfg_scale=2.0, top_k=0, text_top_k=0, seed=cfg.seed,
+                      log_path=log_path)
+    rewards = world_rewards(world, fmt, judge, model, cfg.self_reward_weight)
+    return GRPOTrainer(model, world.image, fmt, rewards, prompts, gcfg)
+
+
+def eval_prompts(world: WorldTokens, held_out, cfg: DemoConfig) -> List[dict]:
+    return (make_prompts(world, held_out, cfg.eval_prompts, seed=cfg.seed + 7)
+            + make_prompts(world, held_out, cfg.eval_pair_prompts, seed=cfg.seed + 8, pair_frac=1.0))
+
+
+# --------------------------------------------------------------------------- figures
+
+def _mark(ok: bool) -> str:
+    return "right" if ok else "WRONG"
+
+
+def save_grid(path: Path, before, after, prompts: List[dict], world: WorldTokens, judge: IdentityJudge,
+              rows: Sequence[int]) -> None:
+    """references | subject image and final image after the cold start | the same after GRPO; under the subject
+    images what the reasoning named, over each image whether it shows the right subject(s)."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .vq import render
+
+    has_subject = before.subject_codes is not None
+    per = ["subject", "final"] if has_subject else ["final"]
+    titles = ["reference(s)"] + [f"{w} ({when})" for when in ("SFT", "GRPO") for w in per]
+    n = len(rows)
+    fig, axes = plt.subplots(n, len(titles), figsize=(1.75 * len(titles), 2.35 * n), squeeze=False)
+    for i, r in enumerate(rows):
+        p = prompts[r]
+        scene = p["scene"]
+        refs = torch.cat([render(s) for s in p["reference_scenes"]], dim=1)  # two subjects: side by side
+        images = [(refs, None, "")]
+        for when, ro in (("SFT", before), ("GRPO", after)):
+            said = ""
+            if ro.reasoning and ro.reasoning[r]:  # what the reasoning says the subject is, under the first image
+                said = world.text.decode(ro.reasoning[r][:-1]).split(";")[0].replace("subjects are ", "").replace(
+                    "subject is ", "").strip()
+            if has_subject:
+                images.append((world.vq.decode(ro.subject_codes[r:r + 1])[0],
+                               judge.judge_image(ro.subject_codes[r], subject_view(scene))["whole"] == 1.0, said))
+                said = ""
+            images.append((world.vq.decode(ro.final_codes[r:r + 1])[0],
+                           judge.judge_image(ro.final_codes[r], scene)["whole"] == 1.0, said))
+        for j, (img, ok, said) in enumerate(images):
+            ax = axes[i, j]
+            ax.imshow(img.numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            label = titles[j] if i == 0 else ""
+            if ok is not None:
+                label = (label + "\n" if label else "") + _mark(ok)
+                for sp in ax.spines.values():
+                    sp.set_edgecolor("tab:green" if ok else "tab:red")
+                    sp.set_linewidth(2.5)
+            ax.set_title(label, fontsize=7, color="black" if ok is None or ok else "tab:red")
+            if said:
+                ax.set_xlabel("\n".join(textwrap.wrap(f'"{said}"', 28)[:3]), fontsize=5.5)
+        axes[i, 0].set_ylabel(scene.prompt().replace("my subject ", "").replace(" subject", "").replace(" and ", "\n"),
+                              fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_curve(path: Path, history: List[Dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    k = 20
+    for key, label in (("reward/identity", "identity reward"), ("identity/whole_frac", "identity accuracy (final)"),
+                       ("reward/layout", "layout reward"), ("reward/format", "format")):
+        if key not in history[0]:
+            continue
+        ys = [h[key] for h in history]
+        smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
+        ax.plot(smooth, label=label)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel(f"training rollouts, {k}-step moving average")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- report
+
+ROWS = (("text/whole", "reasoning names the subject(s)"), ("subject_image/whole", "subject image shows them"),
+        ("final/whole", "final image shows them (right sides)"), ("final/shape", "  final: shape"),
+        ("final/color", "  final: color"), ("final/pattern", "  final: pattern"),
+        ("final/pattern_color", "  final: pattern color"), ("layout", "layout as asked"), ("format", "valid format"))
+
+
+def identity_table(before: Dict, after: Optional[Dict], counts: Dict[str, int]) -> str:
+    """The before/after identity table (text)."""
+    lines = []
+    for split in before:
+        lines += [f"held-out subjects, {split} ({counts[split]} prompts; mean +- 95% CI)",
+                  f"  {'':40s} {'cold start':>16s}" + (f" {'after GRPO':>16s}  {'':8s}" if after else "")]
+        for key, label in ROWS:
+            if key not in before[split]:
+                continue
+            b = before[split][key]
+            line = f"  {label:40s} {b[0]:>8.3f} +- {b[1]:.3f}"
+            if after:
+                a = after[split][key]
+                verdict = ("higher" if a[0] - a[1] > b[0] + b[1] else "lower" if a[0] + a[1] < b[0] - b[1]
+                           else "overlap")
+                line += f" {a[0]:>8.3f} +- {a[1]:.3f}  {verdict}"
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _recording(rollout_fn, sink: List[torch.Tensor]):
+    def fn(*args):
+        ro = rollout_fn(*args)
+        sink.append(ro.tokens)
+        return ro
+
+    return fn
+
+
+def compare_backends(trainer: GRPOTrainer, steps: int) -> Dict[str, Dict[str, float]]:
+    """The same ``steps`` GRPO steps from the same weights with the fused kernels and with the reference path
+    (GRPOConfig(backend="reference")); each on its own copy of the policy, so the run itself is untouched.
+    Returns per backend: median rollout tok/s, train tok/s, and whether the rollouts' tokens matched."""
+    out: Dict[str, Dict[str, float]] = {}
+    tokens: Dict[str, List[torch.Tensor]] = {}
+    for backend in ("kernels", "reference"):
+        policy = copy.deepcopy(trainer.policy)
+        cfg = replace(trainer.cfg, backend=backend, log_path=None)
+        tr = GRPOTrainer(policy, trainer.vocab, trainer.fmt, trainer.rewards, trainer.prompts, cfg,
+                         ref_model=trainer.ref)
+        tr.step_idx = trainer.step_idx
+        tokens[backend] = []
+        tr.rollout_fn = _recording(tr.rollout_fn, tokens[backend])
+        hist = [tr.step() for _ in range(steps)]
+        out[backend] = {name: statistics.median(h[key] for h in hist) for name, key in (
+            ("rollout_tok_s", "throughput/rollout_tok_s"), ("train_tok_s", "throughput/train_tok_s"),
+            ("rollout_s", "time/rollout_s"), ("train_s", "time/train_s"))}
+    same = all(torch.equal(a, b) for a, b in zip(tokens["kernels"], tokens["reference"]))
+    out["kernels"]["same_tokens_as_reference"] = float(same)
+    return out
+
+
+# --------------------------------------------------------------------------- runs
+
+def run_sft_only(cfg: DemoConfig, eval_every: int = 0) -> Path:
+    """`mmr1 sft` / `make cold-start`: the world and the cold-start model only; returns the model directory.
+    ``eval_every``: print (and record in the manifest) held-out identity every that many steps (64 + 32 prompts;
+    about 10 s each)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    world = save_world(out / "world", PatchVQ.build())
+    train_subjects, held_out = split_subjects(cfg.seed, cfg.held_out_frac)
+    logged: List[Dict] = []
+    model = train_cold_start(world, train_subjects, cfg, logged.append, eval_every=eval_every, held_out=held_out)
+    save_transformer(model, out / "cold_start")
+    seconds = round(time.perf_counter() - t0)
+    last = [r for r in logged if r["phase"] == "sft"][-1]
+    manifest = {"config": cold_start_key(cfg), "last_logged_sft_step": last,
+                "held_out_identity_along_the_way": [r for r in logged if r["phase"] == "sft_eval"],
+                "seconds": seconds,
+                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "made_by": f"mmr1 sft --out-dir {out} (= make cold-start)"}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=float))
+    print(f"wrote {out / 'cold_start'}, {out / 'world'} and {out / 'manifest.json'} ({seconds} s)")
+    return out / "cold_start"
+
+
+def load_or_train(cfg: DemoConfig, out: Path, cold_start: Optional[str], log):
+    """(world, model, where it came from): the given or shipped cold start when it matches, else SFT here."""
+    shipped = None if cold_start else shipped_cold_start(cfg)
+    if shipped is not None:
+        cold_start = str(shipped / "cold_start")
+    world = save_world(out / "world", PatchVQ.build())
+    train_subjects, _ = split_subjects(cfg.seed, cfg.held_out_frac)
+    if cold_start:
+        if not (Path(cold_start) / "config.json").exists():
+            raise SystemExit(f"error: no model at {cold_start} (expected config.json + model.safetensors)")
+        beside = Path(cold_start).parent / "world"
+        if beside.exists():
+            load_world(beside)  # refuses a world of another version
+        model = load_transformer(cold_start)
+        if model.config.vocab_size != world.text.vocab_size:
+            raise SystemExit(f"error: the cold-start model at {cold_start} has vocab_size {model.config.vocab_size}, "
+                             f"this world's tokenizer has {world.text.vocab_size} (another world version)")
+        return world, model, "shipped" if shipped else cold_start
+    model = train_cold_start(world, train_subjects, cfg, log)
+    save_transformer(model, out / "cold_start")
+    return world, model, "trained here"
+
+
+def run(cfg: DemoConfig, cold_start: Optional[str] = None) -> Dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = out / "log.jsonl"
+    log_file.write_text("")
+
+    def log(rec):
+        with open(log_file, "a") as f:
+            f.write(json.dumps(rec, default=float) + "\n")
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    world, model, source = load_or_train(cfg, out, cold_start, log)
+    judge = IdentityJudge(world.vq)
+    fmt = xcot_format(world, cfg.direct)
+    train_subjects, held_out = split_subjects(cfg.seed, cfg.held_out_frac)
+    print(f"world v{WORLD_VERSION}: {len(train_subjects)} training / {len(held_out)} held-out subjects, "
+          f"{world.text.vocab_size} tokens, {world.vq.num_codes} image codes; cold start: "
+          + ("shipped weights (made by `make cold-start`; --train-cold-start trains them here instead)"
+             if source == "shipped" else source))
+    prompts = eval_prompts(world, held_out, cfg)
+    counts = {"one subject": cfg.eval_prompts, "two subjects": cfg.eval_pair_prompts}
+    t_eval = time.perf_counter()
+    before, _, ro_before = evaluate(model, world, judge, fmt, prompts, seed=cfg.seed + 11)
+    t_eval = time.perf_counter() - t_eval
+    print(identity_table(before, None, counts))
+    trainer = grpo_trainer(model, world, judge, cfg, train_subjects, str(out / "grpo.jsonl"))
+    (out / "grpo.jsonl").write_text("")
+    t_grpo = time.perf_counter()
+    history = trainer.train()
+    t_grpo = time.perf_counter() - t_grpo
+    after, _, ro_after = evaluate(model, world, judge, fmt, prompts, seed=cfg.seed + 11)
+    save_transformer(model, out / "grpo")
+    speed = compare_backends(trainer, cfg.compare_steps) if cfg.compare_steps > 0 else {}
+    ro_b, ro_a = _joined(ro_before), _joined(ro_after)
+    n_one = min(cfg.eval_prompts, 5)
+    grid_rows = list(range(n_one)) + list(range(cfg.eval_prompts, cfg.eval_prompts + min(cfg.eval_pair_prompts, 3)))
+    save_grid(out / "grid.png", ro_b, ro_a, prompts, world, judge, grid_rows)
+    if history:
+        save_curve(out / "reward_curve.png", history)
+    seconds = time.perf_counter() - t0
+    print("\n" + identity_table(before, after, counts))
+    print(f"GRPO: {len(history)} steps of {cfg.prompts_per_step} prompts x {cfg.group_size} samples in {t_grpo:.0f} s;"
+          f" one evaluation {t_eval:.0f} s")
+    if speed:
+        k, r = speed["kernels"], speed["reference"]
+        print(f"throughput, {cfg.compare_steps} identical GRPO steps per path (medians; tokens "
+              f"{'identical' if k['same_tokens_as_reference'] else 'DIFFERENT'}):")
+        print(f"  {'':14s} {'fused kernels':>14s} {'reference path':>15s} {'speedup':>8s}")
+        for name, key in (("rollout tok/s", "rollout_tok_s"), ("train tok/s", "train_tok_s")):
+            print(f"  {name:14s} {k[key]:>14.0f} {r[key]:>15.0f} {k[key] / r[key]:>7.2f}x")
+    print(f"wrote {out / 'grid.png'}, {out / 'reward_curve.png'}, {out / 'log.jsonl'}, {out / 'grpo.jsonl'}, "
+          f"{out / 'summary.json'}\ntotal {seconds:.0f} s")
+    roll = sum(h["throughput/rollout_tok_s"] for h in history) / max(len(history), 1)
+    train = sum(h["throughput/train_tok_s"] for h in history) / max(len(history), 1)
+    summary = {"config": asdict(cfg), "cold_start": source, "before": before, "after": after, "counts": counts,
+               "rollout_tok_s": roll, "train_tok_s": train, "fused_vs_reference": speed, "grpo_s": t_grpo,
+               "seconds": seconds}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _joined(ros):
+    """One Rollout-like view over evaluation chunks (codes and reasoning in prompt order)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        subject_codes=None if ros[0].subject_codes is None else torch.cat([r.subject_codes for r in ros]),
+        final_codes=torch.cat([r.final_codes for r in ros]), reasoning=[t for r in ros for t in r.reasoning])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="MM-R1 demo on the synthetic world (CPU, minutes)")
+    ap.add_argument("--out-dir", default=DemoConfig.out_dir)
+    ap.add_argument("--cold-start", default=None, help="a saved cold-start model directory (skips SFT)")
+    ap.add_argument("--train-cold-start", action="store_true",
+                    help="train the cold start here instead of loading the shipped weights (see make cold-start)")
+    ap.add_argument("--sft-steps", type=int, default=DemoConfig.sft_steps)
+    ap.add_argument("--grpo-steps", type=int, default=DemoConfig.grpo_steps)
+    ap.add_argument("--grpo-lr", type=float, default=DemoConfig.grpo_lr)
+    ap.add_argument("--eval-prompts", type=int, default=DemoConfig.eval_prompts, help="one-subject eval prompts")
+    ap.add_argument("--eval-pair-prompts", type=int, default=DemoConfig.eval_pair_prompts,
+                    help="two-subject eval prompts")
+    ap.add_argument("--self-reward-weight", type=float, default=DemoConfig.self_reward_weight,
+                    help="weight of the dual self-reward in GRPO (0 = off)")
+    ap.add_argument("--compare-steps", type=int, default=DemoConfig.compare_steps,
+                    help="GRPO steps timed per path for the fused-vs-reference table (0 = skip)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    run(DemoConfig(out_dir=args.out_dir, sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, grpo_lr=args.grpo_lr,
+                   eval_prompts=args.eval_prompts, eval_pair_prompts=args.eval_pair_prompts,
+                   self_reward_weight=args.self_reward_weight, compare_steps=args.compare_steps, seed=args.seed,
+                   use_shipped=not args.train_cold_start),
+        args.cold_start)
+
+
+if __name__ == "__main__":
+    main()
