@@ -253,6 +253,64 @@ def test_reference_backend_computes_the_same_loss_and_gradients_off_policy():
         grpo_cfg(backend="triton")
 
 
+def test_trainer_loss_matches_the_oracle_on_full_logits():
+    """GRPOTrainer.loss against tests/oracle.py in fp64 on the full logits of the same hidden states: the image codes
+    over the image window at ``temperature``, the reasoning over the text window at ``text_temperature``, one set of
+    weights over the union of the two masks, asymmetric eps with clipping active, beta against another model."""
+    import oracle as O
+
+    from mmr1.model import teacher_forced_hidden
+
+    policy = tiny_model(5)
+    cfg = grpo_cfg(beta=0.3, eps_low=0.15, eps_high=0.35, temperature=0.9, text_temperature=0.7)
+    tr = GRPOTrainer(policy, VOCAB, FMT, reward_set(), PROMPTS, cfg, ref_model=tiny_model(21))
+    ro = xcot_rollout(policy, [p["prompt_ids"] for p in PROMPTS[:2]], VOCAB, FMT,
+                      SamplingConfig(cfg_scale=2.0, top_k=0, text_top_k=0, seed=4), num_samples=4)
+    adv = torch.tensor([2.0, -0.5, -0.5, -1.0, 0.3, 0.3, 1.2, -1.8])
+    shift = torch.where(torch.arange(ro.tokens.shape[1] - 1) % 2 == 0, 0.6, -0.6)
+    old = ro.logprobs[:, 1:] + shift
+    ref = tr.ref_logprobs(ro)
+    loss, metrics = tr.loss(ro, adv, old, ref)
+    with torch.no_grad():
+        logits = policy.logits(teacher_forced_hidden(policy, ro.tokens, ro.lengths)).double()
+    targets = ro.tokens[:, 1:]
+    chosen, img = ro.chosen[:, 1:], ro.image_positions[:, 1:]
+    m_img, m_txt = chosen & img, chosen & ~img
+    both = (m_img | m_txt).double()
+    w = both / both.sum(1, keepdim=True).clamp(min=1) / both.shape[0]  # grpo: mean of per-sequence token means
+    want = 0.0
+    for mask, window, temp in ((m_img, VOCAB.window, 0.9), (m_txt, FMT.text_range, 0.7)):
+        part, m = O.grpo_loss(logits, targets, adv, mask, old, ref, temp, window, 0.15, 0.35, 0.3,
+                              loss_weights=w)
+        want = want + part
+        name = "image" if window == VOCAB.window else "text"
+        for k in ("ratio_mean", "kl_mean", "logp_mean", "clip_low_frac", "clip_high_frac"):
+            assert metrics[f"{name}/{k}"] == pytest.approx(float(m[k]), rel=1e-4, abs=1e-6), (name, k)
+    assert metrics["image/clip_low_frac"] > 0 and metrics["image/clip_high_frac"] > 0
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5, abs=1e-7)
+    # the KL term is there: the same loss with beta = 0 differs by beta * the KL part
+    tr0 = GRPOTrainer(policy, VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(beta=0.0, eps_low=0.15, eps_high=0.35,
+                                                                          temperature=0.9, text_temperature=0.7))
+    assert abs(float(tr0.loss(ro, adv, old, None)[0].detach()) - float(loss.detach())) > 1e-3
+
+
+def test_trainer_passes_the_reward_weights_to_the_advantages(monkeypatch):
+    """RewardSet weights, overridden by GRPOConfig.reward_weights, are what the group advantages combine."""
+    import mmr1.grpo as G
+
+    seen = []
+    real = G.K.group_advantages
+
+    def spy(rewards, **kw):
+        seen.append(kw["weights"].tolist())
+        return real(rewards, **kw)
+
+    monkeypatch.setattr(G.K, "group_advantages", spy)
+    GRPOTrainer(tiny_model(), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg()).step()
+    GRPOTrainer(tiny_model(), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(reward_weights={"codes": 0.25})).step()
+    assert seen == [[0.5, 1.0], [0.5, 0.25]]
+
+
 def test_reference_backend_takes_the_same_steps_with_mu_2():
     """Two full steps with mu=2 (the second inner update is off-policy: ratio != 1) on both paths: the same
     rollouts, metrics and weights."""
@@ -271,18 +329,38 @@ def test_reference_backend_takes_the_same_steps_with_mu_2():
 
 
 def test_resume_is_bit_identical(tmp_path):
-    full = GRPOTrainer(tiny_model(7), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg())
+    """2 steps, save, 2 more in a fresh trainer == 4 uninterrupted steps, bit for bit -- with a warmup + cosine
+    schedule and mu = 2, so a resume without the scheduler's state or AdamW's moments is caught."""
+    cfg = dict(lr_schedule="cosine", warmup_steps=2, mu=2)
+    full = GRPOTrainer(tiny_model(7), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(**cfg))
     full.train(4, progress=False)
-    part = GRPOTrainer(tiny_model(7), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg())
+    part = GRPOTrainer(tiny_model(7), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(**cfg))
     part.train(2, progress=False)
     part.save(tmp_path / "ckpt")
-    resumed = GRPOTrainer(tiny_model(123), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(),
+    resumed = GRPOTrainer(tiny_model(123), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(**cfg),
                           ref_model=tiny_model(7).requires_grad_(False))
     resumed.load(tmp_path / "ckpt")
     assert resumed.step_idx == 2
     resumed.train(2, progress=False)
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in full.history[2:]]
     for k, v in full.policy.state_dict().items():
         assert torch.equal(v, resumed.policy.state_dict()[k]), k
+
+
+def test_checkpoint_restores_the_rng_streams(tmp_path):
+    import random
+
+    import numpy as np
+
+    save_checkpoint(tmp_path / "ckpt", tiny_model(8), {}, step=1)
+    expect = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(5), random.random(), np.random.rand()  # move every stream on
+    load_checkpoint(tmp_path / "ckpt", tiny_model(8))
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expect[0], again[0]) and expect[1:] == again[1:]
+    torch.rand(5)
+    load_checkpoint(tmp_path / "ckpt", tiny_model(8), restore_rng=False)
+    assert not torch.equal(torch.rand(3), expect[0])
 
 
 def test_checkpoint_is_atomic_and_config_checked(tmp_path, monkeypatch):

@@ -1,0 +1,176 @@
+"""Planted bugs the suite must kill: ``make mutants`` (python tests/mutants.py [NAME ...]).
+
+Each mutant is one plausible bug -- a text substitution in one file -- and the tests that should see it. For each,
+the package and the tests are copied to a temporary directory, the bug is applied there, and the tests run against
+the copy (PYTHONPATH points at it; the C++ extension is copied along). A mutant is *killed* when the tests fail
+(pytest exit code 1); it *survives* when they pass. Exit code 2 (collection / import errors) or a substitution that
+no longer matches the source is reported as an error: the list must follow the code. Every mutant must be killed.
+Add a mutant for every bug you fix.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Mutant:
+    name: str
+    file: str
+    find: str
+    replace: str
+    tests: Tuple[str, ...]
+
+
+TRAINER = "tests/test_trainer.py"
+LEARN = "tests/test_grpo_learning.py"
+ORACLE = "tests/test_reference_oracle.py"
+FALLBACK = "tests/test_fallback.py"
+WORLD = "tests/test_world.py"
+DIST = "tests/test_trainer.py::test_torchrun_two_processes_equal_single_process"
+
+MUTANTS: List[Mutant] = [
+    Mutant("trainer: negated advantages", "mmr1/grpo.py",
+           "adv, st = K.group_advantages(rewards, group_size=G, weights=weights, mode=cfg.adv_mode)",
+           "adv, st = K.group_advantages(rewards, group_size=G, weights=weights, mode=cfg.adv_mode)\n        adv = -adv",
+           (LEARN,)),
+    Mutant("trainer: KL term dropped", "mmr1/grpo.py", "beta=self.cfg.beta, loss_weights=w_all",
+           "beta=0.0, loss_weights=w_all", (TRAINER,)),
+    Mutant("trainer: eps_low / eps_high swapped", "mmr1/grpo.py",
+           "kw = dict(eps_low=self.cfg.eps_low, eps_high=self.cfg.eps_high,",
+           "kw = dict(eps_low=self.cfg.eps_high, eps_high=self.cfg.eps_low,", (TRAINER,)),
+    Mutant("trainer: off-by-one target shift", "mmr1/grpo.py",
+           "return ro.tokens[:, 1:].to(dev), chosen & img, chosen & ~img",
+           "return ro.tokens[:, :-1].to(dev), chosen & img, chosen & ~img", (TRAINER,)),
+    Mutant("trainer: image and text temperatures swapped", "mmr1/grpo.py",
+           '(("image", m_img, self.vocab.window, self.cfg.temperature),\n'
+           '                ("text", m_txt, self.fmt.text_range, self.cfg.text_temperature))',
+           '(("image", m_img, self.vocab.window, self.cfg.text_temperature),\n'
+           '                ("text", m_txt, self.fmt.text_range, self.cfg.temperature))', (TRAINER,)),
+    Mutant("trainer: reward weights ignored", "mmr1/grpo.py", "group_size=G, weights=weights, mode=cfg.adv_mode",
+           "group_size=G, weights=None, mode=cfg.adv_mode", (TRAINER,)),
+    Mutant("trainer: gradients summed instead of averaged across ranks", "mmr1/grpo.py",
+           "            loss.backward()\n",
+           "            loss.backward()\n            [p.grad.mul_(self.world) for p in self.policy.parameters()"
+           " if p.grad is not None]\n", (DIST,)),
+    Mutant("checkpoint: scheduler not restored", "mmr1/checkpoint.py",
+           "    if scheduler is not None and ts[\"scheduler\"] is not None:\n        scheduler.load_state_dict(ts[\"scheduler\"])\n    if restore_rng:\n        _set_rng_state(ts[\"rng\"])\n    return {\"step\": ts[\"step\"], \"extra\": ts[\"extra\"], \"config\": saved_cfg}",
+           "    if restore_rng:\n        _set_rng_state(ts[\"rng\"])\n    return {\"step\": ts[\"step\"], \"extra\": ts[\"extra\"], \"config\": saved_cfg}",
+           (TRAINER,)),
+    Mutant("checkpoint: RNG not restored", "mmr1/checkpoint.py",
+           "    if restore_rng:\n        _set_rng_state(ts[\"rng\"])\n    return {\"step\": ts[\"step\"], \"extra\": ts[\"extra\"], \"config\": saved_cfg}",
+           "    return {\"step\": ts[\"step\"], \"extra\": ts[\"extra\"], \"config\": saved_cfg}", (TRAINER,)),
+    Mutant("spec: KL term dropped", "mmr1_kernels/reference.py", "        loss = loss + beta * kl\n",
+           "        loss = loss\n", (ORACLE,)),
+    Mutant("spec: clip bounds swapped", "mmr1_kernels/reference.py",
+           "    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv\n    loss = -torch.minimum(unclipped, clipped)",
+           "    clipped = ratio.clamp(1.0 - eps_high, 1.0 + eps_low) * adv\n    loss = -torch.minimum(unclipped, clipped)",
+           (ORACLE,)),
+    Mutant("spec: log-ratio clamp removed", "mmr1_kernels/reference.py",
+           "    ratio = torch.exp((logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))\n    adv = advantages.to(logp.dtype)\n    unclipped = ratio * adv\n    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv\n    loss",
+           "    ratio = torch.exp(logp - old)\n    adv = advantages.to(logp.dtype)\n    unclipped = ratio * adv\n    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv\n    loss",
+           (ORACLE,)),
+    Mutant("fallback: closed-form gradient ignores the clamp", "mmr1_kernels/reference.py",
+           "    free = (unclipped <= clipped) & (log_ratio.abs() <= LOG_RATIO_CLAMP)",
+           "    free = unclipped <= clipped", (ORACLE,)),
+    Mutant("fallback: gradient scaled", "mmr1_kernels/reference.py",
+           "        coef = coef + torch.where(delta.abs() <= LOG_RATIO_CLAMP, beta * (1.0 - e), torch.zeros_like(e))\n    return coef",
+           "        coef = coef + torch.where(delta.abs() <= LOG_RATIO_CLAMP, beta * (1.0 - e), torch.zeros_like(e))\n    return -3 * coef",
+           (FALLBACK,)),
+    Mutant("fallback: temperature missing from the backward", "mmr1_kernels/reference.py",
+           "    g = grad_logprobs.reshape(z.shape[:-1]).to(acc)\n",
+           "    g = grad_logprobs.reshape(z.shape[:-1]).to(acc) * temperature\n", (FALLBACK,)),
+    Mutant("spec: grpo aggregation misses 1/B", "mmr1_kernels/reference.py",
+           "        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / B",
+           "        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)", (ORACLE,)),
+    Mutant("spec: grpo advantages not divided by the group std", "mmr1_kernels/reference.py",
+           "        adv = _scaled(combined - mean[group_index], std[group_index] + eps)",
+           "        adv = combined - mean[group_index]", (ORACLE,)),
+    Mutant("sft: targets not shifted", "mmr1/sft.py",
+           "K.fused_linear_logprobs(hidden, model.lm_head.weight, tokens[:, 1:].to(hidden.device), mask=mask)",
+           "K.fused_linear_logprobs(hidden, model.lm_head.weight, tokens[:, :-1].to(hidden.device), mask=mask)",
+           (TRAINER,)),
+    Mutant("generation: CFG ignored on hidden states", "mmr1/generate.py",
+           "hg = hidden[n:] + scfg.cfg_scale * (hc - hidden[n:]) if use_cfg else hc", "hg = hc",
+           ("tests/test_generate.py",)),
+    Mutant("world: identity reward without the whole-subject term", "mmr1/world/identity.py",
+           "    return 0.5 * sum(right) / len(right) + 0.5 * float(all(right))",
+           "    return sum(right) / len(right)", (WORLD,)),
+    Mutant("world: reasoning judged without the subjects' order", "mmr1/world/identity.py",
+           "    named = parse_subjects(text)\n", "    named = sorted(parse_subjects(text), key=str)\n", (WORLD,)),
+    Mutant("world: pair layout ignores which subject is on which side", "mmr1/world/identity.py",
+           "ok.append(float(present and self._nearer(codes, scene.background, side, cols, mine, other)))",
+           "ok.append(float(present))", (WORLD,)),
+]
+
+
+def _copy_tree(dst: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "assets")
+    for pkg in ("mmr1", "mmr1_kernels", "tests"):
+        shutil.copytree(ROOT / pkg, dst / pkg, ignore=ignore)
+    shutil.copytree(ROOT / "mmr1" / "assets", dst / "mmr1" / "assets")  # the shipped demo (read by a few tests)
+    shutil.copy(ROOT / "pyproject.toml", dst / "pyproject.toml")
+    (dst / "shared").mkdir()  # no DreamBench beside the copy: its test skips
+
+
+def _pytest(dst: Path, tests, timeout: int = 1200) -> Tuple[int, str, float]:
+    env = {**os.environ, "PYTHONPATH": str(dst), "MMR1_REQUIRE_CPP": "1"}
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=dst,
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    return out.returncode, out.stdout[-1500:] + out.stderr[-1500:], time.perf_counter() - t0
+
+
+def run(names=None) -> int:
+    chosen = [m for m in MUTANTS if not names or any(n.lower() in m.name.lower() for n in names)]
+    rows, bad = [], 0
+    with tempfile.TemporaryDirectory(prefix="mmr1-mutants-") as tmp:
+        base = Path(tmp) / "clean"
+        _copy_tree(base)
+        tests = sorted({t for m in chosen for t in m.tests})
+        rc, log, secs = _pytest(base, tests)
+        if rc != 0:
+            print(f"the unmutated copy fails its tests (exit {rc}): fix that first\n{log}")
+            return 1
+        print(f"unmutated copy: {len(tests)} test targets pass ({secs:.0f} s)")
+        for m in chosen:
+            dst = Path(tmp) / "m"
+            if dst.exists():
+                shutil.rmtree(dst)
+            _copy_tree(dst)
+            path = dst / m.file
+            src = path.read_text()
+            if src.count(m.find) != 1:
+                rows.append((m.name, "STALE", f"the text to replace occurs {src.count(m.find)} times in {m.file}", 0))
+                bad += 1
+                continue
+            path.write_text(src.replace(m.find, m.replace))
+            rc, log, secs = _pytest(dst, m.tests)
+            if rc == 1:
+                failed = [ln for ln in log.splitlines() if ln.startswith("FAILED")]
+                rows.append((m.name, "killed", failed[0][7:110] if failed else "", secs))
+            elif rc == 0:
+                rows.append((m.name, "SURVIVED", " ".join(m.tests), secs))
+                bad += 1
+            else:
+                rows.append((m.name, f"ERROR (pytest exit {rc})", log.strip().splitlines()[-1][:100], secs))
+                bad += 1
+            print(f"{rows[-1][1]:>9s}  {m.name}  ({secs:.0f} s)", flush=True)
+    print(f"\n{'mutant':62s} {'result':9s} {'by':s}")
+    for name, result, by, _ in rows:
+        print(f"{name:62s} {result:9s} {by}")
+    print(f"\n{len(rows) - bad} of {len(rows)} mutants killed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
