@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS := triton transformers safetensors tokenizers tqdm numpy pillow pytest pytest-benchmark hypothesis ninja cmake matplotlib
 BENCH_DEPS := liger-kernel trl
 
-.PHONY: venv build test test-fast demo cold-start bench bench-quick bench-pytest clean
+.PHONY: venv build test test-fast demo cold-start ablation mutants bench bench-quick bench-pytest gpu-check clean
 
 $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,19 +28,27 @@ build: venv
 	$(PIP) install -q --no-build-isolation -e .
 
 demo: build
-	$(PY) -m mmr1.demo
+	$(PY) -m mmr1.world.demo
 
-# rebuild the demo's shipped world + cold-start weights (mmr1/assets/demo): ~15 min on 2 cores
+# rebuild the demo's shipped world + cold-start weights (mmr1/assets/demo); the manifest records how long it took
 cold-start: build
-	$(PY) -m mmr1.cli sft --out-dir runs/cold_start
+	$(PY) -m mmr1.cli sft --out-dir runs/cold_start --eval-every 1000
 	rm -rf mmr1/assets/demo && mkdir -p mmr1/assets/demo
 	cp -r runs/cold_start/world runs/cold_start/cold_start runs/cold_start/manifest.json mmr1/assets/demo/
 
+# planted bugs the suite must kill (tests/mutants.py): prints which survive; not part of `make test`
+mutants: build
+	MMR1_REQUIRE_CPP=1 $(PY) tests/mutants.py
+
+# X-CoT vs direct (same model, cold-start and GRPO budgets); writes docs/ablation.{md,png,json}
+ablation: build
+	$(PY) -m mmr1.world.ablation
+
 test: build
-	$(PY) -m pytest -q tests
+	MMR1_REQUIRE_CPP=1 $(PY) -m pytest -q tests
 
 test-fast: build
-	$(PY) -m pytest -q -m "not slow" tests
+	MMR1_REQUIRE_CPP=1 $(PY) -m pytest -q -m "not slow" tests
 
 bench: build $(VENV)/.peers
 	$(PY) -m bench
@@ -50,6 +58,20 @@ bench-quick: build $(VENV)/.peers
 
 bench-pytest: build $(VENV)/.peers
 	$(PY) -m pytest bench/test_kernels_benchmark.py --benchmark-enable --benchmark-only
+
+# One prepared GPU run (bench/gpu_check.py) with the machine's own Python (no venv, no network):
+#   make gpu-check                      on a CUDA machine: tests + benchmarks, results in runs/gpu-check and
+#                                       bench/results/gpu.json (merged into BENCHMARKS.md by python -m bench --report)
+#   make gpu-check GPU_CHECK_DRY=1      the same steps on CPU at tiny shapes (make test runs this)
+# From a fresh copy on the GPU machine: OUT=<dir> bash bench/gpu_remote.sh
+GPU_PYTHON ?= python3
+ifeq ($(GPU_CHECK_DRY),1)
+gpu-check: build
+	$(PY) -m bench.gpu_check --dry
+else
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check
+endif
 
 clean:
 	rm -rf build *.egg-info mmr1_kernels/_C*.so

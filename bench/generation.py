@@ -1,6 +1,7 @@
 """Benchmark: CFG image generation throughput on a Lumina-shaped small model.
 
     python -m bench.generation [--quick]
+    python -m bench.generation --lumina7b    # Lumina-mGPT-7B width (d 4096, 32 heads), 2 layers, bf16 on CUDA
 
 Model: vocab 65536, image window 8192 (ids 4..8195), hidden 512, 4 layers,
 8 heads; 32 x 32-code images (1060-token blocks, as 512 px in Lumina-mGPT);
@@ -33,10 +34,10 @@ from mmr1.tokens import ImageVocab
 from .common import DEVICE, Row, ensure_bench_env, format_table, machine_info, save_rows
 
 
-def lumina_shaped_model(layers=4, hidden=512, heads=8) -> Transformer:
+def lumina_shaped_model(layers=4, hidden=512, heads=8, dtype=torch.float32) -> Transformer:
     cfg = ModelConfig(vocab_size=65536, hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers,
                       num_heads=heads, num_kv_heads=heads, max_seq_len=2048)
-    return init_weights(Transformer(cfg), seed=0).eval().to(DEVICE)
+    return init_weights(Transformer(cfg), seed=0).eval().to(DEVICE, dtype)
 
 
 @torch.no_grad()
@@ -111,12 +112,19 @@ def main(argv=None) -> List[Row]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8x8-code images, 2 layers")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--lumina7b", action="store_true",
+                    help="Lumina-mGPT-7B width: d 4096, 32 heads, 2 layers, bf16 on CUDA (fp32 on CPU)")
     args = ap.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
     hw = (8, 8) if args.quick else (32, 32)
-    model = lumina_shaped_model(layers=2 if args.quick else 4)
+    if args.lumina7b:
+        model = lumina_shaped_model(layers=2, hidden=4096, heads=32,
+                                    dtype=torch.bfloat16 if DEVICE.type == "cuda" else torch.float32)
+    else:
+        model = lumina_shaped_model(layers=2 if args.quick else 4)
     vocab = ImageVocab.lumina()
-    meta = {**machine_info(), "model": f"{model.config.num_layers}L d{model.config.hidden_size} V65536",
+    meta = {**machine_info(), "model": f"{model.config.num_layers}L d{model.config.hidden_size} V65536 "
+                                       f"{str(next(model.parameters()).dtype).replace('torch.', '')}",
             "image": f"{hw[0]}x{hw[1]} codes"}
     print("machine:", meta)
     rows: List[Row] = []
@@ -149,7 +157,8 @@ def main(argv=None) -> List[Row]:
                             extra={"image_tokens_per_s": codes / m, "ms_per_step": m / (L - 1) * 1e3,
                                    "outside_forward_frac": max(outside, 0.0)}))
     print(format_table(rows))
-    path = save_rows("generation" + ("_quick" if args.quick else ""), rows, meta)
+    path = save_rows("generation" + ("_lumina7b" if args.lumina7b else "") + ("_quick" if args.quick else ""), rows,
+                     meta)
     print(f"\nwrote {path}")
     return rows
 

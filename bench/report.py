@@ -133,6 +133,15 @@ def write_report(quick: bool, report: Path) -> Path:
         parts += [f"## {name}", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in data["meta"].items()), ""]
         for bench in dict.fromkeys(r.bench for r in data["rows"]):
             parts += [f"### {bench}", "", format_table([r for r in data["rows"] if r.bench == bench]), ""]
+    gpu = RESULTS_DIR / "gpu.json"
+    if not quick and gpu.exists():  # the last `make gpu-check` on a GPU machine
+        from .gpu_check import section
+
+        parts += [section(json.loads(gpu.read_text()))]
+    else:
+        parts += ["## GPU", "", "No GPU figures yet: `make gpu-check` on a CUDA machine writes bench/results/gpu.json "
+                  "(see bench/gpu_check.py; `OUT=<dir> bash bench/gpu_remote.sh` from a fresh copy), and "
+                  "`python -m bench --report` merges it here.", ""]
     report.write_text("\n".join(parts))
     return report
 

@@ -1,4 +1,8 @@
-"""The benchmark suite itself runs end to end in --quick mode and writes its report, CSV and plots."""
+"""The benchmark tooling end to end on CPU: the GPU check's dry run (bench/gpu_check.py: the GPU-path tests and every
+benchmark suite at quick shapes), then the quick report, CSV and plots from the same results -- all in a scratch
+directory, leaving BENCHMARKS.md, bench/results/ and docs/bench/ exactly as they were."""
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -9,17 +13,37 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _published():
+    files = [ROOT / "BENCHMARKS.md", *sorted((ROOT / "bench" / "results").glob("*")),
+             *sorted((ROOT / "docs" / "bench").glob("*"))]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
+
+
 @pytest.mark.slow
-def test_quick_suite_writes_report_csv_and_plots(tmp_path):
-    env = {**os.environ, "MMR1_BENCH_RESULTS": str(tmp_path / "results")}
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-m", "bench", "--quick", "--report-path", str(tmp_path / "BENCH.md")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def test_gpu_check_dry_run_and_quick_report_leave_the_published_results_alone(tmp_path):
+    before = _published()
+    env = dict(os.environ)
+    for k in ("MMR1_BENCH_RESULTS", "TRITON_INTERPRET"):
+        env.pop(k, None)
+    scratch = tmp_path / "scratch"
+    out = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--dry", "--out", str(scratch)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=1800)
+    log = (scratch / "log.txt").read_text() if (scratch / "log.txt").exists() else ""
+    assert out.returncode == 0, out.stdout[-2000:] + log[-4000:]
+    result = json.loads((scratch / "gpu.json").read_text())
+    assert [s["status"] for s in result["steps"]] == ["ok"] * 5
+    assert set(result["suites"]) == {"sampler_quick", "logprob_quick", "train_step_quick", "generation_quick"}
+    md = (scratch / "GPU.md").read_text()
+    assert md.startswith("## GPU: none (dry run on CPU)") and "| step | result |" in md and "x vs ours" in md
+    # the quick report from those results, in the same scratch directory
+    out = subprocess.run([sys.executable, "-m", "bench", "--quick", "--report", "--scratch", str(scratch)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    report = (tmp_path / "BENCH.md").read_text()
-    for section in ("## logprob", "## sampler", "## generation", "## train_step", "x vs ours"):
+    report = (scratch / "BENCHMARKS.md").read_text()
+    for section in ("## logprob", "## sampler", "## generation", "## train_step", "x vs ours", "--quick"):
         assert section in report
-    rows = (tmp_path / "results" / "all_quick.csv").read_text().splitlines()
+    rows = (scratch / "results" / "all_quick.csv").read_text().splitlines()
     assert len(rows) > 30 and rows[0].startswith("suite,bench,case,provider,median_ms")
     for png in ("bench_time_vs_shape.png", "bench_memory_vs_vocab.png", "bench_decode_breakdown.png"):
-        assert (tmp_path / "docs" / "bench" / png).stat().st_size > 1000
+        assert (scratch / "docs" / "bench" / png).stat().st_size > 1000
+    assert _published() == before, "a dry / quick run changed the published benchmark report"

@@ -231,7 +231,7 @@ def expected_loss_and_tolerances(logits, targets, adv, mask, old, ref, temperatu
     t_ratio, t_kl, t_loss, t_coef = TOL.token_errors(dtype, E, a, e_ratio, delta, beta, e_loss)
     u = TOL.math_unit(dtype)
     n = max(int(m.sum()), 1)
-    tol_loss = float((w.abs() * t_loss).sum()) + 4 * u * abs(float(eloss))
+    tol_loss = float((w.abs() * t_loss).detach().sum()) + 4 * u * abs(float(eloss))
     z = logits.reshape(-1, V).double()[:, lo:hi] / temperature
     p = torch.softmax(z, -1)
     onehot = torch.nn.functional.one_hot(torch.where(m, targets.reshape(-1), lo) - lo, hi - lo).double()
