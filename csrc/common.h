@@ -144,7 +144,8 @@ struct RowReader<double> {
 // clone and a baseline (AVX2, per CMakeLists.txt) clone and pick one at load
 // time through an ifunc. AVX-512 is 1.45x faster on the softmax passes
 // (measured: 5.9 -> 4.1 ms for 1024 x 8192 fp32 rows on a 2-core EPYC).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+// -DMMR1_NO_MULTIVERSION=ON (CMake) builds the baseline alone: how the tests run the AVX2 path on an AVX-512 host.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && !defined(MMR1_NO_MULTIVERSION)
 #define MMR1_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "default")))
 #else
 #define MMR1_MULTIVERSION

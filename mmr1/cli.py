@@ -2,8 +2,8 @@
 
     mmr1 demo [--out-dir runs/demo]                   the synthetic-world MM-R1 run (cold start -> eval -> GRPO -> eval)
     mmr1 ablation                                     X-CoT vs direct on the synthetic world (make ablation)
-    mmr1 sft --out-dir runs/sft [--steps 1500]        only the world + cold-start SFT (what `make cold-start` ships)
-    mmr1 grpo --cold-start runs/sft/cold_start --out-dir runs/grpo [--steps 300]
+    mmr1 sft --out-dir runs/sft [--steps N]           only the world + cold-start SFT (what `make cold-start` ships)
+    mmr1 grpo --cold-start runs/sft/cold_start --out-dir runs/grpo [--steps N]
     mmr1 generate --run runs/demo --prompt "my subject big at the left on sky" --reference ref.png
     mmr1 generate --run runs/demo --prompt "my first subject at the left and my second subject at the right on sky"
                   --reference a.png --reference b.png
@@ -85,14 +85,14 @@ def main(argv=None) -> None:
     g.add_argument("--out", default="xcot.png")
     s_ = sub.add_parser("sft", help="the synthetic world + cold-start SFT of the tiny model")
     s_.add_argument("--out-dir", default="runs/sft")
-    s_.add_argument("--steps", type=int, default=None, help="SFT steps (default: the demo's, 1500)")
+    s_.add_argument("--steps", type=int, default=None, help="SFT steps (default: the demo's)")
     s_.add_argument("--seed", type=int, default=0)
     s_.add_argument("--eval-every", type=int, default=0,
                     help="log held-out identity every N steps (64 + 32 prompts, ~10 s each; 0 = never)")
     r = sub.add_parser("grpo", help="GRPO from a cold-start model, with before/after evaluation")
     r.add_argument("--cold-start", required=True, help="a model directory written by `mmr1 sft` or `mmr1 demo`")
     r.add_argument("--out-dir", default="runs/grpo")
-    r.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the demo's, 300)")
+    r.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the demo's)")
     r.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("eval", help="DreamBench DINO / CLIP-I / CLIP-T of generated images (local model dirs)")
     e.add_argument("--dreambench", required=True, help="the benchmark directory (subject folders + prompts)")

@@ -105,7 +105,7 @@ def test_cpp_and_triton_samplers_draw_identical_tokens():
     torch.testing.assert_close(cpu[1], tri[1].cpu(), atol=1e-4, rtol=1e-4)
 
 
-def test_sampler_on_the_device_is_exact_and_batch_invariant():
+def test_sampler_on_the_device_follows_the_kept_softmax_and_is_batch_invariant():
     """Draws on the device follow the kept softmax (chi-square over many rows of one distribution) and a row's
     token does not depend on the batch around it."""
     V, lo, hi = 64, 0, 64

@@ -203,7 +203,7 @@ def test_sft_loss_is_masked_ce_and_learns():
 # --------------------------------------------------------------------------- GRPO
 
 
-def test_grpo_step_metrics_and_learning_signal(tmp_path):
+def test_grpo_step_logs_every_metric_and_updates_the_weights(tmp_path):
     tr = GRPOTrainer(tiny_model(6), VOCAB, FMT, reward_set(), PROMPTS,
                      grpo_cfg(log_path=str(tmp_path / "log.jsonl"), mu=2))
     before = {k: v.clone() for k, v in tr.policy.state_dict().items()}

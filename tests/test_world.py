@@ -276,3 +276,15 @@ def test_pair_and_describe_examples(world):
     d, dlen = world.describe_example(pair)
     assert d[:2] == [world.bos, world.describe] and d[dlen - 1] == world.end_of_turn
     assert world.text.decode(d[dlen:-1]) == pair.prompt() and d[-1] == world.end_of_turn
+
+
+def test_consistency_reward_compares_the_reasoning_with_the_image():
+    scene = Scene(A, "sky", "left", "big")
+    assert JUDGE.consistency(scene.plan(), codes(scene), scene) == 1.0
+    other = Scene(Subject("square", "red", "stripes", "yellow"), "sky", "left", "big")
+    assert JUDGE.consistency(scene.plan(), codes(other), scene) == 0.375  # says cross, draws a square
+    assert JUDGE.consistency(other.plan(), codes(other), scene) == 1.0  # wrong, but consistent (no ground truth)
+    assert JUDGE.consistency("subject is a", codes(scene), scene) == 0.0
+    pair = PairScene(A, B, "sky", "left")
+    assert JUDGE.consistency(pair.plan(), codes(pair), pair) == 1.0
+    assert JUDGE.consistency(pair.plan(), codes(PairScene(A, B, "sky", "right")), pair) < 0.5  # sides swapped

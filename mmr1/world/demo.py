@@ -57,6 +57,8 @@ class DemoConfig:
     describe_frac: float = 0.15  # understanding examples (image -> prompt) in the cold start
     reasoning_weight: float = 5.0  # SFT loss weight of the reasoning text tokens (image codes: 1)
     self_reward_weight: float = 0.2  # the generation-direction dual self-reward in GRPO (0 = off)
+    consistency_weight: float = 0.0  # reasoning-image consistency reward in GRPO (X-CoT only; 0 = off)
+    grpo_pair_frac: float = 0.25  # two-subject prompts among GRPO prompts
     eval_prompts: int = 200  # one-subject held-out prompts
     eval_pair_prompts: int = 100  # two-subject held-out prompts
     compare_steps: int = 2  # GRPO steps timed per backend for the fused-vs-reference throughput table
@@ -128,11 +130,11 @@ def train_cold_start(world: WorldTokens, train_subjects, cfg: DemoConfig, log=la
 def grpo_trainer(model: Transformer, world: WorldTokens, judge: IdentityJudge, cfg: DemoConfig, train_subjects,
                  log_path: Optional[str]) -> GRPOTrainer:
     fmt = xcot_format(world, cfg.direct)
-    prompts = make_prompts(world, train_subjects, 512, seed=cfg.seed + 3, pair_frac=cfg.pair_frac)
+    prompts = make_prompts(world, train_subjects, 512, seed=cfg.seed + 3, pair_frac=cfg.grpo_pair_frac)
     gcfg = GRPOConfig(group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step, steps=cfg.grpo_steps,
                       lr=cfg.grpo_lr, beta=0.04, cfg_scale=2.0, top_k=0, text_top_k=0, seed=cfg.seed,
                       log_path=log_path)
-    rewards = world_rewards(world, fmt, judge, model, cfg.self_reward_weight)
+    rewards = world_rewards(world, fmt, judge, model, cfg.self_reward_weight, cfg.consistency_weight)
     return GRPOTrainer(model, world.image, fmt, rewards, prompts, gcfg)
 
 

@@ -160,6 +160,18 @@ class IdentityJudge:
         return _score(read["subject"], scene.subject)
 
 
+    def consistency(self, text: str, codes: torch.Tensor, scene: AnyScene) -> float:
+        """Self-consistency of an X-CoT, with no ground truth: do the subjects the reasoning names (in order) match
+        the subjects the image shows (for a pair, at the sides the prompt gave them)? The mean score (as in
+        ``identity_reward``) over the prompt's subjects; a subject not named or not drawn scores 0."""
+        named = parse_subjects(text)
+        read = self.read(codes, isinstance(scene, PairScene))
+        drawn = ([read[scene.first_position], read[scene.second_position]] if isinstance(scene, PairScene)
+                 else [read["subject"]])
+        named = (named + [None] * len(drawn))[: len(drawn)] if len(named) <= len(drawn) else [None] * len(drawn)
+        return sum(0.0 if n is None else _score(d, n) for n, d in zip(named, drawn)) / len(drawn)
+
+
 def _grid(codes: torch.Tensor) -> torch.Tensor:
     codes = torch.as_tensor(codes).long().cpu()
     if tuple(codes.shape) != (GRID, GRID):

@@ -95,10 +95,11 @@ def sft_batch(world: WorldTokens, subjects: Sequence, g: torch.Generator, mix: T
 
 
 def world_rewards(world: WorldTokens, fmt: XCoTFormat, judge: IdentityJudge, policy: Optional[Transformer] = None,
-                  self_weight: float = 0.0) -> RewardSet:
+                  self_weight: float = 0.0, consistency_weight: float = 0.0) -> RewardSet:
     """format; identity (the classification-based subject reward, PSR-style for pairs); layout (background,
     position and scale -- or which subject on which side -- as asked); with a policy and self_weight > 0 the
-    dual self-reward: the policy's own mean log p(prompt | image)."""
+    dual self-reward: the policy's own mean log p(prompt | image); with consistency_weight > 0 (X-CoT only) the
+    reasoning-image consistency (do the subjects the reasoning names match the final image's?)."""
     def identity(ro, batch):
         r = torch.tensor([judge.identity_reward(ro.final_codes[i], b["scene"]) for i, b in enumerate(batch)])
         whole = [judge.judge_image(ro.final_codes[i], b["scene"])["whole"] for i, b in enumerate(batch)]
@@ -113,8 +114,14 @@ def world_rewards(world: WorldTokens, fmt: XCoTFormat, judge: IdentityJudge, pol
         return generation_self_reward(policy, blocks, prompts, prefix=[world.describe], sep=world.end_of_turn,
                                       bos=world.bos)
 
+    def consistency(ro, batch):
+        return torch.tensor([judge.consistency(world.text.decode(ro.reasoning[i]), ro.final_codes[i], b["scene"])
+                             for i, b in enumerate(batch)]), {}
+
     rewards = {"format": lambda ro, b: format_reward(ro, world.image, fmt), "identity": identity, "layout": layout}
     weights = {"format": 0.5, "identity": 1.0, "layout": 1.0}
+    if fmt.reasoning and consistency_weight > 0:
+        rewards["consistency"], weights["consistency"] = consistency, consistency_weight
     if policy is not None and self_weight > 0:
         rewards["self"], weights["self"] = self_reward, self_weight
     return RewardSet(rewards, weights)
