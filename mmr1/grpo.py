@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -71,6 +72,9 @@ class GRPOConfig:
     text_temperature: float = 1.0
     text_top_k: int = 0
     reward_weights: Dict[str, float] = field(default_factory=dict)
+    # a step whose every advantage is 0 (all groups constant) has no policy-gradient signal; AdamW would still
+    # turn the tiny KL / rounding gradients into a full-size step (m / sqrt(v)): skip the update instead
+    skip_zero_signal_steps: bool = False
     backend: str = "kernels"  # or "reference": full logits + the PyTorch specs (for comparison)
     seed: int = 0
     log_path: Optional[str] = None
@@ -247,13 +251,22 @@ class GRPOTrainer:
         t1 = time.perf_counter()
         self.policy.train()
         metrics: Dict[str, float] = {}
+        signal = torch.tensor([float(bool((adv != 0).any()))])
+        if self.world > 1:  # every rank must take (or skip) the same step
+            dist.all_reduce(signal)
+        skip = cfg.skip_zero_signal_steps and float(signal) == 0.0
         for _ in range(cfg.mu):
             loss, metrics = self.loss(ro, adv, old, ref)
             self.optimizer.zero_grad(set_to_none=True)
+            if skip:
+                gnorm = torch.zeros(())
+                continue
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step: the schedule still advances, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.scheduler.step()
         t_train = time.perf_counter() - t1
         gen_tokens = int((ro.lengths - ro.prompt_lengths).sum())
         chosen = ro.chosen[:, 1:]
@@ -263,6 +276,7 @@ class GRPOTrainer:
         trainer_lp /= max(float(chosen.sum()), 1.0)
         out = {
             "step": step, "loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": self.scheduler.get_last_lr()[0],
+            "skipped": float(skip),
             **rmetrics, **metrics,
             "adv/mean_abs": float(adv.abs().mean()), "adv/zero_std_frac": float(st["zero_std_frac"]),
             "reward/total_mean": float((rewards.nan_to_num() * weights).sum(1).mean()),
@@ -290,7 +304,7 @@ class GRPOTrainer:
         weighted, maxed = [], []
         for k in keys:
             window = k.split("/")[0]
-            if k in ("step", "lr", "grad_norm"):
+            if k in ("step", "lr", "grad_norm", "skipped"):
                 continue
             if k.startswith(("time/", "memory/")):
                 maxed.append(k)
@@ -306,7 +320,7 @@ class GRPOTrainer:
         dist.all_reduce(t)
         m = torch.tensor([out[k] for k in maxed], dtype=torch.float64)
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
-        result = {k: out[k] for k in ("step", "lr", "grad_norm")}
+        result = {k: out[k] for k in ("step", "lr", "grad_norm", "skipped")}
         for (k, _, _), (v, w) in zip(weighted, t.tolist()):
             if w > 0:
                 result[k] = v / w

@@ -1,4 +1,4 @@
-"""Planted bugs the suite must kill: ``make mutants`` (python tests/mutants.py [NAME ...]).
+"""Planted bugs the suite must kill: ``make mutants`` (python tests/mutants.py [--no-clean-run] [NAME ...]).
 
 Each mutant is one plausible bug -- a text substitution in one file -- and the tests that should see it. For each,
 the package and the tests are copied to a temporary directory, the bug is applied there, and the tests run against
@@ -106,7 +106,13 @@ MUTANTS: List[Mutant] = [
            "    return 0.5 * sum(right) / len(right) + 0.5 * float(all(right))",
            "    return sum(right) / len(right)", (WORLD,)),
     Mutant("world: reasoning judged without the subjects' order", "mmr1/world/identity.py",
-           "    named = parse_subjects(text)\n", "    named = sorted(parse_subjects(text), key=str)\n", (WORLD,)),
+           "    named = parse_subjects(text)\n    truth = list(scene.subjects)",
+           "    named = sorted(parse_subjects(text), key=str)\n    truth = list(scene.subjects)", (WORLD,)),
+    Mutant("world: consistency reward reads the pair's sides the wrong way round", "mmr1/world/identity.py",
+           "[read[scene.first_position], read[scene.second_position]]",
+           "[read[scene.second_position], read[scene.first_position]]", (WORLD,)),
+    Mutant("trainer: zero-signal steps still update", "mmr1/grpo.py",
+           "skip = cfg.skip_zero_signal_steps and float(signal) == 0.0", "skip = False", (TRAINER,)),
     Mutant("world: pair layout ignores which subject is on which side", "mmr1/world/identity.py",
            "ok.append(float(present and self._nearer(codes, scene.background, side, cols, mine, other)))",
            "ok.append(float(present))", (WORLD,)),
@@ -130,18 +136,19 @@ def _pytest(dst: Path, tests, timeout: int = 1200) -> Tuple[int, str, float]:
     return out.returncode, out.stdout[-1500:] + out.stderr[-1500:], time.perf_counter() - t0
 
 
-def run(names=None) -> int:
+def run(names=None, check_clean: bool = True) -> int:
     chosen = [m for m in MUTANTS if not names or any(n.lower() in m.name.lower() for n in names)]
     rows, bad = [], 0
     with tempfile.TemporaryDirectory(prefix="mmr1-mutants-") as tmp:
         base = Path(tmp) / "clean"
         _copy_tree(base)
         tests = sorted({t for m in chosen for t in m.tests})
-        rc, log, secs = _pytest(base, tests)
-        if rc != 0:
-            print(f"the unmutated copy fails its tests (exit {rc}): fix that first\n{log}")
-            return 1
-        print(f"unmutated copy: {len(tests)} test targets pass ({secs:.0f} s)")
+        if check_clean:
+            rc, log, secs = _pytest(base, tests)
+            if rc != 0:
+                print(f"the unmutated copy fails its tests (exit {rc}): fix that first\n{log}")
+                return 1
+            print(f"unmutated copy: {len(tests)} test targets pass ({secs:.0f} s)")
         for m in chosen:
             dst = Path(tmp) / "m"
             if dst.exists():
@@ -173,4 +180,6 @@ def run(names=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    args = sys.argv[1:]
+    clean = "--no-clean-run" not in args  # the unmutated copy's run (a sanity check) can be skipped when known good
+    sys.exit(run([a for a in args if a != "--no-clean-run"], clean))

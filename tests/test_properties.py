@@ -4,7 +4,7 @@ advantages; the reference itself is checked against the oracle in test_reference
 from __future__ import annotations
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import mmr1_kernels as K
@@ -37,6 +37,8 @@ def logprob_case(draw):
 
 @SETTINGS
 @given(logprob_case())
+# found by CI: a target 1.7 S below the max, where the log-prob's own fp32 rounding (u |logp|) exceeds u S
+@example(case=(1, 2, 2111, 1, 3, 3.65625, 5623.413251903491, -1000.0, torch.float32, 2112, 0.0))
 def test_token_logprobs_and_grad_property(case):
     B, T, V, lo, hi, temperature, scale, offset, dtype, seed, mask_p = case
     g = torch.Generator().manual_seed(seed)
@@ -52,7 +54,7 @@ def test_token_logprobs_and_grad_property(case):
                    logits)
     want = torch.where(mask, O.logprobs(logits, targets, temperature, lo, hi), 0.0)
     E = TOL.logprob_error(dtype, TOL.window_scale(logits, lo, hi, temperature), hi - lo)
-    TOL.assert_within("property token_logprobs logp", lp, want, E.reshape(B, T))
+    TOL.assert_within("property token_logprobs logp", lp, want, TOL.value_error(E, want, dtype))
     z = logits.double().reshape(-1, V)[:, lo:hi] / temperature
     p = torch.softmax(z, -1)
     onehot = torch.nn.functional.one_hot(targets.reshape(-1) - lo, hi - lo).double()

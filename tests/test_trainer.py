@@ -451,3 +451,16 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
         st = saved[n] if n in saved else saved[i]  # FSDP's full state is keyed by name, a plain optimizer's by index
         torch.testing.assert_close(st["exp_avg_sq"], single.optimizer.state[single.policy.get_parameter(n)]["exp_avg_sq"],
                                    atol=1e-10, rtol=1e-4, msg=n)
+
+
+def test_a_step_without_signal_is_skipped_when_asked():
+    """All rewards equal -> every advantage is 0: with skip_zero_signal_steps the weights and AdamW state stay as
+    they are (no Adam-normalized noise step); without it the KL term still moves them."""
+    flat = RewardSet({"const": lambda ro, b: (torch.ones(ro.num_samples), {})}, {})
+    for skip in (True, False):
+        tr = GRPOTrainer(tiny_model(6), VOCAB, FMT, flat, PROMPTS, grpo_cfg(beta=0.1, skip_zero_signal_steps=skip),
+                         ref_model=tiny_model(21))
+        before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
+        m = tr.step()
+        moved = any(not torch.equal(before[k], v) for k, v in tr.policy.state_dict().items())
+        assert m["skipped"] == float(skip) and moved == (not skip)

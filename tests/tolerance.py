@@ -49,6 +49,12 @@ def logprob_error(input_dtype: torch.dtype, scale, V: int):
     return C * (scale + math.log2(max(V, 1)) + 2.0) * (math_unit(input_dtype) + UNIT[torch.float64])
 
 
+def value_error(E, value: torch.Tensor, input_dtype: torch.dtype):
+    """Per-element tolerance of a log-prob / logsumexp value: the row's E plus the final rounding, 2 u |value|."""
+    v = torch.nan_to_num(value.detach().double().cpu().abs(), nan=0.0, posinf=0.0)  # NaN / inf: matched exactly
+    return torch.as_tensor(E, dtype=torch.float64).reshape(v.shape) + 2 * math_unit(input_dtype) * v
+
+
 def token_errors(input_dtype, E, adv, ratio, kl_delta, beta, loss):
     """Per-token tolerances (ratio, kl, loss, d loss / d logp) given the log-prob error E (scalar or tensor)."""
     u = math_unit(input_dtype)

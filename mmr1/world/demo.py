@@ -49,16 +49,16 @@ class DemoConfig:
     sft_steps: int = 5000
     sft_batch: int = 16
     sft_lr: float = 2e-3
-    grpo_steps: int = 300
+    grpo_steps: int = 80
     group_size: int = 4
-    prompts_per_step: int = 2
-    grpo_lr: float = 3e-5
+    prompts_per_step: int = 8
+    grpo_lr: float = 5e-5
     pair_frac: float = 0.25  # two-subject (PSR-style) prompts among SFT examples and GRPO prompts
     describe_frac: float = 0.15  # understanding examples (image -> prompt) in the cold start
     reasoning_weight: float = 5.0  # SFT loss weight of the reasoning text tokens (image codes: 1)
     self_reward_weight: float = 0.2  # the generation-direction dual self-reward in GRPO (0 = off)
     consistency_weight: float = 0.0  # reasoning-image consistency reward in GRPO (X-CoT only; 0 = off)
-    grpo_pair_frac: float = 0.25  # two-subject prompts among GRPO prompts
+    grpo_pair_frac: float = 0.5  # two-subject prompts among GRPO prompts (the one-subject split is at ceiling)
     eval_prompts: int = 200  # one-subject held-out prompts
     eval_pair_prompts: int = 100  # two-subject held-out prompts
     compare_steps: int = 2  # GRPO steps timed per backend for the fused-vs-reference throughput table
@@ -133,7 +133,7 @@ def grpo_trainer(model: Transformer, world: WorldTokens, judge: IdentityJudge, c
     prompts = make_prompts(world, train_subjects, 512, seed=cfg.seed + 3, pair_frac=cfg.grpo_pair_frac)
     gcfg = GRPOConfig(group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step, steps=cfg.grpo_steps,
                       lr=cfg.grpo_lr, beta=0.04, cfg_scale=2.0, top_k=0, text_top_k=0, seed=cfg.seed,
-                      log_path=log_path)
+                      log_path=log_path, skip_zero_signal_steps=True)
     rewards = world_rewards(world, fmt, judge, model, cfg.self_reward_weight, cfg.consistency_weight)
     return GRPOTrainer(model, world.image, fmt, rewards, prompts, gcfg)
 
@@ -204,6 +204,17 @@ def save_grid(path: Path, before, after, prompts: List[dict], world: WorldTokens
     plt.close(fig)
 
 
+def grid_choice(before, prompts: List[dict], judge: IdentityJudge, cfg: DemoConfig) -> List[int]:
+    """The grid's rows: 4 one-subject prompts, then two-subject prompts -- the first 2 the cold start got wrong (what
+    the demo cannot do yet belongs in the picture) and the first 2 it got right."""
+    one = list(range(min(cfg.eval_prompts, 4)))
+    pairs = range(cfg.eval_prompts, cfg.eval_prompts + cfg.eval_pair_prompts)
+    ok = {r: judge.judge_image(before.final_codes[r], prompts[r]["scene"])["whole"] == 1.0 for r in pairs}
+    wrong = [r for r in pairs if not ok[r]][:2]
+    right = [r for r in pairs if ok[r]][:4 - len(wrong)]
+    return one + sorted(wrong + right)
+
+
 def save_curve(path: Path, history: List[Dict[str, float]]) -> None:
     import matplotlib
 
@@ -250,7 +261,7 @@ def identity_table(before: Dict, after: Optional[Dict], counts: Dict[str, int]) 
             if after:
                 a = after[split][key]
                 verdict = ("higher" if a[0] - a[1] > b[0] + b[1] else "lower" if a[0] + a[1] < b[0] - b[1]
-                           else "overlap")
+                           else "within CIs")
                 line += f" {a[0]:>8.3f} +- {a[1]:.3f}  {verdict}"
             lines.append(line)
     return "\n".join(lines)
@@ -372,8 +383,7 @@ def run(cfg: DemoConfig, cold_start: Optional[str] = None) -> Dict:
     save_transformer(model, out / "grpo")
     speed = compare_backends(trainer, cfg.compare_steps) if cfg.compare_steps > 0 else {}
     ro_b, ro_a = _joined(ro_before), _joined(ro_after)
-    n_one = min(cfg.eval_prompts, 5)
-    grid_rows = list(range(n_one)) + list(range(cfg.eval_prompts, cfg.eval_prompts + min(cfg.eval_pair_prompts, 3)))
+    grid_rows = grid_choice(ro_b, prompts, judge, cfg)
     save_grid(out / "grid.png", ro_b, ro_a, prompts, world, judge, grid_rows)
     if history:
         save_curve(out / "reward_curve.png", history)
