@@ -3,6 +3,8 @@
 advantages; the reference itself is checked against the oracle in test_reference_oracle.py)."""
 from __future__ import annotations
 
+import os
+
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -14,7 +16,8 @@ import oracle as O
 import tolerance as TOL
 from test_logprob import expected_loss_and_tolerances
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# MMR1_PROPERTY_EXAMPLES=2000 for a long search (CI draws 60 fresh cases per property each run)
+SETTINGS = settings(max_examples=int(os.environ.get("MMR1_PROPERTY_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
