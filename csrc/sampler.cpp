@@ -289,13 +289,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cfg_sample_cpu(
   check_vector(row_ids, B, at::kLong, "row_ids", op);
   if (forced.has_value()) check_vector(*forced, B, at::kLong, "forced", op);
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, op, ": seed must be a 0-dim int64 tensor");
-  TORCH_CHECK(offset.numel() == 1 && offset.scalar_type() == at::kLong, op, ": offset must be a 0-dim int64 tensor");
+  // one offset for the batch, or one per row (a Jacobi window: each position keeps its sequential offset)
+  TORCH_CHECK((offset.numel() == 1 || (offset.dim() == 1 && offset.numel() == B && offset.is_contiguous())) &&
+                  offset.scalar_type() == at::kLong && offset.device().is_cpu(),
+              op, ": offset must be a 0-dim or contiguous [B] int64 CPU tensor, got ", offset.sizes());
 
   auto f32 = cond.options().dtype(at::kFloat);
   at::Tensor tokens = at::empty({B}, cond.options().dtype(at::kLong)), logp = at::empty({B}, f32),
              cond_lp = at::empty({return_cond_logprobs ? B : 0}, f32),
              status = at::empty({B}, cond.options().dtype(at::kInt));
-  const uint64_t sd = static_cast<uint64_t>(seed.item<int64_t>()), of = static_cast<uint64_t>(offset.item<int64_t>());
+  const uint64_t sd = static_cast<uint64_t>(seed.item<int64_t>());
+  const int64_t* ofs = offset.const_data_ptr<int64_t>();
+  const int64_t of_stride = offset.numel() == 1 ? 0 : 1;
   const float *cs = cfg_scale.const_data_ptr<float>(), *ts = temperature.const_data_ptr<float>(),
               *ps = top_p.const_data_ptr<float>();
   const int64_t *ks = top_k.const_data_ptr<int64_t>(), *rid = row_ids.const_data_ptr<int64_t>(),
@@ -321,7 +326,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cfg_sample_cpu(
             continue;
           }
           const RowOut o = sample_row<scalar_t>(cb + r * cstride + lo, ub ? ub + r * ustride + lo : nullptr, lo, W,
-                                                cs[r], ts[r], ks[r], ps[r], static_cast<uint32_t>(rid[r]), sd, of,
+                                                cs[r], ts[r], ks[r], ps[r], static_cast<uint32_t>(rid[r]), sd,
+                                                static_cast<uint64_t>(ofs[r * of_stride]),
                                                 clp != nullptr, scratch);
           tok[r] = o.token;
           lp[r] = o.logp;

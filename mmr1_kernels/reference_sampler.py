@@ -11,6 +11,7 @@ Per row, in fp32 (or fp64 for the oracle):
      Gumbel-max: argmax_j q_j / E_j with q_j = exp(z_j - max z), E_j = -log U_j
      (= argmax z_j - log(-log U_j)); U_j from Philox4x32-10 keyed by
      (seed, row_id, offset, j): batch-invariant and identical in every backend
+     (offset: one for the batch, or one per row -- a Jacobi window's positions)
   6. log-prob of the token under the distribution sampled from; optionally
      log_softmax(c / T over the window)[token] (T = 1 for greedy rows).
 
@@ -54,14 +55,20 @@ def _mulhilo(a: int, b: torch.Tensor):
     return ((x >> 32) + (y >> 16) + (t >> 32)) & M32, t & M32
 
 
-def uniforms(seed: int, offset: int, row_ids: torch.Tensor, ids: torch.Tensor, dtype=torch.float32):
-    """U [B, W] in (0, 1) for rows ``row_ids`` [B] and absolute token ids ``ids`` [W]."""
-    seed, offset = int(seed) & (2**64 - 1), int(offset) & (2**64 - 1)
+def uniforms(seed: int, offset, row_ids: torch.Tensor, ids: torch.Tensor, dtype=torch.float32):
+    """U [B, W] in (0, 1) for rows ``row_ids`` [B] and absolute token ids ``ids`` [W]; ``offset`` is an int (every
+    row) or a [B] int64 tensor (one per row, its 64-bit pattern)."""
+    seed = int(seed) & (2**64 - 1)
     k0, k1 = seed & M32, (seed >> 32) & M32
     c0 = (ids.long() >> 2)[None, :]
     c1 = (row_ids.long() & M32)[:, None]
-    c2 = torch.full_like(c1, offset & M32)
-    c3 = torch.full_like(c1, (offset >> 32) & M32)
+    if isinstance(offset, torch.Tensor) and offset.numel() != 1:
+        off = offset.long().reshape(-1, 1).to(c1.device)
+        c2, c3 = off & M32, (off >> 32) & M32  # arithmetic shift, then the mask: the high word of the bit pattern
+    else:
+        offset = int(offset) & (2**64 - 1)
+        c2 = torch.full_like(c1, offset & M32)
+        c3 = torch.full_like(c1, (offset >> 32) & M32)
     out = philox4x32(c0, c1, c2, c3, k0, k1)
     lane = (ids.long() & 3)[None, :]
     x = torch.where(lane == 0, out[0], torch.where(lane == 1, out[1], torch.where(lane == 2, out[2], out[3])))
@@ -142,7 +149,8 @@ def cfg_sample(cond, uncond, cfg_scale, temperature, top_k, top_p, forced, seed,
     zt, q, m = filtered_weights(z, temperature, top_k, top_p)
     total = q.sum(1)
     ids = torch.arange(vocab_lo, vocab_hi, device=cond.device)
-    U = uniforms(int(seed), int(offset), row_ids.cpu(), ids.cpu(), dtype).to(cond.device)
+    offset = offset.cpu() if isinstance(offset, torch.Tensor) and offset.numel() != 1 else int(offset)
+    U = uniforms(int(seed), offset, row_ids.cpu(), ids.cpu(), dtype).to(cond.device)
     race = torch.where(q > 0, q / -torch.log(U), torch.full_like(q, -1.0))
     tok = race.argmax(1)  # first index of the max: the lowest id wins exact ties
     logp = zt.gather(1, tok[:, None]).squeeze(1) - m - torch.log(total)

@@ -27,8 +27,9 @@ STATUS_MESSAGES = {ref.STATUS_NAN: "NaN logits in the vocab window",
 @impl("cfg_sample", "CompositeExplicitAutograd")
 def _cfg_sample_ref(cond, uncond, cfg_scale, temperature, top_k, top_p, forced, seed, offset, row_ids, vocab_lo,
                     vocab_hi, return_cond_logprobs):
-    return ref.cfg_sample(cond, uncond, cfg_scale, temperature, top_k, top_p, forced, int(seed), int(offset), row_ids,
-                          vocab_lo, vocab_hi, return_cond_logprobs)
+    return ref.cfg_sample(cond, uncond, cfg_scale, temperature, top_k, top_p, forced, int(seed),
+                          offset if offset.numel() != 1 else int(offset), row_ids, vocab_lo, vocab_hi,
+                          return_cond_logprobs)
 
 
 if HAS_TRITON:
@@ -99,6 +100,16 @@ def _rng_word(name: str, value, device) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.int64, device=device)
 
 
+def _offsets(value, B: int, device) -> torch.Tensor:
+    """offset: an int / 0-dim int64 tensor for every row, or a [B] int64 tensor, one per row."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        if value.dtype != torch.int64:
+            raise TypeError(f"offset must be an int or an int64 tensor (0-dim or [B]), got {value.dtype}")
+        C.check_shape("offset", value, (B,))
+        return value.to(device).contiguous()
+    return _rng_word("offset", value, device)
+
+
 def cfg_sample(cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *, cfg_scale: Scalar = 1.0,
                temperature: Scalar = 1.0, top_k: Scalar = 0, top_p: Scalar = 1.0,
                vocab_range: Optional[Tuple[int, int]] = None, forced: Optional[torch.Tensor] = None,
@@ -113,6 +124,9 @@ def cfg_sample(cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *, cfg
     be sampled and only that slice is read. forced: [B] int64, -1 = free, else
     that token is returned with log-prob 0 and the row's logits are not read.
     seed, offset: ints or 0-dim int64 tensors (e.g. offset = decode step);
+    offset may also be a [B] int64 tensor, one per row (rows at different
+    positions, e.g. a Jacobi window: row b draws exactly what a call with
+    offset=offset[b] would draw for it);
     row_ids: [B] int64 RNG stream per row (default arange(B)). out: optional
     [B] int64 to write the tokens into (e.g. a column of the sequence buffer).
     check=True raises on NaN rows / empty kept sets (one host sync); with
@@ -150,7 +164,7 @@ def cfg_sample(cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *, cfg
         row_ids = row_ids.contiguous()
     # the CPU kernel reads seed/offset on the host; CUDA reads them on the device
     rng_dev = dev if dev.type == "cuda" else torch.device("cpu")
-    sd, of = _rng_word("seed", seed, rng_dev), _rng_word("offset", offset, rng_dev)
+    sd, of = _rng_word("seed", seed, rng_dev), _offsets(offset, B, rng_dev)
     if out is not None:
         C.check_tensor("out", out, dtypes=(torch.int64,), ndim=1, device=dev)
         C.check_shape("out", out, (B,))

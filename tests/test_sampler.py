@@ -18,7 +18,7 @@ def _params(B, cfg=1.0, temp=1.0, k=0, p=1.0, device="cpu"):
 
 def run_backend(backend, cond, uncond, cfg, temp, k, p, forced, seed, offset, row_ids, lo, hi, want_cond=False):
     if backend == "cpp":
-        return op("cfg_sample")(cond, uncond, cfg, temp, k, p, forced, torch.tensor(seed), torch.tensor(offset),
+        return op("cfg_sample")(cond, uncond, cfg, temp, k, p, forced, torch.tensor(seed), torch.as_tensor(offset),
                                 row_ids, lo, hi, want_cond)
     if backend == "reference":
         return R.cfg_sample(cond, uncond, cfg, temp, k, p, forced, seed, offset, row_ids, lo, hi, want_cond)
@@ -27,7 +27,7 @@ def run_backend(backend, cond, uncond, cfg, temp, k, p, forced, seed, offset, ro
     dev = triton_device()
     mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
     outs = G.cfg_sample(mv(cond), mv(uncond), mv(cfg), mv(temp), mv(k), mv(p), mv(forced),
-                        torch.tensor(seed, device=dev), torch.tensor(offset, device=dev), mv(row_ids), lo, hi,
+                        torch.tensor(seed, device=dev), torch.as_tensor(offset).to(dev), mv(row_ids), lo, hi,
                         want_cond)
     return tuple(t.cpu() for t in outs)
 
@@ -174,6 +174,45 @@ def test_batch_invariance_and_offsets_are_independent():
     assert draws.unique().numel() > 1000
 
 
+# per-row offsets, including 64-bit patterns with the high word set and "negative" ones
+ROW_OFFSETS = [0, 1, 5, 2**32 + 7, -3, 2**40, 17, 9]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
+def test_per_row_offsets_draw_what_per_row_calls_draw(request, backend):
+    """offset=[B] (a Jacobi window: each row at its own position) == one call per row with that row's offset."""
+    if backend == "triton":
+        request.getfixturevalue("triton_kernels")
+    B = len(ROW_OFFSETS)
+    cond, uncond, cfg, T, k, p, forced, (lo, hi) = _random_batch(B=B, V=1500, window=(3, 1200))
+    rows = torch.tensor([4, 4, 4, 9, 9, 1, 0, 2])  # rows of one sequence share a row id, as in a window
+    offs = torch.tensor(ROW_OFFSETS)
+    got = run_backend(backend, cond, uncond, cfg, T, k, p, forced, 99, offs, rows, lo, hi, True)
+    for r, o in enumerate(ROW_OFFSETS):
+        sl = slice(r, r + 1)
+        one = run_backend("reference", cond[sl], uncond[sl], cfg[sl], T[sl], k[sl], p[sl], forced[sl], 99, o,
+                          rows[sl], lo, hi, True)
+        assert got[0][r] == one[0][0], (r, o)
+        torch.testing.assert_close(got[1][r:r + 1], one[1], atol=1e-4, rtol=1e-4)
+    # and the offsets matter: the same rows at one shared offset draw differently (uniform logits: 1/W chance)
+    flat = torch.zeros(B, 4000)
+    per_row = cfg_sample(flat, seed=3, offset=offs, row_ids=torch.zeros(B, dtype=torch.long))[0]
+    shared = cfg_sample(flat, seed=3, offset=0, row_ids=torch.zeros(B, dtype=torch.long))[0]
+    assert (per_row == shared).sum() == 1  # only row 0, whose offset is 0
+    assert per_row.unique().numel() == B
+
+
+def test_per_row_offsets_public_api_and_errors():
+    cond = torch.randn(3, 50)
+    a = cfg_sample(cond, seed=1, offset=torch.tensor([4, 4, 4]))[0]
+    b = cfg_sample(cond, seed=1, offset=4)[0]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="offset must have shape"):
+        cfg_sample(cond, seed=1, offset=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="offset must be an int or an int64 tensor"):
+        cfg_sample(cond, seed=1, offset=torch.tensor([1.0, 2.0, 3.0]))
+
+
 # --------------------------------------------------------------------------- semantics
 
 
@@ -239,6 +278,8 @@ def test_opcheck_and_compile():
     args = (cond, uncond, cfg, T, k, p, torch.tensor([-1, 3, -1, -1]), torch.tensor(1), torch.tensor(2),
             torch.arange(B), 4, 60, True)
     torch.library.opcheck(op("cfg_sample"), args, test_utils=("test_schema", "test_faketensor"))
+    per_row = args[:8] + (torch.tensor([2, 3, 4, 2**33]),) + args[9:]
+    torch.library.opcheck(op("cfg_sample"), per_row, test_utils=("test_schema", "test_faketensor"))
 
     def step(c, u, off):
         return cfg_sample(c, u, cfg_scale=3.0, top_k=8, seed=11, offset=off, vocab_range=(4, 60), check=False)

@@ -62,7 +62,7 @@ def _kept_mass(c_row, u_row, cols, W, s, inv_t, thr, m, HAS_UNCOND: tl.constexpr
 def cfg_sample_kernel(
     cond_ptr, uncond_ptr, cfg_ptr, temp_ptr, topk_ptr, topp_ptr, forced_ptr, seed_ptr, offset_ptr, rowid_ptr,
     tokens_ptr, logp_ptr, cond_lp_ptr, status_ptr,
-    stride_c, stride_u, vocab_lo, W,
+    stride_c, stride_u, stride_off, vocab_lo, W,
     HAS_UNCOND: tl.constexpr, HAS_FORCED: tl.constexpr, WANT_COND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -150,7 +150,7 @@ def cfg_sample_kernel(
             status = tl.where(total > 0.0, status, 2).to(tl.int32)
             # ---- exponential race (Gumbel-max) with Philox4x32-10
             seed = tl.load(seed_ptr)
-            off = tl.load(offset_ptr)
+            off = tl.load(offset_ptr + r * stride_off)  # stride 0: one offset for the batch
             off_lo = (off & 0xFFFFFFFF).to(tl.uint32)
             off_hi = ((off >> 32) & 0xFFFFFFFF).to(tl.uint32)
             row = (tl.load(rowid_ptr + r) & 0xFFFFFFFF).to(tl.uint32)
@@ -211,7 +211,8 @@ def cfg_sample(cond, uncond, cfg_scale, temperature, top_k, top_p, forced, seed,
         cond, uncond if uncond is not None else cond, cfg_scale, temperature, top_k, top_p,
         forced if forced is not None else tokens, seed, offset, row_ids,
         tokens, logp, cond_lp if return_cond_logprobs else logp, status,
-        cond.stride(0), uncond.stride(0) if uncond is not None else 0, vocab_lo, vocab_hi - vocab_lo,
+        cond.stride(0), uncond.stride(0) if uncond is not None else 0, 0 if offset.numel() == 1 else 1,
+        vocab_lo, vocab_hi - vocab_lo,
         HAS_UNCOND=uncond is not None, HAS_FORCED=forced is not None, WANT_COND=return_cond_logprobs,
         BLOCK=BLOCK, num_warps=WARPS,
     )
@@ -225,7 +226,7 @@ def aot_specs():
         sig = {"cond_ptr": f"*{dtype}", "uncond_ptr": f"*{dtype}", "cfg_ptr": "*fp32", "temp_ptr": "*fp32",
                "topk_ptr": "*i64", "topp_ptr": "*fp32", "forced_ptr": "*i64", "seed_ptr": "*i64",
                "offset_ptr": "*i64", "rowid_ptr": "*i64", "tokens_ptr": "*i64", "logp_ptr": "*fp32",
-               "cond_lp_ptr": "*fp32", "status_ptr": "*i32", "stride_c": "i64", "stride_u": "i64",
+               "cond_lp_ptr": "*fp32", "status_ptr": "*i32", "stride_c": "i64", "stride_u": "i64", "stride_off": "i64",
                "vocab_lo": "i64", "W": "i64"}
         const = dict(HAS_UNCOND=True, HAS_FORCED=True, WANT_COND=True, BLOCK=BLOCK)
         yield KernelSpec(f"cfg_sample[{dtype}]", cfg_sample_kernel, sig, const, WARPS)
