@@ -47,16 +47,32 @@ class SamplingConfig:
     head_mode: str = "hidden_cfg"  # or "logits"
     backend: str = "kernels"  # or "reference": full-vocab logits + the sampler's PyTorch specification
     seed: int = 0
+    # image blocks: "sequential" (one token per forward) or "jacobi" (a window of draft tokens per forward, the
+    # same tokens -- see sample_image_blocks_jacobi); jacobi_draft: the guess for a position never drawn yet
+    decode: str = "sequential"
+    jacobi_window: int = 16
+    jacobi_draft: str = "above"  # the token one image row up ("above") or the left neighbour ("left")
 
     def __post_init__(self):
         if self.head_mode not in ("hidden_cfg", "logits"):
             raise ValueError(f"head_mode must be 'hidden_cfg' or 'logits', got {self.head_mode!r}")
         if self.backend not in ("kernels", "reference"):
             raise ValueError(f"backend must be 'kernels' or 'reference', got {self.backend!r}")
+        if self.decode not in ("sequential", "jacobi"):
+            raise ValueError(f"decode must be 'sequential' or 'jacobi', got {self.decode!r}")
+        if isinstance(self.jacobi_window, bool) or not isinstance(self.jacobi_window, int) or self.jacobi_window < 2:
+            raise ValueError(f"jacobi_window must be an int >= 2, got {self.jacobi_window!r}")
+        if self.jacobi_draft not in ("above", "left"):
+            raise ValueError(f"jacobi_draft must be 'above' or 'left', got {self.jacobi_draft!r}")
+
+    @property
+    def cache_slack(self) -> int:
+        """Extra cache slots a block needs past its end: a Jacobi window may run W - 1 positions beyond it."""
+        return self.jacobi_window if self.decode == "jacobi" else 0
 
 
 def reference_draw(cond: torch.Tensor, uncond: Optional[torch.Tensor], window: Tuple[int, int], cfg_scale: float,
-                   temperature: float, top_k: int, top_p: float, seed: int, offset: int,
+                   temperature: float, top_k: int, top_p: float, seed: int, offset,
                    row_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """cfg_sample's specification on full-vocab logits: (token ids, log-probs). The window is sliced out first,
     as the fused path's head does, so the Philox streams (keyed by the id within the sampled tensor) and hence
@@ -77,18 +93,20 @@ class ImageBlocks:
     logprobs: torch.Tensor  # [N, L] sampler log-probs (0 at forced positions)
     chosen: torch.Tensor  # [N, L] bool: positions the policy sampled
     codes: torch.Tensor  # [N, h, w]
+    forwards: int = 0  # model forwards the block took (sequential: L - 1)
 
 
 class CachedDecoder:
     """Per-row decoding state on a model's static cache: next position and last token of every row."""
 
-    def __init__(self, model: Transformer, rows: int, max_len: int):
+    def __init__(self, model: Transformer, rows: int, max_len: int, slack: int = 0):
+        """``slack``: cache slots past ``max_len`` that only Jacobi windows write (never a real position)."""
         if max_len > model.config.max_seq_len:
             raise ValueError(f"sequences of {max_len} tokens exceed the model's max_seq_len={model.config.max_seq_len}")
         self.model = model
         self.rows = rows
         self.device = model.lm_head.weight.device
-        model.setup_cache(rows, max_len)
+        model.setup_cache(rows, max_len + slack)
         self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
         # host-side upper bounds on each row's next position: a step attends to the first kv_len slots only
         # (no device sync; a row advances by at most one position per step)
@@ -125,6 +143,16 @@ class CachedDecoder:
         h = self._forward_rows(lo, hi, tokens[:, None], self.pos[row_ids][:, None], kv)[:, 0]
         self.pos[row_ids] += 1
         return h
+
+    @torch.no_grad()
+    def window(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed W tokens per row (all rows) at ``positions`` [rows, W] (consecutive per row); returns hidden
+        [rows, W, d]. Slots past a row's position stay as they are until written again; positions do not move."""
+        high = int(positions.max())
+        if high >= self.model.cache_len:
+            raise ValueError(f"window position {high} is past the cache ({self.model.cache_len} slots)")
+        self.high = [max(h, high + 1) for h in self.high]
+        return self.model(tokens, positions, kv_len=self.kv_len(high))
 
     def _range(self, row_ids: torch.Tensor) -> Tuple[int, int]:
         lo, hi = int(row_ids[0]), int(row_ids[-1]) + 1
@@ -165,6 +193,8 @@ def sample_image_blocks(dec: CachedDecoder, n: int, h: int, w: int, vocab: Image
     if dec.rows != (2 * n if use_cfg else n):
         raise ValueError(f"decoder has {dec.rows} rows; image generation for {n} samples needs "
                          f"{2 * n if use_cfg else n}")
+    if scfg.decode == "jacobi":
+        return sample_image_blocks_jacobi(dec, n, h, w, vocab, scfg, step_offset, row_ids)
     layout = vocab.forced_layout(h, w)
     L = layout.numel()
     lo, hi = vocab.window
@@ -209,7 +239,130 @@ def sample_image_blocks(dec: CachedDecoder, n: int, h: int, w: int, vocab: Image
     if bool(torch.isnan(logprobs).any()):
         raise FloatingPointError("NaN logits while sampling an image block (model weights or inputs are not finite)")
     codes = vocab.token_to_code.to(dev)[tokens[:, chosen.to(dev)]].view(n, h, w)
-    return ImageBlocks(tokens, logprobs, chosen.to(dev).expand(n, L).clone(), codes)
+    return ImageBlocks(tokens, logprobs, chosen.to(dev).expand(n, L).clone(), codes, forwards=L - 1)
+
+
+def _draw(model: Transformer, hidden: torch.Tensor, n: int, use_cfg: bool, vocab: ImageVocab, scfg: SamplingConfig,
+          offsets: torch.Tensor, row_ids: torch.Tensor, free: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One draw per row of hidden [(2)m, d] (cond rows, then uncond rows) at per-row ``offsets`` [m]: image ids
+    and sampler log-probs, exactly what the sequential loop draws from the same hidden states. Rows where
+    ``free`` is False are not sampled (their logits are not read; id lo, log-prob 0)."""
+    m = offsets.numel()
+    lo, hi = vocab.window
+    forced = torch.where(free, -1, 0)
+    if scfg.backend == "reference":
+        lc = model.logits(hidden[:m])
+        lu = model.logits(hidden[m:]) if use_cfg else None
+        tok, lp = reference_draw(lc, lu, vocab.window, scfg.cfg_scale if use_cfg else 1.0, scfg.temperature,
+                                 scfg.top_k, scfg.top_p, scfg.seed, offsets, row_ids)
+        return torch.where(free, tok, lo), torch.where(free, lp, 0.0)
+    w_img = model.lm_head.weight[lo:hi]
+    if scfg.head_mode == "hidden_cfg":
+        hc = hidden[:m]
+        hg = hidden[m:] + scfg.cfg_scale * (hc - hidden[m:]) if use_cfg else hc
+        tok, lp = cfg_sample(torch.nn.functional.linear(hg, w_img), temperature=scfg.temperature, top_k=scfg.top_k,
+                             top_p=scfg.top_p, seed=scfg.seed, offset=offsets, row_ids=row_ids, forced=forced,
+                             check=False)
+    else:
+        lc = torch.nn.functional.linear(hidden[:m], w_img)
+        lu = torch.nn.functional.linear(hidden[m:], w_img) if use_cfg else None
+        tok, lp = cfg_sample(lc, lu, cfg_scale=scfg.cfg_scale, temperature=scfg.temperature, top_k=scfg.top_k,
+                             top_p=scfg.top_p, seed=scfg.seed, offset=offsets, row_ids=row_ids, forced=forced,
+                             check=False)
+    return tok + lo, lp
+
+
+@torch.no_grad()
+def sample_image_blocks_jacobi(dec: CachedDecoder, n: int, h: int, w: int, vocab: ImageVocab, scfg: SamplingConfig,
+                               step_offset: int = 0, row_ids: Optional[torch.Tensor] = None) -> ImageBlocks:
+    """``sample_image_blocks`` by Jacobi iteration: the same tokens in fewer forwards.
+
+    Every draw is a pure function of (logits, seed, row id, offset), and each block position keeps the offset
+    the sequential loop gives it (step_offset + t). Each row holds a prefix of final tokens and drafts for the
+    W - 1 positions after it; one forward feeds [last final token, drafts] at their positions and draws all W
+    positions in one sampler launch (per-row offsets). The draw right after the final prefix is final; the
+    draw after a draft is final if every draft before it equalled its draw. A row accepts up to and including
+    its first mismatch -- at least one token per forward, so never more forwards than the sequential loop --
+    and rows advance independently. Accepted draws come from a forward whose whole prefix was final: the
+    sequential tokens and log-probs, up to fp rounding between a W-token and a 1-token forward. Drafts: the
+    previous forward's draws; a position never drawn gets the token one image row up (or the left neighbour).
+    Layout tokens are forced, so never wrong. Cache slots past a row's final prefix are rewritten by the next
+    window; queries read only slots <= their position.
+    """
+    model, dev = dec.model, dec.device
+    use_cfg = scfg.cfg_scale != 1.0
+    W = scfg.jacobi_window
+    layout = vocab.forced_layout(h, w).to(dev)
+    L = layout.numel()
+    row_ids = torch.arange(n, device=dev) if row_ids is None else row_ids.to(dev)
+    # cur[r, t]: final token for t < final[r], the draft after; W - 1 columns of room past the block's end
+    cur = torch.full((n, L + W), vocab.eoi, dtype=torch.long, device=dev)
+    forced_at = torch.cat([layout, torch.full((W,), vocab.eoi, device=dev)])
+    is_free = forced_at == -1
+    cur[:, :L] = torch.where(is_free[:L], vocab.window[0], layout)
+    logprobs = torch.zeros(n, L, dtype=torch.float32, device=dev)
+    final = torch.ones(n, dtype=torch.long, device=dev)  # boi is forced: one final token
+    start = dec.pos[:n].clone()  # position of each conditional row's boi
+    j = torch.arange(W, device=dev)
+    above = w + 1  # one image row up: w codes + newline
+    forwards = 0
+    while True:
+        active = final < L
+        if not bool(active.any()):
+            break
+        base = torch.where(active, final, L) - 1  # block index of each row's last final token (eoi when done)
+        idx = base[:, None] + j  # [n, W] block indices fed
+        feed = cur.gather(1, idx)
+        pos = start[:, None] + idx
+        if use_cfg:  # the unconditional rows see the same tokens at block-relative positions
+            feed, pos = torch.cat([feed, feed]), torch.cat([pos, idx])
+        hidden = dec.window(feed, pos)  # [rows, W, d]
+        forwards += 1
+        # the draw at window slot i is for block index base + 1 + i
+        tgt = idx + 1
+        free = is_free[tgt] & active[:, None]
+        hid = hidden[:n].reshape(n * W, -1)
+        if use_cfg:
+            hid = torch.cat([hid, hidden[n:].reshape(n * W, -1)])
+        tok, lp = _draw(model, hid, n * W, use_cfg, vocab, scfg, (step_offset + tgt).reshape(-1),
+                        row_ids.repeat_interleave(W), free.reshape(-1))
+        tok = torch.where(free, tok.view(n, W), forced_at[tgt])
+        lp = lp.view(n, W)
+        # accept through the first slot whose draw differs from the draft it was fed after (slot i + 1 was fed
+        # the draft for tgt[i]); at most to the block's end
+        match = tok[:, : W - 1] == feed[:n, 1:]
+        run = torch.cumprod(match.long(), 1).sum(1)  # leading matches
+        k = torch.minimum(run + 1, L - final) * active
+        take = j[None, :] < k[:, None]
+        rows_t = torch.arange(n, device=dev)[:, None].expand(n, W)
+        in_block = tgt < L
+        logprobs[rows_t[take & in_block], tgt[take & in_block]] = lp[take & in_block]
+        # every draw becomes the next draft (the accepted ones are final); the layout stays forced
+        keep_cols = active[:, None].expand(n, W)
+        cur[rows_t[keep_cols], tgt[keep_cols]] = tok[keep_cols]
+        old_final = final.clone()
+        final = final + k
+        # positions never drawn: the next window reaches old_final + W + k - 1 (exclusive of the first)
+        for c in range(1, W):  # at most W - 1 fresh columns, vectorized over rows
+            t = old_final + W - 1 + c  # block index just past what was drawn, c-th fresh
+            need = active & (c <= k - 1) & (t < L + W)
+            if not bool(need.any()):
+                break
+            t = t.clamp(max=L + W - 1)
+            src = t - above if scfg.jacobi_draft == "above" else t - 1
+            src = torch.where(src >= 1, src, t - 1)
+            guess = cur.gather(1, src[:, None]).squeeze(1)
+            guess = torch.where(is_free[t], guess, forced_at[t])
+            cur[need, t[need]] = guess[need]
+    tokens = cur[:, :L].clone()
+    dec.pos[:n] = start + L - 1  # as the sequential loop leaves it: eoi is fed by the caller's next phase
+    if use_cfg:
+        dec.pos[n:] = L - 1
+    if bool(torch.isnan(logprobs).any()):
+        raise FloatingPointError("NaN logits while sampling an image block (model weights or inputs are not finite)")
+    chosen = (layout == -1)
+    codes = vocab.token_to_code.to(dev)[tokens[:, chosen]].view(n, h, w)
+    return ImageBlocks(tokens, logprobs, chosen.expand(n, L).clone(), codes, forwards=forwards)
 
 
 @torch.no_grad()
@@ -227,7 +380,7 @@ def generate_images(model: Transformer, prompts: Sequence[Sequence[int]], vocab:
         raise ValueError("prompts must not be empty")
     use_cfg = scfg.cfg_scale != 1.0
     max_len = max(len(s) for s in seqs) + vocab.block_length(h, w) + 1
-    dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len)
+    dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len, slack=scfg.cache_slack)
     try:
         dec.prefill(torch.arange(n, device=dec.device), seqs)
         if use_cfg:
@@ -299,4 +452,5 @@ def sample_text(dec: CachedDecoder, n: int, first_hidden: torch.Tensor, stop_id:
     return out_t, out_l, out_c
 
 
-__all__ = ["SamplingConfig", "ImageBlocks", "CachedDecoder", "sample_image_blocks", "generate_images", "sample_text"]
+__all__ = ["SamplingConfig", "ImageBlocks", "CachedDecoder", "sample_image_blocks", "sample_image_blocks_jacobi",
+           "generate_images", "sample_text"]

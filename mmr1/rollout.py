@@ -83,7 +83,7 @@ def xcot_rollout(model: Transformer, prompts: Sequence[Sequence[int]], vocab: Im
     (sh, sw), (fh, fw) = fmt.subject_hw, fmt.final_hw
     max_len = (max(len(s) for s in seqs) + (fmt.max_text_tokens if fmt.reasoning else 0)
                + (vocab.block_length(sh, sw) if fmt.subject_image else 0) + vocab.block_length(fh, fw) + 2)
-    dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len)
+    dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len, slack=scfg.cache_slack)
     dev = dec.device
     rows = torch.arange(n, device=dev)
     row_ids = rows if row_ids is None else row_ids.to(dev)

@@ -149,3 +149,68 @@ def test_generation_errors():
         generate_images(model, [[1] * 120], VOCAB, (4, 4))
     with pytest.raises(ValueError, match="head_mode"):
         generate_images(model, [[1]], VOCAB, (2, 2), scfg=SamplingConfig(head_mode="fast"))
+
+
+# --------------------------------------------------------------------------- Jacobi decoding
+
+
+@pytest.mark.parametrize("window,draft,head_mode,cfg_scale,backend", [
+    (2, "above", "hidden_cfg", 3.0, "kernels"),
+    (5, "left", "hidden_cfg", 3.0, "kernels"),
+    (16, "above", "logits", 2.0, "kernels"),
+    (7, "above", "hidden_cfg", 1.0, "kernels"),  # no CFG: one row per sample
+    (4, "above", "hidden_cfg", 2.5, "reference"),
+])
+def test_jacobi_draws_the_sequential_tokens(window, draft, head_mode, cfg_scale, backend):
+    """Jacobi decoding is a faster route to the same sample: tokens equal, log-probs equal to fp32 rounding (a
+    W-token forward vs a 1-token one), in fewer forwards, with prompts of different lengths in one batch."""
+    model = tiny_model(5)
+    kw = dict(cfg_scale=cfg_scale, top_k=12, top_p=0.95, seed=21, head_mode=head_mode, backend=backend)
+    seq = generate_images(model, PROMPTS, VOCAB, (4, 5), num_samples=2, scfg=SamplingConfig(**kw))
+    jac = generate_images(model, PROMPTS, VOCAB, (4, 5), num_samples=2,
+                          scfg=SamplingConfig(decode="jacobi", jacobi_window=window, jacobi_draft=draft, **kw))
+    assert torch.equal(jac.tokens, seq.tokens)
+    torch.testing.assert_close(jac.logprobs, seq.logprobs, atol=2e-5, rtol=2e-5)
+    assert torch.equal(jac.chosen, seq.chosen) and torch.equal(jac.codes, seq.codes)
+    L = VOCAB.block_length(4, 5)
+    assert seq.forwards == L - 1 and 1 <= jac.forwards <= L - 1
+
+
+def test_jacobi_xcot_rollout_equals_sequential():
+    """Two image blocks on one cache (the subject image, its eoi fed, then the final image): the cache left by
+    a Jacobi block must be what the sequential loop leaves, or the final image would differ."""
+    model = tiny_model(3)
+    kw = dict(cfg_scale=2.5, top_k=12, text_top_k=8, seed=11)
+    a = xcot_rollout(model, PROMPTS, VOCAB, FMT, SamplingConfig(**kw), num_samples=2)
+    b = xcot_rollout(model, PROMPTS, VOCAB, FMT, SamplingConfig(decode="jacobi", jacobi_window=6, **kw),
+                     num_samples=2)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.chosen, b.chosen)
+    assert torch.equal(a.lengths, b.lengths) and torch.equal(a.image_positions, b.image_positions)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-5, rtol=2e-5)
+
+
+def test_jacobi_accepts_whole_windows_when_the_draws_do_not_depend_on_the_prefix():
+    """A model whose hidden states are all zero (final norm weight 0) samples from uniform logits: each draw is
+    a function of its Philox key alone, so the previous forward's draws are right and windows are accepted in
+    bulk -- the acceptance logic, not only the fallback of one token per forward, is exercised."""
+    model = tiny_model(1)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    h, w, W = 6, 7, 8
+    L = VOCAB.block_length(h, w)
+    kw = dict(cfg_scale=2.0, top_k=0, seed=4)
+    seq = generate_images(model, PROMPTS[:2], VOCAB, (h, w), scfg=SamplingConfig(**kw))
+    jac = generate_images(model, PROMPTS[:2], VOCAB, (h, w),
+                          scfg=SamplingConfig(decode="jacobi", jacobi_window=W, **kw))
+    assert torch.equal(jac.tokens, seq.tokens)
+    # each forward after the first accepts every drawn draft up to the first fresh guess: about W / 2 tokens
+    assert jac.forwards <= 2 * L // W + 2, (jac.forwards, L)
+
+
+def test_jacobi_config_errors():
+    with pytest.raises(ValueError, match="decode must be"):
+        SamplingConfig(decode="speculative")
+    with pytest.raises(ValueError, match="jacobi_window must be an int >= 2"):
+        SamplingConfig(decode="jacobi", jacobi_window=1)
+    with pytest.raises(ValueError, match="jacobi_draft must be"):
+        SamplingConfig(jacobi_draft="random")
