@@ -60,8 +60,8 @@ class SamplingConfig:
             raise ValueError(f"backend must be 'kernels' or 'reference', got {self.backend!r}")
         if self.decode not in ("sequential", "jacobi"):
             raise ValueError(f"decode must be 'sequential' or 'jacobi', got {self.decode!r}")
-        if isinstance(self.jacobi_window, bool) or not isinstance(self.jacobi_window, int) or self.jacobi_window < 2:
-            raise ValueError(f"jacobi_window must be an int >= 2, got {self.jacobi_window!r}")
+        if isinstance(self.jacobi_window, bool) or not isinstance(self.jacobi_window, int) or self.jacobi_window < 1:
+            raise ValueError(f"jacobi_window must be an int >= 1, got {self.jacobi_window!r}")
         if self.jacobi_draft not in ("above", "left"):
             raise ValueError(f"jacobi_draft must be 'above' or 'left', got {self.jacobi_draft!r}")
 
@@ -94,6 +94,7 @@ class ImageBlocks:
     chosen: torch.Tensor  # [N, L] bool: positions the policy sampled
     codes: torch.Tensor  # [N, h, w]
     forwards: int = 0  # model forwards the block took (sequential: L - 1)
+    row_forwards: Optional[torch.Tensor] = None  # [N] the forward after which each row's block was final
 
 
 class CachedDecoder:
@@ -118,8 +119,13 @@ class CachedDecoder:
         return -(-(high + 1) // 64) * 64
 
     @torch.no_grad()
-    def prefill(self, row_ids: torch.Tensor, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Write the prompts of ``row_ids`` into the cache from slot 0; returns their last hidden states [n, d]."""
+    def prefill(self, row_ids: torch.Tensor, seqs: Sequence[Sequence[int]], repeats: int = 1) -> torch.Tensor:
+        """Write the prompts of ``row_ids`` into the cache from slot 0; returns their last hidden states [n, d].
+
+        ``repeats`` > 1: ``seqs`` are the distinct prompts and row i holds seqs[i // repeats] (a prompt's G
+        samples): each prompt runs through the model once and its cache rows are copied G times."""
+        if repeats > 1:
+            return self._prefill_shared(row_ids, seqs, repeats)
         tokens, lengths = pad_sequences(seqs)
         tokens, lengths = tokens.to(self.device), lengths.to(self.device)
         n, T = tokens.shape
@@ -129,6 +135,30 @@ class CachedDecoder:
         hidden = self._forward_rows(lo, hi, tokens, torch.arange(T, device=self.device).expand(n, T), T)
         self.pos[row_ids] = lengths
         return hidden[torch.arange(n, device=self.device), lengths - 1]
+
+    def _prefill_shared(self, row_ids: torch.Tensor, seqs: Sequence[Sequence[int]], repeats: int) -> torch.Tensor:
+        lo, hi = self._range(row_ids)
+        if hi - lo != len(seqs) * repeats:
+            raise ValueError(f"{hi - lo} rows cannot hold {len(seqs)} prompts x {repeats} samples")
+        tokens, lengths = pad_sequences(seqs)
+        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+        P, T = tokens.shape
+        caches = [layer.self_attn.cache for layer in self.model.model.layers]
+        full = [(c.k, c.v) for c in caches]
+        try:  # a P-row scratch cache of T slots, then each prompt's rows copied to its samples' rows
+            for c, (k, v) in zip(caches, full):
+                c.k, c.v = k.new_zeros((P, T) + k.shape[2:]), v.new_zeros((P, T) + v.shape[2:])
+            hidden = self.model(tokens, torch.arange(T, device=self.device).expand(P, T), kv_len=T)
+            scratch = [(c.k, c.v) for c in caches]
+        finally:
+            for c, (k, v) in zip(caches, full):
+                c.k, c.v = k, v
+        for (k, v), (sk, sv) in zip(full, scratch):
+            k[lo:hi, :T] = sk.repeat_interleave(repeats, 0)
+            v[lo:hi, :T] = sv.repeat_interleave(repeats, 0)
+        self.high[lo:hi] = [T] * (hi - lo)
+        self.pos[lo:hi] = lengths.repeat_interleave(repeats)
+        return hidden[torch.arange(P, device=self.device), lengths - 1].repeat_interleave(repeats, 0)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -302,6 +332,7 @@ def sample_image_blocks_jacobi(dec: CachedDecoder, n: int, h: int, w: int, vocab
     cur[:, :L] = torch.where(is_free[:L], vocab.window[0], layout)
     logprobs = torch.zeros(n, L, dtype=torch.float32, device=dev)
     final = torch.ones(n, dtype=torch.long, device=dev)  # boi is forced: one final token
+    done_at = torch.zeros(n, dtype=torch.long, device=dev)
     start = dec.pos[:n].clone()  # position of each conditional row's boi
     j = torch.arange(W, device=dev)
     above = w + 1  # one image row up: w codes + newline
@@ -342,6 +373,7 @@ def sample_image_blocks_jacobi(dec: CachedDecoder, n: int, h: int, w: int, vocab
         cur[rows_t[keep_cols], tgt[keep_cols]] = tok[keep_cols]
         old_final = final.clone()
         final = final + k
+        done_at = torch.where(active & (final == L), forwards, done_at)
         # positions never drawn: the next window reaches old_final + W + k - 1 (exclusive of the first)
         for c in range(1, W):  # at most W - 1 fresh columns, vectorized over rows
             t = old_final + W - 1 + c  # block index just past what was drawn, c-th fresh
@@ -362,7 +394,7 @@ def sample_image_blocks_jacobi(dec: CachedDecoder, n: int, h: int, w: int, vocab
         raise FloatingPointError("NaN logits while sampling an image block (model weights or inputs are not finite)")
     chosen = (layout == -1)
     codes = vocab.token_to_code.to(dev)[tokens[:, chosen]].view(n, h, w)
-    return ImageBlocks(tokens, logprobs, chosen.expand(n, L).clone(), codes, forwards=forwards)
+    return ImageBlocks(tokens, logprobs, chosen.expand(n, L).clone(), codes, forwards=forwards, row_forwards=done_at)
 
 
 @torch.no_grad()
@@ -374,15 +406,15 @@ def generate_images(model: Transformer, prompts: Sequence[Sequence[int]], vocab:
     """
     scfg = scfg or SamplingConfig()
     h, w = image_hw
-    seqs = [list(p) for p in prompts for _ in range(num_samples)]
-    n = len(seqs)
+    distinct = [list(p) for p in prompts]
+    n = len(distinct) * num_samples
     if n == 0:
         raise ValueError("prompts must not be empty")
     use_cfg = scfg.cfg_scale != 1.0
-    max_len = max(len(s) for s in seqs) + vocab.block_length(h, w) + 1
+    max_len = max(len(s) for s in distinct) + vocab.block_length(h, w) + 1
     dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len, slack=scfg.cache_slack)
     try:
-        dec.prefill(torch.arange(n, device=dec.device), seqs)
+        dec.prefill(torch.arange(n, device=dec.device), distinct, repeats=num_samples)
         if use_cfg:
             dec.pos[n:] = 0
         # the block starts with boi: the caller's prompt ends right before it

@@ -76,6 +76,8 @@ class GRPOConfig:
     # turn the tiny KL / rounding gradients into a full-size step (m / sqrt(v)): skip the update instead
     skip_zero_signal_steps: bool = False
     backend: str = "kernels"  # or "reference": full logits + the PyTorch specs (for comparison)
+    decode: str = "sequential"  # image blocks: or "jacobi" (the same tokens in fewer forwards; SamplingConfig)
+    jacobi_window: int = 16
     seed: int = 0
     log_path: Optional[str] = None
 
@@ -88,11 +90,13 @@ class GRPOConfig:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.backend not in ("kernels", "reference"):
             raise ValueError(f"backend must be 'kernels' or 'reference', got {self.backend!r}")
+        self.sampling(0)  # decode / jacobi_window errors now, not at the first rollout
 
     def sampling(self, step: int) -> SamplingConfig:
         return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, text_temperature=self.text_temperature, text_top_k=self.text_top_k,
-                              backend=self.backend, seed=(self.seed * 1_000_003 + step) % (2**63))
+                              backend=self.backend, decode=self.decode, jacobi_window=self.jacobi_window,
+                              seed=(self.seed * 1_000_003 + step) % (2**63))
 
 
 def lr_lambda(cfg: GRPOConfig):

@@ -89,7 +89,7 @@ def xcot_rollout(model: Transformer, prompts: Sequence[Sequence[int]], vocab: Im
     row_ids = rows if row_ids is None else row_ids.to(dev)
     subject = None
     try:
-        first = dec.prefill(rows, seqs)
+        first = dec.prefill(rows, [s for s in seqs[::num_samples]], repeats=num_samples)  # one per prompt
         if fmt.reasoning:
             text, text_lp, text_chosen = sample_text(dec, n, first, fmt.think_close, fmt.max_text_tokens,
                                                      fmt.text_range, scfg, TEXT_OFFSET, row_ids)

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -145,3 +146,40 @@ def test_cli_sft_then_grpo(tmp_path):
     assert len((tmp_path / "grpo" / "grpo.jsonl").read_text().splitlines()) == 2
     with pytest.raises(SystemExit, match="no model at"):
         cli(["grpo", "--cold-start", str(tmp_path / "missing")])
+
+
+def test_jacobi_rollouts_on_the_shipped_model_are_the_sequential_ones():
+    """On the trained demo model (fp32), X-CoT rollouts decoded by Jacobi windows equal the sequential ones: every
+    token and sequence of 24 rollouts (two 7x7 image blocks each), log-probs to fp32 rounding; a mismatch would
+    be reported with its position and both draws' log-probs (only an fp near-tie may explain one), and the
+    windows must save forwards (the acceptance, not only the equality)."""
+    import mmr1.generate as G
+    from mmr1.generate import SamplingConfig
+    from mmr1.model import load_transformer
+    from mmr1.rollout import xcot_rollout
+    from mmr1.world import load_world
+    from mmr1.world.demo import DemoConfig, shipped_cold_start
+    from mmr1.world.tasks import make_prompts, split_subjects, xcot_format
+
+    root = shipped_cold_start(DemoConfig())
+    world, model = load_world(root / "world"), load_transformer(root / "cold_start")
+    fmt = xcot_format(world)
+    train, _ = split_subjects(0, DemoConfig.held_out_frac)
+    ids = [p["prompt_ids"] for p in make_prompts(world, train, 6, seed=9, pair_frac=0.5)]
+    kw = dict(cfg_scale=2.0, top_k=0, text_top_k=0, seed=17)
+    seq = xcot_rollout(model, ids, world.image, fmt, SamplingConfig(**kw), num_samples=4)
+    forwards = []
+    orig = G.sample_image_blocks_jacobi
+    G.sample_image_blocks_jacobi = lambda *a, **k: forwards.append(orig(*a, **k)) or forwards[-1]
+    try:  # sample_image_blocks looks the name up in mmr1.generate at call time
+        jac = xcot_rollout(model, ids, world.image, fmt, SamplingConfig(decode="jacobi", jacobi_window=8, **kw),
+                           num_samples=4)
+    finally:
+        G.sample_image_blocks_jacobi = orig
+    diff = (jac.tokens != seq.tokens).nonzero().tolist()
+    detail = [(r, t, int(seq.tokens[r, t]), int(jac.tokens[r, t]), float(seq.logprobs[r, t]),
+               float(jac.logprobs[r, t])) for r, t in diff[:5]]
+    assert not diff, f"(row, position, sequential token, jacobi token, their log-probs): {detail}"
+    torch.testing.assert_close(jac.logprobs, seq.logprobs, atol=5e-5, rtol=5e-5)
+    L = world.image.block_length(*fmt.final_hw)
+    assert len(forwards) == 2 and all(b.forwards <= 0.6 * (L - 1) for b in forwards), [b.forwards for b in forwards]

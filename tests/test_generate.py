@@ -85,10 +85,13 @@ def test_reference_backend_draws_the_same_rollouts():
         SamplingConfig(backend="cuda")
 
 
-def test_sampler_logprobs_equal_teacher_forced_logprobs():
-    """No CFG, no filtering: the sampler's log-probs are exactly the policy's (what GRPO's ratio assumes)."""
+@pytest.mark.parametrize("decode", ["sequential", "jacobi"])
+def test_sampler_logprobs_equal_teacher_forced_logprobs(decode):
+    """No CFG, no filtering: the sampler's log-probs are exactly the policy's (what GRPO's ratio assumes) -- for
+    Jacobi too: an accepted token's log-prob comes from the forward in which its whole prefix was final."""
     model = tiny_model(1)
-    scfg = SamplingConfig(cfg_scale=1.0, temperature=0.8, top_k=0, text_temperature=0.8, text_top_k=0, seed=3)
+    scfg = SamplingConfig(cfg_scale=1.0, temperature=0.8, top_k=0, text_temperature=0.8, text_top_k=0, seed=3,
+                          decode=decode, jacobi_window=5)
     ro = xcot_rollout(model, PROMPTS, VOCAB, FMT, scfg, num_samples=2)
     with torch.no_grad():
         mask = torch.arange(ro.tokens.shape[1])[None] < ro.lengths[:, None]
@@ -155,6 +158,7 @@ def test_generation_errors():
 
 
 @pytest.mark.parametrize("window,draft,head_mode,cfg_scale,backend", [
+    (1, "above", "hidden_cfg", 3.0, "kernels"),  # a window of one: the sequential loop, one token per forward
     (2, "above", "hidden_cfg", 3.0, "kernels"),
     (5, "left", "hidden_cfg", 3.0, "kernels"),
     (16, "above", "logits", 2.0, "kernels"),
@@ -174,6 +178,11 @@ def test_jacobi_draws_the_sequential_tokens(window, draft, head_mode, cfg_scale,
     assert torch.equal(jac.chosen, seq.chosen) and torch.equal(jac.codes, seq.codes)
     L = VOCAB.block_length(4, 5)
     assert seq.forwards == L - 1 and 1 <= jac.forwards <= L - 1
+    assert jac.forwards == int(jac.row_forwards.max())
+    if window == 1:
+        assert jac.forwards == L - 1  # log-probs: equal to rounding (another attention length), checked above
+    else:  # rows advance independently: some finish before others
+        assert int(jac.row_forwards.min()) < jac.forwards, jac.row_forwards
 
 
 def test_jacobi_xcot_rollout_equals_sequential():
@@ -210,7 +219,57 @@ def test_jacobi_accepts_whole_windows_when_the_draws_do_not_depend_on_the_prefix
 def test_jacobi_config_errors():
     with pytest.raises(ValueError, match="decode must be"):
         SamplingConfig(decode="speculative")
-    with pytest.raises(ValueError, match="jacobi_window must be an int >= 2"):
-        SamplingConfig(decode="jacobi", jacobi_window=1)
+    with pytest.raises(ValueError, match="jacobi_window must be an int >= 1"):
+        SamplingConfig(decode="jacobi", jacobi_window=0)
     with pytest.raises(ValueError, match="jacobi_draft must be"):
         SamplingConfig(jacobi_draft="random")
+
+
+def test_shared_prefill_equals_separate_prefills():
+    """A prompt's G samples share one prefill (its cache rows copied): hidden states, positions and every cache
+    slot the prompt wrote equal G separate prefills."""
+    model = tiny_model(2)
+    G = 3
+    a, b = CachedDecoder(model, 9, 40), None
+    ha = a.prefill(torch.arange(9), PROMPTS, repeats=G)
+    ka = [layer.self_attn.cache.k.clone() for layer in model.model.layers]
+    a.close()
+    b = CachedDecoder(model, 9, 40)
+    hb = b.prefill(torch.arange(9), [p for p in PROMPTS for _ in range(G)])
+    kb = [layer.self_attn.cache.k.clone() for layer in model.model.layers]
+    torch.testing.assert_close(ha, hb, atol=1e-6, rtol=1e-6)
+    assert torch.equal(a.pos, b.pos)
+    for r in range(9):
+        n = len(PROMPTS[r // G])
+        for x, y in zip(ka, kb):
+            torch.testing.assert_close(x[r, :n], y[r, :n], atol=1e-6, rtol=1e-6)
+    b.close()
+    with pytest.raises(ValueError, match="cannot hold 3 prompts x 2 samples"):
+        CachedDecoder(model, 9, 40).prefill(torch.arange(9), PROMPTS, repeats=2)
+
+
+def test_jacobi_first_code_follows_the_kept_softmax():
+    """Chi-square: the first code of 1500 Jacobi samples of one prompt (CFG, top-k) vs the guided, filtered
+    softmax of the model at that position (computed here from a plain forward)."""
+    model = tiny_model(7)
+    prompt = PROMPTS[0]
+    N = 1500
+    scfg = SamplingConfig(cfg_scale=2.0, top_k=10, seed=5, decode="jacobi", jacobi_window=4)
+    out = generate_images(model, [prompt], VOCAB, (1, 2), num_samples=N, scfg=scfg)
+    first = out.codes[:, 0, 0]
+    lo, hi = VOCAB.window
+    with torch.no_grad():
+        hc = model(torch.tensor([prompt + [VOCAB.boi, VOCAB.size_token(1), VOCAB.size_token(2)]]))[0, -1]
+        hu = model(torch.tensor([[VOCAB.boi, VOCAB.size_token(1), VOCAB.size_token(2)]]))[0, -1]
+        z = torch.nn.functional.linear(hu + 2.0 * (hc - hu), model.lm_head.weight[lo:hi]).double()
+    kth = z.sort(descending=True).values[9]
+    p = torch.where(z >= kth, torch.softmax(z, 0), 0.0)
+    p = p / p.sum()
+    code_of = VOCAB.token_to_code[torch.arange(lo, hi)]
+    expected = torch.zeros(VOCAB.num_codes, dtype=torch.float64).index_add_(0, code_of, p) * N
+    observed = torch.bincount(first, minlength=VOCAB.num_codes).double()
+    assert observed[expected == 0].sum() == 0, "a code outside the top-k set was drawn"
+    keep = expected > 0
+    chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5 + 10, (chi2, dof)  # ~4 sigma; a wrong distribution gives hundreds
