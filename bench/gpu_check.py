@@ -79,7 +79,8 @@ def plan(dry: bool, py: str) -> List[Dict]:
     for suite, limit, extra in (("sampler", 120, ["--repeats", "2"] if dry else []),
                                 ("logprob", 150, ["--repeats", "2"] if dry else []),
                                 ("train_step", 120, []),
-                                ("generation", 150, ["--repeats", "1"] if dry else [])):
+                                ("generation", 150, ["--repeats", "1"] if dry else []),
+                                ("jacobi", 120, [])):
         steps.append({"name": f"bench.{suite}", "limit": limit, "cmd": [py, "-m", f"bench.{suite}", *quick, *extra],
                       "suite": suite + ("_quick" if dry else "")})
     if not dry:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 from typing import Dict, List
 
 import torch
@@ -61,7 +62,9 @@ def bench_grpo_step(side: int, repeats: int) -> List[Row]:
     cfg = GRPOConfig(group_size=4, prompts_per_step=2, lr=1e-5, beta=0.04, cfg_scale=3.0, top_k=2000, text_top_k=50)
     tr = GRPOTrainer(model, VOCAB, fmt, _reward_set(fmt, model), prompts, cfg)
     phases: Dict[str, List[float]] = {k: [] for k in ("rollout", "rewards", "advantages", "ref logprobs",
-                                                      "update (fused)", "update (reference path)")}
+                                                      "update (fused)", "update (reference path)",
+                                                      "rollout (jacobi W=8)")}
+    jacobi = replace(cfg, decode="jacobi", jacobi_window=8)
     peaks = {}
     for rep in range(repeats):
         batch = tr.batch_for(rep)
@@ -97,7 +100,12 @@ def bench_grpo_step(side: int, repeats: int) -> List[Row]:
         t5 = time.perf_counter()
         reference_update()
         t6 = time.perf_counter()
-        for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+        model.eval()  # the same rollout by Jacobi windows: the same tokens (checked), another time
+        ro_j = tr.rollout_fn(model, batch, 4, jacobi.sampling(rep), torch.arange(8))
+        t7 = time.perf_counter()
+        if (ro_j.tokens != ro.tokens).float().mean() > 1e-3:
+            raise AssertionError("Jacobi rollout tokens differ from the sequential ones")
+        for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6)):
             phases[k].append(v)
         if rep == 0:
             peaks["update (fused)"] = peak_extra_mib(fused_update)
@@ -111,7 +119,9 @@ def bench_grpo_step(side: int, repeats: int) -> List[Row]:
         rows.append(Row(bench="GRPO step by phase", case=case, provider=k, median_ms=med * 1e3,
                         p25_ms=min(v) * 1e3, p75_ms=max(v) * 1e3, peak_mib=peaks.get(k, float("nan")),
                         ratio_vs_ours=med / fused_med if k.startswith("update") else float("nan"),
-                        note=f"{tokens / med:.0f} train tok/s" if k.startswith("update") else ""))
+                        note=f"{tokens / med:.0f} train tok/s" if k.startswith("update") else
+                        f"x{statistics.median(phases['rollout']) / med:.2f} vs the sequential rollout (random "
+                        f"model: the worst case for Jacobi)" if k.startswith("rollout (") else ""))
     return rows
 
 

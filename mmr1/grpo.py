@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -76,8 +77,12 @@ class GRPOConfig:
     # turn the tiny KL / rounding gradients into a full-size step (m / sqrt(v)): skip the update instead
     skip_zero_signal_steps: bool = False
     backend: str = "kernels"  # or "reference": full logits + the PyTorch specs (for comparison)
-    decode: str = "sequential"  # image blocks: or "jacobi" (the same tokens in fewer forwards; SamplingConfig)
-    jacobi_window: int = 16
+    # image blocks: "jacobi" windows draw the same tokens as the sequential loop in fewer forwards
+    # (SamplingConfig). It pays where drafts are often right (the demo model: 1.3-2x rollout time) and loses on
+    # CPU where they are not (a random model: a W-token forward costs ~W/2-W one-token forwards): measure
+    # (python -m bench.jacobi) before switching.
+    decode: str = "sequential"
+    jacobi_window: int = 8
     seed: int = 0
     log_path: Optional[str] = None
 
@@ -269,7 +274,7 @@ class GRPOTrainer:
             gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
             self.optimizer.step()
         with warnings.catch_warnings():  # a skipped first step: the schedule still advances, on purpose
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
         t_train = time.perf_counter() - t1
         gen_tokens = int((ro.lengths - ro.prompt_lengths).sum())

@@ -58,6 +58,7 @@ class Rollout:
     reasoning: List[List[int]] = field(default_factory=list)  # reasoning tokens incl. think_close
     subject_images: Optional[torch.Tensor] = None  # [N, 3, H, W] in [-1, 1] when a VQ decoder was given
     final_images: Optional[torch.Tensor] = None
+    image_forwards: int = 0  # model forwards the image blocks took (sequential: block length - 1 each)
 
     @property
     def num_samples(self) -> int:
@@ -121,7 +122,7 @@ def xcot_rollout(model: Transformer, prompts: Sequence[Sequence[int]], vocab: Im
         chosen=_padded(chosen, L, torch.bool), logprobs=_padded(logps, L, torch.float32),
         image_positions=_padded(is_img, L, torch.bool),
         subject_codes=None if subject is None else subject.codes.cpu(), final_codes=final.codes.cpu(),
-        reasoning=text)
+        reasoning=text, image_forwards=final.forwards + (subject.forwards if subject is not None else 0))
     if vq_decode is not None:
         rollout.subject_images = None if subject is None else vq_decode(subject.codes).cpu()
         rollout.final_images = vq_decode(final.codes).cpu()
