@@ -52,6 +52,10 @@ class SamplingConfig:
     decode: str = "sequential"
     jacobi_window: int = 16
     jacobi_draft: str = "above"  # the token one image row up ("above") or the left neighbour ("left")
+    # size each forward's window from the acceptance of the last one (doubled when rows accept half of it on
+    # average, halved below a quarter; 2..jacobi_window): where a W-token forward costs ~W one-token forwards
+    # (small models on CPU) a window no one accepts is wasted work
+    jacobi_adaptive: bool = False
 
     def __post_init__(self):
         if self.head_mode not in ("hidden_cfg", "logits"):
@@ -334,50 +338,55 @@ def sample_image_blocks_jacobi(dec: CachedDecoder, n: int, h: int, w: int, vocab
     final = torch.ones(n, dtype=torch.long, device=dev)  # boi is forced: one final token
     done_at = torch.zeros(n, dtype=torch.long, device=dev)
     start = dec.pos[:n].clone()  # position of each conditional row's boi
-    j = torch.arange(W, device=dev)
     above = w + 1  # one image row up: w codes + newline
     forwards = 0
+    Wt = W  # this forward's window: W, or with jacobi_adaptive sized from the last acceptance (2 <= Wt <= W)
     while True:
         active = final < L
         if not bool(active.any()):
             break
+        j = torch.arange(Wt, device=dev)
         base = torch.where(active, final, L) - 1  # block index of each row's last final token (eoi when done)
-        idx = base[:, None] + j  # [n, W] block indices fed
+        idx = base[:, None] + j  # [n, Wt] block indices fed
         feed = cur.gather(1, idx)
         pos = start[:, None] + idx
         if use_cfg:  # the unconditional rows see the same tokens at block-relative positions
             feed, pos = torch.cat([feed, feed]), torch.cat([pos, idx])
-        hidden = dec.window(feed, pos)  # [rows, W, d]
+        hidden = dec.window(feed, pos)  # [rows, Wt, d]
         forwards += 1
         # the draw at window slot i is for block index base + 1 + i
         tgt = idx + 1
         free = is_free[tgt] & active[:, None]
-        hid = hidden[:n].reshape(n * W, -1)
+        hid = hidden[:n].reshape(n * Wt, -1)
         if use_cfg:
-            hid = torch.cat([hid, hidden[n:].reshape(n * W, -1)])
-        tok, lp = _draw(model, hid, n * W, use_cfg, vocab, scfg, (step_offset + tgt).reshape(-1),
-                        row_ids.repeat_interleave(W), free.reshape(-1))
-        tok = torch.where(free, tok.view(n, W), forced_at[tgt])
-        lp = lp.view(n, W)
+            hid = torch.cat([hid, hidden[n:].reshape(n * Wt, -1)])
+        tok, lp = _draw(model, hid, n * Wt, use_cfg, vocab, scfg, (step_offset + tgt).reshape(-1),
+                        row_ids.repeat_interleave(Wt), free.reshape(-1))
+        tok = torch.where(free, tok.view(n, Wt), forced_at[tgt])
+        lp = lp.view(n, Wt)
         # accept through the first slot whose draw differs from the draft it was fed after (slot i + 1 was fed
         # the draft for tgt[i]); at most to the block's end
-        match = tok[:, : W - 1] == feed[:n, 1:]
+        match = tok[:, : Wt - 1] == feed[:n, 1:]
         run = torch.cumprod(match.long(), 1).sum(1)  # leading matches
         k = torch.minimum(run + 1, L - final) * active
         take = j[None, :] < k[:, None]
-        rows_t = torch.arange(n, device=dev)[:, None].expand(n, W)
+        rows_t = torch.arange(n, device=dev)[:, None].expand(n, Wt)
         in_block = tgt < L
         logprobs[rows_t[take & in_block], tgt[take & in_block]] = lp[take & in_block]
         # every draw becomes the next draft (the accepted ones are final); the layout stays forced
-        keep_cols = active[:, None].expand(n, W)
+        keep_cols = active[:, None].expand(n, Wt)
         cur[rows_t[keep_cols], tgt[keep_cols]] = tok[keep_cols]
         old_final = final.clone()
         final = final + k
         done_at = torch.where(active & (final == L), forwards, done_at)
-        # positions never drawn: the next window reaches old_final + W + k - 1 (exclusive of the first)
-        for c in range(1, W):  # at most W - 1 fresh columns, vectorized over rows
-            t = old_final + W - 1 + c  # block index just past what was drawn, c-th fresh
-            need = active & (c <= k - 1) & (t < L + W)
+        if scfg.jacobi_adaptive:  # double when half the window is accepted on average, halve below a quarter
+            mean_k = float(k[active].float().mean())
+            Wt = min(W, 2 * Wt) if mean_k >= Wt / 2 else max(2, Wt // 2) if mean_k < Wt / 4 else Wt
+        # positions never drawn that the next window feeds: old_final + Wt_drawn .. final + Wt_next - 2
+        first_fresh = old_final + tok.shape[1]
+        for c in range(W + W):  # vectorized over rows; each column depends on the ones before it
+            t = first_fresh + c
+            need = active & (t <= final + Wt - 2) & (t < L + W)
             if not bool(need.any()):
                 break
             t = t.clamp(max=L + W - 1)

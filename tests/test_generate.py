@@ -273,3 +273,21 @@ def test_jacobi_first_code_follows_the_kept_softmax():
     chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 4 * (2 * dof) ** 0.5 + 10, (chi2, dof)  # ~4 sigma; a wrong distribution gives hundreds
+
+
+@pytest.mark.parametrize("model_seed,flat", [(5, False), (1, True)])
+def test_jacobi_adaptive_window_draws_the_sequential_tokens(model_seed, flat):
+    """Windows sized from the last acceptance (jacobi_adaptive): the same tokens; on a model whose draws do not
+    depend on the prefix the window grows and forwards stay few."""
+    model = tiny_model(model_seed)
+    if flat:
+        with torch.no_grad():
+            model.model.norm.weight.zero_()
+    kw = dict(cfg_scale=2.0, top_k=0 if flat else 12, seed=8)
+    seq = generate_images(model, PROMPTS, VOCAB, (6, 7), num_samples=2, scfg=SamplingConfig(**kw))
+    jac = generate_images(model, PROMPTS, VOCAB, (6, 7), num_samples=2,
+                          scfg=SamplingConfig(decode="jacobi", jacobi_window=16, jacobi_adaptive=True, **kw))
+    assert torch.equal(jac.tokens, seq.tokens)
+    torch.testing.assert_close(jac.logprobs, seq.logprobs, atol=2e-5, rtol=2e-5)
+    L = VOCAB.block_length(6, 7)
+    assert jac.forwards <= (L // 4 if flat else L - 1), jac.forwards
