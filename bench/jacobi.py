@@ -12,7 +12,8 @@ Two models, both reported whatever they show:
     one guaranteed token plus the forced layout tokens.
 
 For each: B samples (B = 1, 8, 32 rows for the demo model, 1 and 8 for the random one, plus as many
-unconditional CFG rows), the sequential loop and Jacobi windows W = 4, 8, 16, 32. Reported: forwards per image
+unconditional CFG rows), the sequential loop, Jacobi windows W = 4, 8, 16, 32 and the adaptive window (up
+to 32). Reported: forwards per image
 token (model forwards of the image blocks / tokens of one row's blocks, layout tokens included: a forward
 advances every row), image tokens/s over the wall-clock of the whole call (for the demo model: the whole
 rollout, reasoning text and prefill included), and the speedup over sequential; one process, interleaved,
@@ -42,6 +43,8 @@ def _measure(name: str, run, row_tokens: int, B: int, repeats: int, rows: List[R
     interleaved."""
     configs: Dict[str, dict] = {"sequential": {}}
     configs.update({f"jacobi W={w}": dict(decode="jacobi", jacobi_window=w) for w in windows})
+    configs[f"jacobi W<={max(windows)} adaptive"] = dict(decode="jacobi", jacobi_window=max(windows),
+                                                         jacobi_adaptive=True)
     times: Dict[str, List[float]] = {k: [] for k in configs}
     forwards: Dict[str, int] = {}
     reference = None
