@@ -55,7 +55,7 @@ def _load(paths) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    imgs = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((224, 224)))).permute(2, 0, 1)
+    imgs = [torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((224, 224)))).permute(2, 0, 1)
             for p in paths]
     return torch.stack(imgs).float() / 127.5 - 1.0
 
