@@ -72,6 +72,12 @@ def bench_grpo_step(side: int, repeats: int) -> List[Row]:
         model.eval()
         ro = tr.rollout_fn(model, batch, 4, cfg.sampling(rep), torch.arange(8))
         t1 = time.perf_counter()
+        # the same rollout by Jacobi windows, before the update changes the policy: the same tokens (checked)
+        ro_j = tr.rollout_fn(model, batch, 4, jacobi.sampling(rep), torch.arange(8))
+        tj = time.perf_counter() - t1
+        if (ro_j.tokens != ro.tokens).float().mean() > 1e-3:
+            raise AssertionError("Jacobi rollout tokens differ from the sequential ones")
+        t1 = time.perf_counter()
         rewards, weights, _ = tr.rewards(ro, [b for b in batch for _ in range(4)])
         t2 = time.perf_counter()
         adv, _ = K.group_advantages(rewards, group_size=4, weights=weights)
@@ -100,12 +106,7 @@ def bench_grpo_step(side: int, repeats: int) -> List[Row]:
         t5 = time.perf_counter()
         reference_update()
         t6 = time.perf_counter()
-        model.eval()  # the same rollout by Jacobi windows: the same tokens (checked), another time
-        ro_j = tr.rollout_fn(model, batch, 4, jacobi.sampling(rep), torch.arange(8))
-        t7 = time.perf_counter()
-        if (ro_j.tokens != ro.tokens).float().mean() > 1e-3:
-            raise AssertionError("Jacobi rollout tokens differ from the sequential ones")
-        for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6)):
+        for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, tj)):
             phases[k].append(v)
         if rep == 0:
             peaks["update (fused)"] = peak_extra_mib(fused_update)
