@@ -158,6 +158,13 @@ MMR1_MULTIVERSION float row_sum_exp_f32(const float* __restrict z, int64_t n, fl
 // d_i = scale * exp(z_i * inv_t - shift)
 MMR1_MULTIVERSION void row_scaled_exp_f32(const float* __restrict z, int64_t n, float inv_t, float shift, float scale,
                                           float* __restrict d);
+// sum_i exp(x_i) and (returned through t) sum_i exp(x_i) x_i, x_i = (z_i - m) * inv_t: the entropy of the
+// window's softmax is then log(s) - t / s, from the same pass as the logsumexp
+MMR1_MULTIVERSION float row_sum_exp_ent_f32(const float* __restrict z, int64_t n, float m, float inv_t, float* t);
+// d_i = -inv_t * p_i * (g + gh * (log p_i + H)), log p_i = z_i * inv_t - lse: the logits gradient of
+// g * logp_y + gh * H without the one-hot term (the caller adds g * inv_t at the target)
+MMR1_MULTIVERSION void row_entropy_grad_f32(const float* __restrict z, int64_t n, float inv_t, float lse, float h,
+                                            float g, float gh, float* __restrict d);
 
 // fp64 versions (validation / gradcheck only): plain loops with libm exp.
 static inline double row_max(const double* z, int64_t n) {
@@ -172,6 +179,32 @@ static inline double row_sum_exp(const double* z, int64_t n, double m, double in
 }
 static inline void row_scaled_exp(const double* z, int64_t n, double inv_t, double shift, double scale, double* d) {
   for (int64_t i = 0; i < n; ++i) d[i] = scale * std::exp(z[i] * inv_t - shift);
+}
+static inline double row_sum_exp_ent(const double* z, int64_t n, double m, double inv_t, double* t) {
+  double s = 0, acc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = z[i] * inv_t - m * inv_t;
+    const double e = std::exp(x);
+    s += e;
+    if (e > 0) acc += e * x;  // e = 0: a -inf logit contributes nothing (0 * -inf would be NaN)
+  }
+  *t = acc;
+  return s;
+}
+static inline void row_entropy_grad(const double* z, int64_t n, double inv_t, double lse, double h, double g,
+                                    double gh, double* d) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double lp = z[i] * inv_t - lse;
+    const double p = std::exp(lp);
+    d[i] = p > 0 ? -inv_t * p * (g + gh * (lp + h)) : 0.0;
+  }
+}
+static inline float row_sum_exp_ent(const float* z, int64_t n, float m, float inv_t, float* t) {
+  return row_sum_exp_ent_f32(z, n, m, inv_t, t);
+}
+static inline void row_entropy_grad(const float* z, int64_t n, float inv_t, float lse, float h, float g, float gh,
+                                    float* d) {
+  row_entropy_grad_f32(z, n, inv_t, lse, h, g, gh, d);
 }
 static inline float row_max(const float* z, int64_t n) { return row_max_f32(z, n); }
 static inline float row_sum_exp(const float* z, int64_t n, float m, float inv_t) {

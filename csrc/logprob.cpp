@@ -64,7 +64,7 @@ static inline TokenGrpo<acc_t> grpo_token(acc_t logp, acc_t old, acc_t ref, acc_
 
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void logprob_rows(const at::Tensor& logits, const int64_t* targets, const bool* mask, acc_t inv_t, int64_t lo,
-                  int64_t hi, acc_t* logp_out, acc_t* lse_out, int64_t begin, int64_t end) {
+                  int64_t hi, acc_t* logp_out, acc_t* lse_out, int64_t begin, int64_t end, acc_t* ent_out = nullptr) {
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   const RowIndexer idx = make_row_indexer(logits);
   const int64_t W = hi - lo;
@@ -73,12 +73,24 @@ void logprob_rows(const at::Tensor& logits, const int64_t* targets, const bool* 
     if (mask != nullptr && !mask[n]) {
       logp_out[n] = 0;
       lse_out[n] = 0;
+      if (ent_out != nullptr) ent_out[n] = 0;
       continue;
     }
     const acc_t* z = reader.read(base + idx.offset(n) + lo, W);
     const acc_t m = row_max(z, W);
-    // all -inf window: logsumexp is -inf (z - max would be -inf - -inf = NaN)
-    const acc_t lse = m == -std::numeric_limits<acc_t>::infinity() ? m : m * inv_t + std::log(row_sum_exp(z, W, m, inv_t));
+    const bool all_neg_inf = m == -std::numeric_limits<acc_t>::infinity();
+    acc_t lse;
+    if (ent_out == nullptr) {
+      // all -inf window: logsumexp is -inf (z - max would be -inf - -inf = NaN)
+      lse = all_neg_inf ? m : m * inv_t + std::log(row_sum_exp(z, W, m, inv_t));
+    } else {
+      // entropy in the same pass: H = log s - t / s with s = sum e^x, t = sum e^x x, x = (z - m) / T
+      // (shifted by the max, so no cancellation against a large lse); an all -inf window has no distribution: NaN
+      acc_t t = 0;
+      const acc_t s = all_neg_inf ? acc_t(1) : row_sum_exp_ent(z, W, m, inv_t, &t);
+      lse = all_neg_inf ? m : m * inv_t + std::log(s);
+      ent_out[n] = all_neg_inf ? std::numeric_limits<acc_t>::quiet_NaN() : std::log(s) - t / s;
+    }
     const int64_t t = targets[n] - lo;
     // A target outside the window is rejected by the Python wrapper in checked
     // mode; here it must still never be read out of bounds, so it gives NaN.
@@ -99,23 +111,25 @@ void check_common(const at::Tensor& logits, const at::Tensor& targets, const c10
   TORCH_CHECK(0 <= lo && lo < hi && hi <= V, op, ": vocab window [", lo, ", ", hi, ") must satisfy 0 <= lo < hi <= V=", V);
 }
 
-std::tuple<at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits, const at::Tensor& targets,
-                                                      const c10::optional<at::Tensor>& mask, double temperature,
-                                                      int64_t lo, int64_t hi) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                                                  const c10::optional<at::Tensor>& mask,
+                                                                  double temperature, int64_t lo, int64_t hi,
+                                                                  bool with_entropy) {
   check_common(logits, targets, mask, temperature, lo, hi, "mmr1::token_logprobs");
   const int64_t N = num_rows(logits);
   auto opts = logits.options().dtype(acc_dtype(logits));
-  at::Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts);
+  at::Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts), ent = at::empty({with_entropy ? N : 0}, opts);
   const int64_t* tgt = targets.const_data_ptr<int64_t>();
   const bool* mk = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
   MMR1_DISPATCH_LOGITS(logits.scalar_type(), "mmr1::token_logprobs", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, N, kRowGrain, [&](int64_t b, int64_t e) {
-      logprob_rows<scalar_t>(logits, tgt, mk, inv_t, lo, hi, logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), b, e);
+      logprob_rows<scalar_t>(logits, tgt, mk, inv_t, lo, hi, logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), b, e,
+                             with_entropy ? ent.data_ptr<acc_t>() : nullptr);
     });
   });
-  return {logp, lse};
+  return {logp, lse, ent};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_token_loss_cpu(
@@ -174,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void backward_rows(const at::Tensor& logits, const int64_t* targets, const acc_t* lse, const acc_t* grad,
                    acc_t inv_t, int64_t lo, int64_t hi, const at::Tensor& out, bool out_zeroed, int64_t begin,
-                   int64_t end) {
+                   int64_t end, const acc_t* ent = nullptr, const acc_t* grad_ent = nullptr) {
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   scalar_t* obase = static_cast<scalar_t*>(out.data_ptr());
   const RowIndexer idx = make_row_indexer(logits), oidx = make_row_indexer(out);
@@ -189,59 +203,76 @@ void backward_rows(const at::Tensor& logits, const int64_t* targets, const acc_t
       std::memset(static_cast<void*>(orow), 0, static_cast<size_t>(lo) * sizeof(scalar_t));
       std::memset(static_cast<void*>(orow + hi), 0, static_cast<size_t>(V - hi) * sizeof(scalar_t));
     }
-    const acc_t g = grad[n];
-    if (g == 0) {  // masked token: no softmax needed
+    const acc_t g = grad[n], gh = grad_ent != nullptr ? grad_ent[n] : acc_t(0);
+    if (g == 0 && gh == 0) {  // masked token: no softmax needed
       if (!out_zeroed) std::memset(static_cast<void*>(orow + lo), 0, static_cast<size_t>(W) * sizeof(scalar_t));
       continue;
     }
     const acc_t* z = reader.read(base + idx.offset(n) + lo, W);
     acc_t* d = dz.data();
-    row_scaled_exp(z, W, inv_t, lse[n], -g * inv_t, d);
+    if (gh == 0)
+      row_scaled_exp(z, W, inv_t, lse[n], -g * inv_t, d);
+    else
+      row_entropy_grad(z, W, inv_t, lse[n], ent[n], g, gh, d);
     const int64_t t = targets[n] - lo;
     if (t >= 0 && t < W) d[t] += g * inv_t;
     store_row_f32(d, orow + lo, W);
   }
 }
 
+using OptTensor = c10::optional<at::Tensor>;
+
 void check_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                    const at::Tensor& grad, double temperature, int64_t lo, int64_t hi, const char* op) {
+                    const at::Tensor& grad, double temperature, int64_t lo, int64_t hi, const OptTensor& entropy,
+                    const OptTensor& grad_entropy, const char* op) {
   check_common(logits, targets, c10::nullopt, temperature, lo, hi, op);
   const int64_t N = num_rows(logits);
   check_vector(lse, N, acc_dtype(logits), "lse", op);
   check_vector(grad, N, acc_dtype(logits), "grad_logprobs", op);
+  TORCH_CHECK(entropy.has_value() == grad_entropy.has_value(), op,
+              ": entropy and grad_entropy must be given together");
+  if (entropy.has_value()) {
+    check_vector(*entropy, N, acc_dtype(logits), "entropy", op);
+    check_vector(*grad_entropy, N, acc_dtype(logits), "grad_entropy", op);
+  }
 }
 
 void run_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                   const at::Tensor& grad, double temperature, int64_t lo, int64_t hi, const at::Tensor& out,
-                  bool out_zeroed, const char* op) {
+                  bool out_zeroed, const OptTensor& entropy, const OptTensor& grad_entropy, const char* op) {
   const int64_t N = num_rows(logits);
   MMR1_DISPATCH_LOGITS(logits.scalar_type(), op, [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    const acc_t* ent = entropy.has_value() ? entropy->const_data_ptr<acc_t>() : nullptr;
+    const acc_t* gent = grad_entropy.has_value() ? grad_entropy->const_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, N, kRowGrain, [&](int64_t b, int64_t e) {
       backward_rows<scalar_t>(logits, targets.const_data_ptr<int64_t>(), lse.const_data_ptr<acc_t>(),
-                              grad.const_data_ptr<acc_t>(), inv_t, lo, hi, out, out_zeroed, b, e);
+                              grad.const_data_ptr<acc_t>(), inv_t, lo, hi, out, out_zeroed, b, e, ent, gent);
     });
   });
 }
 
 at::Tensor logprob_backward_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                                const at::Tensor& grad, double temperature, int64_t lo, int64_t hi) {
+                                const at::Tensor& grad, double temperature, int64_t lo, int64_t hi,
+                                const OptTensor& entropy, const OptTensor& grad_entropy) {
   const char* op = "mmr1::logprob_backward";
-  check_backward(logits, targets, lse, grad, temperature, lo, hi, op);
+  check_backward(logits, targets, lse, grad, temperature, lo, hi, entropy, grad_entropy, op);
   // Only the window is written; outside it the untouched zero pages are never faulted in.
   // (MADV_HUGEPAGE was tried instead: with THP defrag=madvise it stalls in direct
   // compaction, measured 65-670 ms for the same call.)
   at::Tensor out = zeros_untouched(logits.sizes(), logits.options());
-  run_backward(logits, targets, lse, grad, temperature, lo, hi, out, /*out_zeroed=*/true, op);
+  run_backward(logits, targets, lse, grad, temperature, lo, hi, out, /*out_zeroed=*/true, entropy, grad_entropy, op);
   return out;
 }
 
 void logprob_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                                  const at::Tensor& grad, double temperature, int64_t lo, int64_t hi) {
+                                  const at::Tensor& grad, double temperature, int64_t lo, int64_t hi,
+                                  const OptTensor& entropy, const OptTensor& grad_entropy) {
   const char* op = "mmr1::logprob_backward_";
-  check_backward(logits, targets, lse, grad, temperature, lo, hi, op);
-  run_backward(logits, targets, lse, grad, temperature, lo, hi, logits, /*out_zeroed=*/false, op);
+  check_backward(logits, targets, lse, grad, temperature, lo, hi, entropy, grad_entropy, op);
+  run_backward(logits, targets, lse, grad, temperature, lo, hi, logits, /*out_zeroed=*/false, entropy, grad_entropy,
+               op);
 }
 
 }  // namespace
@@ -259,6 +290,33 @@ MMR1_MULTIVERSION float row_sum_exp_f32(const float* __restrict z, int64_t n, fl
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += exp2_nonpos(std::fma(z[i], a, -b));
   return s;
+}
+
+MMR1_MULTIVERSION float row_sum_exp_ent_f32(const float* __restrict z, int64_t n, float m, float inv_t, float* t) {
+  float s = 0.0f, acc = 0.0f;
+  const float a = inv_t * kLog2e, b = m * a;  // x2 = (z - m)/T in log2 units
+#pragma omp simd reduction(+ : s, acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x2 = std::fma(z[i], a, -b);
+    const float e = exp2_nonpos(x2);
+    s += e;
+    // below 2^-126 the term is negligible; the clamp also keeps a -inf logit from giving 0 * -inf
+    acc += e * (x2 < -126.0f ? -126.0f : x2);
+  }
+  *t = acc * (1.0f / kLog2e);  // back to natural-log units
+  return s;
+}
+
+MMR1_MULTIVERSION void row_entropy_grad_f32(const float* __restrict z, int64_t n, float inv_t, float lse, float h,
+                                            float g, float gh, float* __restrict d) {
+  const float a = inv_t * kLog2e, b = lse * kLog2e;  // log2 p = z*a - b
+  const float c0 = g + gh * h, c1 = gh * (1.0f / kLog2e);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float x2 = std::fma(z[i], a, -b);
+    const float xc = x2 < -126.0f ? -126.0f : x2;  // a -inf logit: p ~ 2^-126, log p finite (no 0 * -inf)
+    d[i] = -inv_t * exp2_nonpos(xc) * std::fma(c1, xc, c0);
+  }
 }
 
 MMR1_MULTIVERSION void row_scaled_exp_f32(const float* __restrict z, int64_t n, float inv_t, float shift, float scale,

@@ -26,7 +26,7 @@ NAMESPACE = "mmr1"
 SCHEMAS = {
     "token_logprobs": (
         "token_logprobs(Tensor logits, Tensor targets, Tensor? mask, float temperature, "
-        "int vocab_lo, int vocab_hi) -> (Tensor logprobs, Tensor lse)"
+        "int vocab_lo, int vocab_hi, bool with_entropy=False) -> (Tensor logprobs, Tensor lse, Tensor entropy)"
     ),
     "grpo_token_loss": (
         "grpo_token_loss(Tensor logits, Tensor targets, Tensor advantages, Tensor? mask, "
@@ -36,11 +36,11 @@ SCHEMAS = {
     ),
     "logprob_backward": (
         "logprob_backward(Tensor logits, Tensor targets, Tensor lse, Tensor grad_logprobs, "
-        "float temperature, int vocab_lo, int vocab_hi) -> Tensor"
+        "float temperature, int vocab_lo, int vocab_hi, Tensor? entropy=None, Tensor? grad_entropy=None) -> Tensor"
     ),
     "logprob_backward_": (
         "logprob_backward_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor grad_logprobs, "
-        "float temperature, int vocab_lo, int vocab_hi) -> ()"
+        "float temperature, int vocab_lo, int vocab_hi, Tensor? entropy=None, Tensor? grad_entropy=None) -> ()"
     ),
     "cfg_sample": (
         "cfg_sample(Tensor cond, Tensor? uncond, Tensor cfg_scale, Tensor temperature, Tensor top_k, Tensor top_p, "

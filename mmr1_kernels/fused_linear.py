@@ -29,11 +29,13 @@ from ._library import _lib, impl, op
 
 _lib.define(
     "fused_linear_logprobs(Tensor hidden, Tensor weight, Tensor targets, Tensor? mask, float temperature, "
-    "int vocab_lo, int vocab_hi, int chunk_size) -> (Tensor logprobs, Tensor lse)"
+    "int vocab_lo, int vocab_hi, int chunk_size, bool with_entropy=False) -> (Tensor logprobs, Tensor lse, "
+    "Tensor entropy)"
 )
 _lib.define(
     "fused_linear_logprobs_backward(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_logprobs, "
-    "float temperature, int vocab_lo, int vocab_hi, int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight)"
+    "float temperature, int vocab_lo, int vocab_hi, int chunk_size, Tensor? entropy=None, "
+    "Tensor? grad_entropy=None) -> (Tensor grad_hidden, Tensor grad_weight)"
 )
 _lib.define(
     "fused_linear_grpo_loss(Tensor hidden, Tensor weight, Tensor targets, Tensor advantages, Tensor token_weights, "
@@ -110,23 +112,27 @@ class _WeightGradAccumulator:
 
 
 @impl("fused_linear_logprobs", "CompositeExplicitAutograd")
-def _fl_logprobs(hidden, weight, targets, mask, temperature, vocab_lo, vocab_hi, chunk_size):
+def _fl_logprobs(hidden, weight, targets, mask, temperature, vocab_lo, vocab_hi, chunk_size, with_entropy=False):
     N, W = hidden.shape[0], vocab_hi - vocab_lo
     w_win = weight[vocab_lo:vocab_hi]
     local = targets - vocab_lo
     logp = hidden.new_empty(N, dtype=C.acc_dtype(hidden.dtype))
     lse = hidden.new_empty(N, dtype=C.acc_dtype(hidden.dtype))
+    ent = hidden.new_empty(N if with_entropy else 0, dtype=C.acc_dtype(hidden.dtype))
     logits_of = _ChunkLogits(hidden, w_win, chunk_size)
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)
         z = logits_of(hidden[s:e])
-        lp, ls = op("token_logprobs")(z, local[s:e], _opt(mask, s, e), temperature, 0, W)
+        lp, ls, en = op("token_logprobs")(z, local[s:e], _opt(mask, s, e), temperature, 0, W, with_entropy)
         logp[s:e], lse[s:e] = lp, ls
-    return logp, lse
+        if with_entropy:
+            ent[s:e] = en
+    return logp, lse, ent
 
 
 @impl("fused_linear_logprobs_backward", "CompositeExplicitAutograd")
-def _fl_logprobs_backward(hidden, weight, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, chunk_size):
+def _fl_logprobs_backward(hidden, weight, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, chunk_size,
+                          entropy=None, grad_entropy=None):
     N, W = hidden.shape[0], vocab_hi - vocab_lo
     w_win = weight[vocab_lo:vocab_hi]
     local = targets - vocab_lo
@@ -137,7 +143,8 @@ def _fl_logprobs_backward(hidden, weight, targets, lse, grad_logprobs, temperatu
         e = min(s + chunk_size, N)
         h = hidden[s:e]
         z = logits_of(h)
-        op("logprob_backward_")(z, local[s:e], lse[s:e], grad_logprobs[s:e], temperature, 0, W)
+        op("logprob_backward_")(z, local[s:e], lse[s:e], grad_logprobs[s:e], temperature, 0, W,
+                                _opt(entropy, s, e), _opt(grad_entropy, s, e))
         torch.mm(z, w_win, out=grad_hidden[s:e])
         gw.add(z, h)
     return grad_hidden, gw.result()
@@ -174,14 +181,15 @@ def _fl_grpo(hidden, weight, targets, advantages, token_weights, mask, old_logpr
 
 
 @torch.library.register_fake("mmr1::fused_linear_logprobs")
-def _fl_logprobs_fake(hidden, weight, targets, mask, temperature, vocab_lo, vocab_hi, chunk_size):
+def _fl_logprobs_fake(hidden, weight, targets, mask, temperature, vocab_lo, vocab_hi, chunk_size, with_entropy=False):
     n, dtype = hidden.shape[0], C.acc_dtype(hidden.dtype)
-    return hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype)
+    return hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype), \
+        hidden.new_empty(n if with_entropy else 0, dtype=dtype)
 
 
 @torch.library.register_fake("mmr1::fused_linear_logprobs_backward")
 def _fl_logprobs_backward_fake(hidden, weight, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi,
-                               chunk_size):
+                               chunk_size, entropy=None, grad_entropy=None):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
@@ -207,22 +215,28 @@ def _scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _setup_fl_logprobs(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled grads for unused outputs (lse)
-    hidden, weight, targets, mask, temperature, lo, hi, chunk = inputs
-    ctx.save_for_backward(hidden, weight, targets, output[1], mask)
+    hidden, weight, targets, mask, temperature, lo, hi, chunk, *_with_entropy = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[1], output[2], mask)
     ctx.params = (temperature, lo, hi, chunk)
 
 
-def _backward_fl_logprobs(ctx, grad_logp, grad_lse):
-    hidden, weight, targets, lse, mask = ctx.saved_tensors
+def _masked(g, mask, dtype):
+    g = g.to(dtype).contiguous()
+    return torch.where(mask, g, torch.zeros_like(g)) if mask is not None else g
+
+
+def _backward_fl_logprobs(ctx, grad_logp, grad_lse, grad_entropy):
+    hidden, weight, targets, lse, entropy, mask = ctx.saved_tensors
     temperature, lo, hi, chunk = ctx.params
-    if grad_logp is None:
-        return (None,) * 8
-    g = grad_logp.to(lse.dtype).contiguous()
-    if mask is not None:
-        g = torch.where(mask, g, torch.zeros_like(g))
-    gh, gw = op("fused_linear_logprobs_backward")(hidden, weight, targets, lse, g, temperature, lo, hi, chunk)
+    if entropy.numel() != lse.numel():  # the entropy was not computed (with_entropy=False): it has no gradient
+        grad_entropy = None
+    if grad_logp is None and grad_entropy is None:
+        return (None,) * 9
+    g = _masked(grad_logp if grad_logp is not None else torch.zeros_like(lse), mask, lse.dtype)
+    extra = () if grad_entropy is None else (entropy, _masked(grad_entropy, mask, lse.dtype))
+    gh, gw = op("fused_linear_logprobs_backward")(hidden, weight, targets, lse, g, temperature, lo, hi, chunk, *extra)
     return (gh if ctx.needs_input_grad[0] else None), (gw if ctx.needs_input_grad[1] else None), \
-        None, None, None, None, None, None
+        None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("mmr1::fused_linear_logprobs", _backward_fl_logprobs,
@@ -274,13 +288,18 @@ def _chunk(chunk_size, N, W):
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           temperature: float = 1.0, vocab_range: Optional[Tuple[int, int]] = None,
-                          mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
+                          mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+                          return_entropy: bool = False):
     """log softmax((hidden @ weight[lo:hi].T) / T)[targets], fp32, shaped like ``targets``.
 
     hidden [..., d], weight [V, d] (the untied lm_head), targets [...] absolute
     ids. Differentiable w.r.t. hidden and weight; peak extra memory
-    O(chunk_size x window).
+    O(chunk_size x window). ``return_entropy=True`` returns ``(logp, entropy)``
+    (the softmax's entropy over the window per token, same pass, differentiable);
+    the backward recomputes each chunk's logits from the saved fp32 logsumexp.
     """
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     _check_linear(hidden, weight)
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -292,7 +311,10 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     m = C.as_mask("mask", mask, lead, hidden.device)
     m = m.reshape(-1).contiguous() if m is not None else None
     C.check_targets_in_window(tgt, lo, hi, m)
-    logp, _ = op("fused_linear_logprobs")(h, weight, tgt, m, temperature, lo, hi, _chunk(chunk_size, h.shape[0], hi - lo))
+    logp, _, ent = op("fused_linear_logprobs")(h, weight, tgt, m, temperature, lo, hi,
+                                               _chunk(chunk_size, h.shape[0], hi - lo), return_entropy)
+    if return_entropy:
+        return logp.reshape(lead), ent.reshape(lead)
     return logp.reshape(lead)
 
 

@@ -33,9 +33,12 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 @impl("token_logprobs", "CompositeExplicitAutograd")
-def _token_logprobs_ref(logits, targets, mask, temperature, vocab_lo, vocab_hi):
-    return ref.token_logprobs(_as_rows(logits), targets, temperature, vocab_lo, vocab_hi, mask=mask,
-                              dtype=C.acc_dtype(logits.dtype))
+def _token_logprobs_ref(logits, targets, mask, temperature, vocab_lo, vocab_hi, with_entropy=False):
+    rows, dtype = _as_rows(logits), C.acc_dtype(logits.dtype)
+    logp, lse = ref.token_logprobs(rows, targets, temperature, vocab_lo, vocab_hi, mask=mask, dtype=dtype)
+    ent = (ref.token_entropy(rows, temperature, vocab_lo, vocab_hi, mask=mask, dtype=dtype) if with_entropy
+           else logp.new_empty(0))
+    return logp, lse, ent
 
 
 @impl("grpo_token_loss", "CompositeExplicitAutograd")
@@ -54,13 +57,17 @@ def _grpo_token_loss_ref(logits, targets, advantages, mask, old_logprobs, ref_lo
 
 
 @impl("logprob_backward", "CompositeExplicitAutograd")
-def _logprob_backward_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
-    return ref.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi)
+def _logprob_backward_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, entropy=None,
+                          grad_entropy=None):
+    return ref.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, entropy,
+                                grad_entropy)
 
 
 @impl("logprob_backward_", "CompositeExplicitAutograd")
-def _logprob_backward_inplace_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
-    logits.copy_(ref.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi))
+def _logprob_backward_inplace_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, entropy=None,
+                                  grad_entropy=None):
+    logits.copy_(ref.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, entropy,
+                                      grad_entropy))
 
 
 # --------------------------------------------------------------------------- Triton (CUDA)
@@ -69,12 +76,12 @@ if HAS_TRITON:
     # The Triton kernels compute in fp32; fp64 logits (validation only) take the reference.
 
     @impl("token_logprobs", "CUDA")
-    def _token_logprobs_cuda(logits, targets, mask, temperature, vocab_lo, vocab_hi):
+    def _token_logprobs_cuda(logits, targets, mask, temperature, vocab_lo, vocab_hi, with_entropy=False):
         from .gpu import logprob as K
 
         if logits.dtype == torch.float64:
-            return _token_logprobs_ref(logits, targets, mask, temperature, vocab_lo, vocab_hi)
-        return K.logprob_forward(logits, targets, mask, temperature, vocab_lo, vocab_hi)
+            return _token_logprobs_ref(logits, targets, mask, temperature, vocab_lo, vocab_hi, with_entropy)
+        return K.logprob_forward(logits, targets, mask, temperature, vocab_lo, vocab_hi, with_entropy=with_entropy)
 
     @impl("grpo_token_loss", "CUDA")
     def _grpo_token_loss_cuda(logits, targets, advantages, mask, old_logprobs, ref_logprobs, temperature, vocab_lo,
@@ -88,20 +95,26 @@ if HAS_TRITON:
                                  ref_logprobs, eps_low, eps_high, beta)
 
     @impl("logprob_backward", "CUDA")
-    def _logprob_backward_cuda(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
+    def _logprob_backward_cuda(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, entropy=None,
+                               grad_entropy=None):
         from .gpu import logprob as K
 
         if logits.dtype == torch.float64:
-            return _logprob_backward_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi)
-        return K.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi)
+            return _logprob_backward_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi,
+                                         entropy, grad_entropy)
+        return K.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi,
+                                  entropy=entropy, grad_entropy=grad_entropy)
 
     @impl("logprob_backward_", "CUDA")
-    def _logprob_backward_inplace_cuda(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
+    def _logprob_backward_inplace_cuda(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi,
+                                       entropy=None, grad_entropy=None):
         from .gpu import logprob as K
 
         if logits.dtype == torch.float64:
-            return _logprob_backward_inplace_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi)
-        K.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, out=logits)
+            return _logprob_backward_inplace_ref(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi,
+                                                 entropy, grad_entropy)
+        K.logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, out=logits,
+                           entropy=entropy, grad_entropy=grad_entropy)
 
 
 # --------------------------------------------------------------------------- fake (meta) impls
@@ -113,8 +126,9 @@ def _fp32_rows(logits, k):
 
 
 @torch.library.register_fake("mmr1::token_logprobs")
-def _token_logprobs_fake(logits, targets, mask, temperature, vocab_lo, vocab_hi):
-    return _fp32_rows(logits, 2)
+def _token_logprobs_fake(logits, targets, mask, temperature, vocab_lo, vocab_hi, with_entropy=False):
+    logp, lse = _fp32_rows(logits, 2)
+    return logp, lse, logp.new_empty(logp.shape[0] if with_entropy else 0)
 
 
 @torch.library.register_fake("mmr1::grpo_token_loss")
@@ -124,12 +138,14 @@ def _grpo_token_loss_fake(logits, targets, advantages, mask, old_logprobs, ref_l
 
 
 @torch.library.register_fake("mmr1::logprob_backward")
-def _logprob_backward_fake(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
+def _logprob_backward_fake(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, entropy=None,
+                           grad_entropy=None):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("mmr1::logprob_backward_")
-def _logprob_backward_inplace_fake(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
+def _logprob_backward_inplace_fake(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, entropy=None,
+                                   grad_entropy=None):
     return None
 
 
@@ -143,19 +159,25 @@ def _masked_grad(g, mask, dtype):
 
 def _setup_logprobs(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled grads for unused outputs
-    logits, targets, mask, temperature, lo, hi = inputs
-    ctx.save_for_backward(logits, targets, output[1], mask)
+    logits, targets, mask, temperature, lo, hi, *_with_entropy = inputs
+    ctx.save_for_backward(logits, targets, output[1], output[2], mask)
     ctx.params = (temperature, lo, hi)
 
 
-def _backward_logprobs(ctx, grad_logp, grad_lse):
-    # lse is returned for reuse (e.g. entropy, z-loss) and is not differentiable.
-    logits, targets, lse, mask = ctx.saved_tensors
-    if grad_logp is None:
-        return None, None, None, None, None, None
-    g = _masked_grad(grad_logp, mask, lse.dtype)
-    dz = op("logprob_backward")(logits, targets, lse, g, *ctx.params)
-    return dz, None, None, None, None, None
+def _backward_logprobs(ctx, grad_logp, grad_lse, grad_entropy):
+    # lse is returned for reuse (e.g. z-loss) and is not differentiable; the entropy is.
+    logits, targets, lse, entropy, mask = ctx.saved_tensors
+    if entropy.numel() != lse.numel():  # the entropy was not computed (with_entropy=False): it has no gradient
+        grad_entropy = None
+    if grad_logp is None and grad_entropy is None:
+        return (None,) * 7
+    g = _masked_grad(grad_logp if grad_logp is not None else torch.zeros_like(lse), mask, lse.dtype)
+    if grad_entropy is None:
+        dz = op("logprob_backward")(logits, targets, lse, g, *ctx.params)
+    else:
+        gh = _masked_grad(grad_entropy, mask, lse.dtype)
+        dz = op("logprob_backward")(logits, targets, lse, g, *ctx.params, entropy, gh)
+    return (dz,) + (None,) * 6
 
 
 torch.library.register_autograd("mmr1::token_logprobs", _backward_logprobs, setup_context=_setup_logprobs)
@@ -214,7 +236,8 @@ def _prepare_targets(targets, logits_shape, device):
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   vocab_range: Optional[Tuple[int, int]] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   vocab_range: Optional[Tuple[int, int]] = None, mask: Optional[torch.Tensor] = None,
+                   return_entropy: bool = False):
     """log softmax(logits / T over the vocab window)[targets], fp32, shaped like ``targets``.
 
     Never materializes the [N, V] log-softmax; differentiable w.r.t. ``logits``.
@@ -222,8 +245,12 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     stride, e.g. ``model_logits[:, :-1]``); ``targets`` [...] int64;
     ``vocab_range=(lo, hi)`` restricts the softmax to ids lo..hi-1 (targets of
     unmasked tokens must lie inside); ``mask`` [...] bool: masked tokens get 0
-    and are not read.
+    and are not read. ``return_entropy=True`` returns ``(logp, entropy)``: the
+    Shannon entropy of softmax(logits / T) over the window, per token, from the
+    same pass over the logits (fp32, 0 for masked tokens), differentiable too.
     """
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     shape = logits.shape if isinstance(logits, torch.Tensor) else None
     logits = _prepare_logits(logits)
     tgt = _prepare_targets(targets, shape, logits.device)
@@ -232,7 +259,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     m = C.as_mask("mask", mask, shape[:-1], logits.device)
     m = m.reshape(-1).contiguous() if m is not None else None
     C.check_targets_in_window(tgt, lo, hi, m)
-    logp, _ = op("token_logprobs")(logits, tgt, m, temperature, lo, hi)
+    logp, _, ent = op("token_logprobs")(logits, tgt, m, temperature, lo, hi, return_entropy)
+    if return_entropy:
+        return logp.reshape(shape[:-1]), ent.reshape(shape[:-1])
     return logp.reshape(shape[:-1])
 
 

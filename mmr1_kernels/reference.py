@@ -43,6 +43,22 @@ def token_logprobs(logits, targets, temperature=1.0, vocab_lo=0, vocab_hi=None, 
     return logp, lse
 
 
+def token_entropy(logits, temperature=1.0, vocab_lo=0, vocab_hi=None, mask=None, dtype=torch.float32):
+    """Shannon entropy -sum_j p_j log p_j of softmax(logits[..., lo:hi] / T), per token (0 for a masked token).
+
+    Terms with p_j = 0 (a -inf logit) contribute 0, not 0 * -inf.
+    """
+    hi = logits.shape[-1] if vocab_hi is None else vocab_hi
+    logq = torch.log_softmax(logits[..., vocab_lo:hi].to(dtype) / temperature, dim=-1)
+    q = torch.exp(logq)
+    ent = -torch.where(q > 0, q * logq, torch.zeros_like(q)).sum(-1)
+    # an all -inf window has no distribution: NaN, like its log-prob
+    ent = torch.where(torch.isnan(logq).all(-1), torch.full_like(ent, float("nan")), ent)
+    if mask is not None:
+        ent = torch.where(mask.bool(), ent, torch.zeros_like(ent))
+    return ent
+
+
 def grpo_token_terms(logp, advantages, old_logprobs=None, ref_logprobs=None, eps_low=0.2, eps_high=0.2, beta=0.0):
     """Per-token clipped surrogate + beta * k3 KL, differentiable in ``logp``.
 
@@ -146,18 +162,29 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, mask=None, old_l
     return grpo_loss(hidden @ weight.T, targets, advantages, mask, old_logprobs, ref_logprobs, **kwargs)
 
 
-def logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi):
-    """dz = g/T * (onehot(y) - softmax(z/T)) on the window, 0 outside; in the logits dtype."""
+def logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, entropy=None,
+                     grad_entropy=None):
+    """dz = g/T * (onehot(y) - p) - gH/T * p * (log p + H) on the window (p = softmax(z/T), H its entropy),
+    0 outside; in the logits dtype. The entropy term is there when ``grad_entropy`` is given."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits[..., vocab_lo:vocab_hi].to(acc) / temperature
     g = grad_logprobs.reshape(z.shape[:-1]).to(acc)
-    p = torch.exp(z - lse.reshape(z.shape[:-1]).unsqueeze(-1))
+    logq = z - lse.reshape(z.shape[:-1]).unsqueeze(-1)
+    p = torch.exp(logq)
     dz = -(g / temperature).unsqueeze(-1) * p
+    skip = g == 0
+    if grad_entropy is not None:
+        gh = grad_entropy.reshape(z.shape[:-1]).to(acc)
+        h = entropy.reshape(z.shape[:-1]).to(acc)
+        # dH/dz_j = -p_j (log p_j + H) / T; p_j = 0 (a -inf logit) contributes 0
+        term = torch.where(p > 0, p * (logq + h.unsqueeze(-1)), torch.zeros_like(p))
+        dz = dz - (gh / temperature).unsqueeze(-1) * term
+        skip = skip & (gh == 0)
     local = (targets.reshape(z.shape[:-1]) - vocab_lo).long()
     inside = (local >= 0) & (local < vocab_hi - vocab_lo)
     dz.scatter_add_(-1, local.clamp(0, vocab_hi - vocab_lo - 1).unsqueeze(-1),
                     torch.where(inside, g / temperature, torch.zeros_like(g)).unsqueeze(-1))
-    dz = torch.where((g == 0).unsqueeze(-1), torch.zeros_like(dz), dz)
+    dz = torch.where(skip.unsqueeze(-1), torch.zeros_like(dz), dz)
     out = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
     out[..., vocab_lo:vocab_hi] = dz.to(logits.dtype)
     return out

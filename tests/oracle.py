@@ -34,6 +34,15 @@ def logsumexp(logits: torch.Tensor, temperature: float = 1.0, lo: int = 0, hi: O
     return (m + torch.log(torch.exp(z - m).sum(dim=-1, keepdim=True))).squeeze(-1)
 
 
+def entropy(logits: torch.Tensor, temperature: float = 1.0, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+    """-sum_j p_j log p_j of softmax(z / T over ids lo..hi-1), fp64, differentiable (p_j = 0 terms are 0)."""
+    hi = logits.shape[-1] if hi is None else hi
+    logq = torch.log_softmax(logits[..., lo:hi].double() / temperature, dim=-1)
+    q = torch.exp(logq)
+    safe_logq = torch.where(q > 0, logq, torch.zeros_like(logq))  # no 0 * -inf, in the value or the gradient
+    return -(q * safe_logq).sum(-1)
+
+
 def token_terms(logp, adv, old=None, ref=None, eps_low=0.2, eps_high=0.2, beta=0.0):
     """(token loss, ratio, kl), differentiable in logp: -min(r A, clip(r) A) + beta (e^d - d - 1)."""
     old = logp.detach() if old is None else old.double()

@@ -72,13 +72,13 @@ def forward(backend, logits, targets, mask, T, lo, hi, *grpo):
     if backend == "ops":
         if grpo:
             return op("grpo_token_loss")(logits, targets, *grpo[:1], mask, *grpo[1:3], T, lo, hi, *grpo[3:])
-        return op("token_logprobs")(logits, targets, mask, T, lo, hi)
+        return op("token_logprobs")(logits, targets, mask, T, lo, hi)[:2]
     from mmr1_kernels.gpu import logprob as G
 
     if grpo:
         adv, old, ref, el, eh, beta = grpo
         return G.logprob_forward(logits, targets, mask, T, lo, hi, adv, old, ref, el, eh, beta)
-    return G.logprob_forward(logits, targets, mask, T, lo, hi)
+    return G.logprob_forward(logits, targets, mask, T, lo, hi)[:2]
 
 
 BACKENDS = [
@@ -362,6 +362,11 @@ def test_opcheck_every_logprob_op():
     g = torch.randn(6)
     torch.library.opcheck(op("logprob_backward"), (logits.detach(), targets, lse, g, 0.9, 5, 30))
     torch.library.opcheck(op("logprob_backward_"), (logits.detach().clone(), targets, lse, g, 0.9, 5, 30))
+    # with the entropy output and its gradient
+    torch.library.opcheck(op("token_logprobs"), (logits, targets, mask, 0.9, 5, 30, True))
+    ent, gh = torch.rand(6) * 3, torch.randn(6)
+    torch.library.opcheck(op("logprob_backward"), (logits.detach(), targets, lse, g, 0.9, 5, 30, ent, gh))
+    torch.library.opcheck(op("logprob_backward_"), (logits.detach().clone(), targets, lse, g, 0.9, 5, 30, ent, gh))
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -431,7 +436,7 @@ def test_bad_input_raises_clear_error(call, exc, match):
 def test_kernel_never_reads_out_of_window_targets():
     # the raw op (unchecked) gives NaN for an out-of-window target instead of reading memory
     logits = torch.randn(2, 100)
-    lp, _ = op("token_logprobs")(logits, torch.tensor([5, 10**9]), None, 1.0, 0, 50)
+    lp, _, _ = op("token_logprobs")(logits, torch.tensor([5, 10**9]), None, 1.0, 0, 50)
     assert torch.isfinite(lp[0]) and torch.isnan(lp[1])
-    lp, _ = op("token_logprobs")(logits, torch.tensor([-(10**9), 7]), None, 1.0, 0, 50)
+    lp, _, _ = op("token_logprobs")(logits, torch.tensor([-(10**9), 7]), None, 1.0, 0, 50)
     assert torch.isnan(lp[0]) and torch.isfinite(lp[1])

@@ -78,6 +78,25 @@ def logits_grad_error(out_dtype, g, temperature, p, onehot, dz, E, g_err=0.0):
             + 2 * UNIT[out_dtype] * dz.abs() + TINY[out_dtype])
 
 
+def entropy_error(E, entropy: torch.Tensor, W: int, input_dtype: torch.dtype):
+    """Per row: H = log s - sum p x / s (x = z/T - max): each p_j carries the relative error E and x_j its own, so
+    |dH| <= E (1 + sum p |x|) = E (1 + log s - H) <= E (1 + ln W), plus the final rounding 2 u |H|."""
+    h = torch.nan_to_num(entropy.detach().double().cpu().abs(), nan=0.0)
+    E = torch.as_tensor(E, dtype=torch.float64).reshape(h.shape)
+    return E * (1.0 + math.log(max(W, 1))) + 2 * math_unit(input_dtype) * h
+
+
+def entropy_grad_error(out_dtype, gh, temperature, p, logp, H, E, t_H):
+    """Per element [N, W]: d(gh H)/dz_j = -gh/T p_j (log p_j + H); p_j has relative error E, log p_j absolute E,
+    H absolute t_H (per row)."""
+    gt = (gh.abs() / temperature)[:, None]
+    E = torch.as_tensor(E, dtype=torch.float64).reshape(-1, 1)
+    t_H = torch.as_tensor(t_H, dtype=torch.float64).reshape(-1, 1)
+    term = torch.where(p > 0, p * (logp + H.reshape(-1, 1)), torch.zeros_like(p)).abs()
+    min_normal = 2.0 ** -1022 if out_dtype == torch.float64 else 2.0 ** -126
+    return gt * (2 * E * term + p * (E + t_H) + 2 * min_normal * 90)
+
+
 def assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor, tol) -> None:
     """|actual - expected| <= tol elementwise (NaN where the oracle has NaN); records the worst error / tol."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()

@@ -40,11 +40,11 @@ def _row_base(logits_ptr, row, rows_per_batch, stride_b, stride_t):
 @triton.jit
 def logprob_fwd_kernel(
     logits_ptr, targets_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr,
-    logp_ptr, lse_ptr, loss_ptr, coef_ptr, ratio_ptr, kl_ptr,
+    logp_ptr, lse_ptr, loss_ptr, coef_ptr, ratio_ptr, kl_ptr, ent_ptr,
     rows_per_batch, stride_b, stride_t, vocab_lo, W,
     inv_t, eps_low, eps_high, beta,
     HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, COMPUTE_LOSS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     keep = True
@@ -55,6 +55,7 @@ def logprob_fwd_kernel(
         cols = tl.arange(0, BLOCK_V)
         m_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
         s_vec = tl.zeros([BLOCK_V], tl.float32)
+        t_vec = tl.zeros([BLOCK_V], tl.float32)  # sum e^(z-m) (z-m) per lane, for the entropy
         for start in range(0, W, BLOCK_V):
             offs = start + cols
             z = tl.load(base + offs, mask=offs < W, other=float("-inf")).to(tl.float32) * inv_t
@@ -63,11 +64,21 @@ def logprob_fwd_kernel(
             # logit still poisons the sum, so NaN rows give NaN, never garbage.
             alpha = tl.where(m_vec == new_m, 1.0, tl.exp(m_vec - new_m))
             p = tl.where(z == float("-inf"), 0.0, tl.exp(z - new_m))
+            if WITH_ENTROPY:
+                # re-centre the lane's t on the new max: t' = alpha (t + s (m_old - m_new)); an empty lane
+                # (s = 0, m_old = -inf) stays 0 instead of 0 * -inf
+                shift = tl.where(s_vec == 0.0, 0.0, m_vec - new_m)
+                t_vec = alpha * (t_vec + s_vec * shift) + tl.where(z == float("-inf"), 0.0, p * (z - new_m))
             s_vec = s_vec * alpha + p
             m_vec = new_m
         m = tl.max(m_vec, axis=0)
-        s = tl.sum(s_vec * tl.where(m_vec == m, 1.0, tl.exp(m_vec - m)), axis=0)
+        lane_scale = tl.where(m_vec == m, 1.0, tl.exp(m_vec - m))
+        s = tl.sum(s_vec * lane_scale, axis=0)
         lse = m + tl.log(s)
+        if WITH_ENTROPY:
+            lane_shift = tl.where(s_vec == 0.0, 0.0, m_vec - m)
+            t = tl.sum(lane_scale * (t_vec + s_vec * lane_shift), axis=0)
+            tl.store(ent_ptr + row, tl.where(m == float("-inf"), float("nan"), tl.log(s) - t / s))
         t = tl.load(targets_ptr + row) - vocab_lo
         inside = (t >= 0) & (t < W)
         z_t = tl.load(base + tl.where(inside, t, 0)).to(tl.float32) * inv_t
@@ -101,6 +112,8 @@ def logprob_fwd_kernel(
     else:
         tl.store(logp_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
+        if WITH_ENTROPY:
+            tl.store(ent_ptr + row, 0.0)
         if COMPUTE_LOSS:
             tl.store(loss_ptr + row, 0.0)
             tl.store(coef_ptr + row, 0.0)
@@ -110,10 +123,10 @@ def logprob_fwd_kernel(
 
 @triton.jit
 def logprob_bwd_kernel(
-    logits_ptr, out_ptr, targets_ptr, lse_ptr, grad_ptr,
+    logits_ptr, out_ptr, targets_ptr, lse_ptr, grad_ptr, ent_ptr, gent_ptr,
     rows_per_batch, stride_b, stride_t, out_stride_b, out_stride_t, vocab_lo, vocab_hi, V,
     inv_t,
-    BLOCK_V: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -124,10 +137,20 @@ def logprob_bwd_kernel(
     t = tl.load(targets_ptr + row)
     base = _row_base(logits_ptr, row, rows_per_batch, stride_b, stride_t)
     obase = _row_base(out_ptr, row, rows_per_batch, out_stride_b, out_stride_t)
-    need = in_v & in_win & ((tl.zeros([BLOCK_V], tl.float32) + g) != 0.0)  # g == 0: masked row, skip the read
+    live = g != 0.0
+    if HAS_ENTROPY_GRAD:
+        gh = tl.load(gent_ptr + row)
+        h = tl.load(ent_ptr + row)
+        live = live | (gh != 0.0)
+    need = in_v & in_win & ((tl.zeros([BLOCK_V], tl.float32) + live.to(tl.float32)) != 0.0)  # masked row: no read
     z = tl.load(base + offs, mask=need, other=0.0).to(tl.float32)
-    p = tl.exp(z * inv_t - lse)
-    d = tl.where(offs == t, g * inv_t, 0.0) - (g * inv_t) * p
+    logq = z * inv_t - lse
+    p = tl.exp(logq)
+    if HAS_ENTROPY_GRAD:
+        # d(gh * H)/dz_j = -gh/T p_j (log p_j + H); p_j = 0 (a -inf logit) contributes 0, not 0 * -inf
+        d = tl.where(offs == t, g * inv_t, 0.0) - inv_t * tl.where(p > 0.0, p * (g + gh * (logq + h)), 0.0)
+    else:
+        d = tl.where(offs == t, g * inv_t, 0.0) - (g * inv_t) * p
     d = tl.where(need, d, 0.0)
     tl.store(obase + offs, d.to(out_ptr.dtype.element_ty), mask=in_v)
 
@@ -147,18 +170,20 @@ def _fwd_block(W: int) -> int:
 
 
 def logprob_forward(logits, targets, mask, temperature, vocab_lo, vocab_hi, advantages=None, old_logprobs=None,
-                    ref_logprobs=None, eps_low=0.2, eps_high=0.2, beta=0.0):
-    """Launch the forward. Returns (logp, lse) or, with ``advantages``, the 6 GRPO outputs."""
+                    ref_logprobs=None, eps_low=0.2, eps_high=0.2, beta=0.0, with_entropy=False):
+    """Launch the forward. Returns (logp, lse, entropy) (entropy empty unless ``with_entropy``) or, with
+    ``advantages``, the 6 GRPO outputs."""
     N, dev = _rows(logits), logits.device
     f32 = dict(dtype=torch.float32, device=dev)
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    ent = torch.empty(N if with_entropy else 0, **f32)
     compute_loss = advantages is not None
     if compute_loss:
         loss, coef, ratio, kl = (torch.empty(N, **f32) for _ in range(4))
     else:
         loss = coef = ratio = kl = logp  # unused by the kernel (COMPUTE_LOSS=False)
     if N == 0:
-        return (logp, lse, loss, coef, ratio, kl) if compute_loss else (logp, lse)
+        return (logp, lse, loss, coef, ratio, kl) if compute_loss else (logp, lse, ent)
     dummy = logp
     rows_per_batch, sb, st = _geometry(logits)
     W = vocab_hi - vocab_lo
@@ -167,18 +192,22 @@ def logprob_forward(logits, targets, mask, temperature, vocab_lo, vocab_hi, adva
         advantages if compute_loss else dummy,
         old_logprobs if old_logprobs is not None else dummy,
         ref_logprobs if ref_logprobs is not None else dummy,
-        logp, lse, loss, coef, ratio, kl,
+        logp, lse, loss, coef, ratio, kl, ent if with_entropy else dummy,
         rows_per_batch, sb, st, vocab_lo, W,
         1.0 / temperature, eps_low, eps_high, beta,
         HAS_MASK=mask is not None, HAS_OLD=old_logprobs is not None,
         HAS_REF=compute_loss and beta != 0.0 and ref_logprobs is not None, COMPUTE_LOSS=compute_loss,
-        BLOCK_V=_fwd_block(W), num_warps=FWD_WARPS,
+        WITH_ENTROPY=with_entropy, BLOCK_V=_fwd_block(W), num_warps=FWD_WARPS,
     )
-    return (logp, lse, loss, coef, ratio, kl) if compute_loss else (logp, lse)
+    return (logp, lse, loss, coef, ratio, kl) if compute_loss else (logp, lse, ent)
 
 
-def logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, out=None):
-    """dz into ``out`` (a new tensor shaped like logits, or the logits themselves for in-place)."""
+def logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo, vocab_hi, out=None, entropy=None,
+                     grad_entropy=None):
+    """dz into ``out`` (a new tensor shaped like logits, or the logits themselves for in-place); with
+    ``grad_entropy`` (and the forward's ``entropy``) the entropy's gradient is added in the same pass."""
+    if (entropy is None) != (grad_entropy is None):
+        raise ValueError("entropy and grad_entropy must be given together")
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     N, V = _rows(logits), logits.shape[-1]
@@ -188,9 +217,10 @@ def logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo,
     _, osb, ost = _geometry(out)
     logprob_bwd_kernel[(N, triton.cdiv(V, BWD_BLOCK_V))](
         logits, out, targets, lse, grad_logprobs,
+        entropy if entropy is not None else lse, grad_entropy if grad_entropy is not None else lse,
         rows_per_batch, sb, st, osb, ost, vocab_lo, vocab_hi, V,
         1.0 / temperature,
-        BLOCK_V=BWD_BLOCK_V, num_warps=BWD_WARPS,
+        HAS_ENTROPY_GRAD=grad_entropy is not None, BLOCK_V=BWD_BLOCK_V, num_warps=BWD_WARPS,
     )
     return out
 
@@ -200,16 +230,20 @@ def aot_specs():
     from ..aot import KernelSpec
 
     vec = {name: "*fp32" for name in ("adv_ptr", "old_ptr", "ref_ptr", "logp_ptr", "lse_ptr", "loss_ptr",
-                                      "coef_ptr", "ratio_ptr", "kl_ptr")}
+                                      "coef_ptr", "ratio_ptr", "kl_ptr", "ent_ptr")}
     scalars = {"rows_per_batch": "i64", "stride_b": "i64", "stride_t": "i64", "vocab_lo": "i64", "W": "i64",
                "inv_t": "fp32", "eps_low": "fp32", "eps_high": "fp32", "beta": "fp32"}
     for dtype in ("fp32", "bf16", "fp16"):
-        for loss in (False, True):
+        for loss, ent in ((False, False), (False, True), (True, False)):
             sig = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "mask_ptr": "*i1", **vec, **scalars}
-            const = dict(HAS_MASK=True, HAS_OLD=loss, HAS_REF=loss, COMPUTE_LOSS=loss, BLOCK_V=FWD_BLOCK_V)
-            yield KernelSpec(f"logprob_fwd[{dtype},loss={loss}]", logprob_fwd_kernel, sig, const, FWD_WARPS)
+            const = dict(HAS_MASK=True, HAS_OLD=loss, HAS_REF=loss, COMPUTE_LOSS=loss, WITH_ENTROPY=ent,
+                         BLOCK_V=FWD_BLOCK_V)
+            yield KernelSpec(f"logprob_fwd[{dtype},loss={loss},entropy={ent}]", logprob_fwd_kernel, sig, const,
+                             FWD_WARPS)
         sig = {"logits_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "targets_ptr": "*i64", "lse_ptr": "*fp32",
-               "grad_ptr": "*fp32", "rows_per_batch": "i64", "stride_b": "i64", "stride_t": "i64",
-               "out_stride_b": "i64", "out_stride_t": "i64", "vocab_lo": "i64", "vocab_hi": "i64", "V": "i64",
-               "inv_t": "fp32"}
-        yield KernelSpec(f"logprob_bwd[{dtype}]", logprob_bwd_kernel, sig, dict(BLOCK_V=BWD_BLOCK_V), BWD_WARPS)
+               "grad_ptr": "*fp32", "ent_ptr": "*fp32", "gent_ptr": "*fp32", "rows_per_batch": "i64",
+               "stride_b": "i64", "stride_t": "i64", "out_stride_b": "i64", "out_stride_t": "i64", "vocab_lo": "i64",
+               "vocab_hi": "i64", "V": "i64", "inv_t": "fp32"}
+        for ent in (False, True):
+            yield KernelSpec(f"logprob_bwd[{dtype},entropy={ent}]", logprob_bwd_kernel, sig,
+                             dict(HAS_ENTROPY_GRAD=ent, BLOCK_V=BWD_BLOCK_V), BWD_WARPS)
