@@ -6,8 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
-DEPS := triton transformers safetensors tokenizers tqdm numpy pillow pytest pytest-benchmark hypothesis ninja cmake matplotlib
-BENCH_DEPS := liger-kernel trl
+# TRL is pinned: tests/test_trl_parity.py checks mmr1_kernels.policy_loss against this release's GRPOTrainer code
+TRL_SPEC ?= trl>=1.16,<1.17
+DEPS := triton transformers safetensors tokenizers tqdm numpy pillow pytest pytest-benchmark hypothesis ninja cmake matplotlib "$(TRL_SPEC)"
+BENCH_DEPS := liger-kernel "$(TRL_SPEC)"
 
 .PHONY: venv build test test-fast demo cold-start ablation mutants bench bench-quick bench-pytest gpu-check clean
 
@@ -15,7 +17,7 @@ $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q $(DEPS)
+	$(PIP) install -q $(DEPS) "$(TORCH_SPEC)"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -117,3 +117,82 @@ def verl_group_advantages(scores, uids, eps=1e-6):
     for i in range(bsz):
         out[i] = (scores[i] - id2mean[uid_list[i]]) / (id2std[uid_list[i]] + eps)
     return out
+
+
+# --------------------------------------------------------------------------- TRL's own GRPOTrainer._compute_loss
+class _OneProcessAccelerator:
+    """What _compute_loss asks of accelerate, for a single process (gathers and reductions are the identity)."""
+
+    num_processes = 1
+    sync_gradients = True
+
+    def gather(self, t):
+        return t
+
+    gather_for_metrics = gather
+
+    def reduce(self, t, reduction="sum"):
+        return t
+
+    def pad_across_processes(self, t, dim=0, pad_index=0):
+        return t
+
+
+def trl_loss_fn(config, gradient_accumulation_steps=1, training=True):
+    """TRL's GRPOTrainer._compute_loss, run as-is on a bare trainer object carrying the attributes it reads, with the
+    model's log-prob function stubbed to return the caller's per-token log-probs and entropies.
+
+    ``config``: an mmr1_kernels PolicyLossConfig (same field names as trl.GRPOConfig). Returns
+    ``call(logprobs, entropies, advantages, mask, old=None, ref=None, sampling=None, is_ratio=None,
+    num_items_in_batch=None) -> (loss, trl_metrics)``.
+    """
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import GRPOTrainer
+
+    trainer = GRPOTrainer.__new__(GRPOTrainer)
+    args = SimpleNamespace(
+        use_bias_correction_kl=config.use_bias_correction_kl, delta=config.delta,
+        sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
+        vespo_k_pos=config.vespo_k_pos, vespo_lambda_pos=config.vespo_lambda_pos, vespo_k_neg=config.vespo_k_neg,
+        vespo_lambda_neg=config.vespo_lambda_neg, steps_per_generation=gradient_accumulation_steps,
+        entropy_target=0.0)
+    state = dict(
+        args=args, loss_type=config.loss_type, importance_sampling_level=config.importance_sampling_level,
+        beta=config.beta, epsilon_low=config.epsilon, epsilon_high=config.epsilon_high_value,
+        top_entropy_quantile=config.top_entropy_quantile, off_policy_mask_threshold=config.off_policy_mask_threshold,
+        use_vllm=False, vllm_importance_sampling_correction=True, aux_loss_enabled=False,
+        entropy_coef=config.entropy_coef, use_adaptive_entropy=False,
+        _entropy_bonus_enabled=config.entropy_coef != 0.0,
+        current_gradient_accumulation_steps=gradient_accumulation_steps,
+        accelerator=_OneProcessAccelerator(), model=SimpleNamespace(training=training),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )
+    for k, v in state.items():
+        object.__setattr__(trainer, k, v)
+
+    def call(logprobs, entropies, advantages, mask, old=None, ref=None, sampling=None, is_ratio=None,
+             num_items_in_batch=None):
+        B, T = logprobs.shape
+        object.__setattr__(trainer, "max_completion_length", config.max_completion_length or T)
+        object.__setattr__(trainer, "use_vllm", is_ratio is not None)
+        object.__setattr__(trainer, "_get_per_token_logps_and_entropies",
+                           lambda *a, **k: (logprobs, entropies, None))
+        for v in trainer._metrics.values():
+            v.clear()
+        inputs = {
+            "prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+            "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask.long(),
+            "advantages": advantages,
+            "num_items_in_batch": torch.as_tensor(mask.sum() if num_items_in_batch is None else num_items_in_batch,
+                                                  dtype=logprobs.dtype),
+        }
+        for key, value in (("old_per_token_logps", old), ("ref_per_token_logps", ref),
+                           ("sampling_per_token_logps", sampling), ("importance_sampling_ratio", is_ratio)):
+            if value is not None:
+                inputs[key] = value
+        loss = trainer._compute_loss(None, inputs)
+        return loss, {k: v[-1] for k, v in trainer._metrics["train" if training else "eval"].items()}
+
+    return call

@@ -6,6 +6,8 @@ ops under ``torch.ops.mmr1`` and compose with torch.compile):
 
 - token_logprobs, grpo_loss                      from logits
 - fused_linear_logprobs, fused_linear_grpo_loss  from hidden states + head weight
+- policy_loss, PolicyLossConfig                  TRL GRPOTrainer's loss surface over per-token log-probs
+                                                 (8 loss types, GSPO, IS correction, masks, entropy bonus)
 - group_advantages                               group-relative advantages
 - cfg_sample                                     fused CFG / top-k / top-p sampler (Philox Gumbel-max)
 """
@@ -13,11 +15,12 @@ from ._library import HAS_CPP, HAS_TRITON, backend_for
 from .logprob import grpo_loss, token_logprobs
 from .fused_linear import fused_linear_grpo_loss, fused_linear_logprobs
 from .advantages import group_advantages
+from .policy import PolicyLossConfig, importance_sampling_ratio, policy_loss
 from .sampler import cfg_sample
 from . import reference
 
 __all__ = [
     "token_logprobs", "grpo_loss", "cfg_sample", "fused_linear_logprobs", "fused_linear_grpo_loss", "group_advantages",
-    "reference", "backend_for", "HAS_CPP", "HAS_TRITON",
+    "policy_loss", "PolicyLossConfig", "importance_sampling_ratio", "reference", "backend_for", "HAS_CPP", "HAS_TRITON",
 ]
 __version__ = "0.1.0"

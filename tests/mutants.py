@@ -122,12 +122,32 @@ MUTANTS: List[Mutant] = [
     Mutant("world: pair layout ignores which subject is on which side", "mmr1/world/identity.py",
            "ok.append(float(present and self._nearer(codes, scene.background, side, cols, mine, other)))",
            "ok.append(float(present))", (WORLD,)),
+    Mutant("entropy: Triton forward without the lanes' re-centring", "mmr1_kernels/gpu/logprob.py",
+           "t = tl.sum(lane_scale * (t_vec + s_vec * lane_shift), axis=0)",
+           "t = tl.sum(lane_scale * t_vec, axis=0)", ("tests/test_entropy.py",)),
+    Mutant("entropy: backward without the H term (grad -p log p only)", "mmr1_kernels/reference.py",
+           "term = torch.where(p > 0, p * (logq + h.unsqueeze(-1)), torch.zeros_like(p))",
+           "term = torch.where(p > 0, p * logq, torch.zeros_like(p))", ("tests/test_entropy.py",)),
+    Mutant("policy_loss: GSPO sequence ratio summed instead of length-normalised", "mmr1_kernels/policy.py",
+           "log_w = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)",
+           "log_w = (log_ratio * m).sum(-1).unsqueeze(-1)", ("tests/test_trl_parity.py",)),
+    Mutant("policy_loss: bias-corrected KL ignored", "mmr1_kernels/policy.py",
+           "        if cfg.use_bias_correction_kl:\n            kl = kl * ratio",
+           "        if False:\n            kl = kl * ratio", ("tests/test_trl_parity.py",)),
+    Mutant("policy_loss: two-sided clipping (delta) ignored", "mmr1_kernels/policy.py",
+           "unclipped = ratio if cfg.delta is None else torch.clamp(ratio, max=cfg.delta)",
+           "unclipped = ratio", ("tests/test_trl_parity.py",)),
+    Mutant("policy_loss: cispo weight not detached", "mmr1_kernels/policy.py",
+           "token_loss = -torch.clamp(ratio, max=eps_high).detach() * adv * logprobs",
+           "token_loss = -torch.clamp(ratio, max=eps_high) * adv * logprobs", ("tests/test_trl_parity.py",)),
+    Mutant("policy_loss: entropy bonus not scaled for accumulation", "mmr1_kernels/policy.py",
+           "em.sum().clamp(min=1.0) / gas)", "em.sum().clamp(min=1.0))", ("tests/test_trl_parity.py",)),
 ]
 
 
 def _copy_tree(dst: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "assets")
-    for pkg in ("mmr1", "mmr1_kernels", "tests"):
+    for pkg in ("mmr1", "mmr1_kernels", "tests", "bench"):
         shutil.copytree(ROOT / pkg, dst / pkg, ignore=ignore)
     shutil.copytree(ROOT / "mmr1" / "assets", dst / "mmr1" / "assets")  # the shipped demo (read by a few tests)
     shutil.copy(ROOT / "pyproject.toml", dst / "pyproject.toml")

@@ -6,16 +6,25 @@ import pytest
 import torch
 
 import mmr1_kernels as K
+from mmr1_kernels import reference as R
 from mmr1_kernels._library import op
 
 import oracle as O
 import tolerance as TOL
-from test_logprob import BACKENDS, REGIMES, SHAPES, _device, make_logits, make_targets
+from test_logprob import BACKENDS as KERNEL_BACKENDS, REGIMES, SHAPES, _device, make_logits, make_targets
+
+BACKENDS = KERNEL_BACKENDS + [pytest.param("reference", torch.float32, id="reference-fp32"),
+                              pytest.param("reference", torch.float64, id="reference-fp64")]
 
 
 def forward(backend, logits, targets, mask, T, lo, hi):
     if backend == "ops":
         return op("token_logprobs")(logits, targets, mask, T, lo, hi, True)
+    if backend == "reference":  # the spec: the no-extension fallback and the fp64 CUDA path
+        dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        rows = logits.reshape(-1, logits.shape[-1])
+        lp, lse = R.token_logprobs(rows, targets, T, lo, hi, mask=mask, dtype=dt)
+        return lp, lse, R.token_entropy(rows, T, lo, hi, mask=mask, dtype=dt)
     from mmr1_kernels.gpu import logprob as G
 
     return G.logprob_forward(logits, targets, mask, T, lo, hi, with_entropy=True)
@@ -102,6 +111,8 @@ def test_entropy_backward_matches_fp64(request, backend, dtype, inplace, with_lo
             op("logprob_backward_")(out, *args)
         else:
             out = op("logprob_backward")(logits, *args)
+    elif backend == "reference":
+        out = R.logprob_backward(logits, *args)
     else:
         from mmr1_kernels.gpu import logprob as G
 

@@ -122,7 +122,7 @@ def importance_sampling_ratio(old_logprobs: torch.Tensor, sampling_logprobs: tor
         diff = diff.sum(dim=-1, keepdim=True)
     ratio = torch.exp(diff)
     if mode.endswith("truncate"):
-        return torch.clamp(ratio, min=clip_min, max=clip_max)
+        return ratio if clip_min is None and clip_max is None else torch.clamp(ratio, min=clip_min, max=clip_max)
     lo = -math.inf if clip_min is None else clip_min
     hi = math.inf if clip_max is None else clip_max
     return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
