@@ -10,7 +10,7 @@ from typing import Dict, List
 
 from .common import RESULTS_DIR, Row, format_table
 
-SUITES = ["logprob", "sampler", "generation", "jacobi", "train_step"]
+SUITES = ["logprob", "sampler", "generation", "jacobi", "train_step", "trl_loss"]
 
 
 def load(suffix: str) -> Dict[str, dict]:

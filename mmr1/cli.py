@@ -9,6 +9,13 @@
                   --reference a.png --reference b.png
     mmr1 eval --dreambench ../shared/data/dreambench --generated gen/ --clip models/clip --dino models/dino
     mmr1 bench [--quick]                              every benchmark, writes BENCHMARKS.md
+
+Real checkpoints (mmr1.recipe; under torchrun: torchrun --nproc-per-node N -m mmr1.cli sft|grpo ...):
+    mmr1 sft --model DIR --vqgan CKPT --tokenizer JSON --data FILE.jsonl --out-dir runs/sft [--parallel fsdp]
+    mmr1 grpo --model DIR --vqgan CKPT --tokenizer JSON --prompts FILE.jsonl --clip DIR --dino DIR
+              [--detector DIR] [--rewards format=0.5,clip_t=1,dino=1,psr=1] --out-dir runs/grpo
+    mmr1 convert-dreambench ../shared/data/dreambench prompts.jsonl [--references 1]
+    mmr1 export runs/grpo/checkpoints out_dir          consolidated HF-layout safetensors (load_transformer)
 """
 from __future__ import annotations
 
@@ -67,6 +74,13 @@ def _generate(args) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["sft"], ["grpo"]) and any(a == "--model" or a.startswith("--model=") for a in argv[1:]):
+        from . import recipe
+
+        parser = recipe.real_sft_parser() if argv[0] == "sft" else recipe.real_grpo_parser()
+        args = parser.parse_args(argv[1:])
+        return (recipe.sft_main if argv[0] == "sft" else recipe.grpo_main)(args)
     ap = argparse.ArgumentParser(prog="mmr1", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="MM-R1 on the synthetic world: cold-start SFT, GRPO, before/after evaluation")
@@ -102,7 +116,32 @@ def main(argv=None) -> None:
     e.add_argument("--out", default=None, help="write the full result as JSON here")
     b = sub.add_parser("bench", help="every benchmark; writes BENCHMARKS.md")
     b.add_argument("--quick", action="store_true")
+    x = sub.add_parser("export", help="a training checkpoint -> consolidated HF-layout safetensors directory")
+    x.add_argument("checkpoint", help="a checkpoint root (its latest) or one step directory")
+    x.add_argument("out", help="output directory (config.json + model.safetensors)")
+    c = sub.add_parser("convert-dreambench", help="DreamBench-layout directory -> GRPO prompts JSONL")
+    c.add_argument("root", help="subject folders + prompts_and_classes.txt")
+    c.add_argument("out", help="the JSONL file to write")
+    c.add_argument("--references", type=int, default=1, help="reference photos per prompt")
+    c.add_argument("--prompts-per-subject", type=int, default=None)
     args = ap.parse_args(argv)
+    if args.cmd == "export":
+        from .sharded_checkpoint import export_consolidated
+
+        try:
+            print(f"wrote {export_consolidated(args.checkpoint, args.out)}")
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"error: {err}")
+        return
+    if args.cmd == "convert-dreambench":
+        from .data import dreambench_to_jsonl
+
+        try:
+            n = dreambench_to_jsonl(args.root, args.out, args.references, args.prompts_per_subject)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"error: {err}")
+        print(f"wrote {n} prompts to {args.out}")
+        return
     if args.cmd == "demo":
         from .world.demo import main as demo_main
 

@@ -231,8 +231,6 @@ def sample_image_blocks(dec: CachedDecoder, n: int, h: int, w: int, vocab: Image
         return sample_image_blocks_jacobi(dec, n, h, w, vocab, scfg, step_offset, row_ids)
     layout = vocab.forced_layout(h, w)
     L = layout.numel()
-    lo, hi = vocab.window
-    w_img = model.lm_head.weight[lo:hi]
     row_ids = torch.arange(n, device=dev) if row_ids is None else row_ids.to(dev)
     if use_cfg:
         dec.pos[n:] = 0  # unconditional rows: image-only context
@@ -243,30 +241,8 @@ def sample_image_blocks(dec: CachedDecoder, n: int, h: int, w: int, vocab: Image
     for t in range(L):
         if layout[t] >= 0:
             tokens[:, t] = int(layout[t])
-        elif scfg.backend == "reference":
-            lc = model.logits(hidden[:n])
-            lu = model.logits(hidden[n:]) if use_cfg else None
-            tokens[:, t], lp = reference_draw(lc, lu, vocab.window, scfg.cfg_scale if use_cfg else 1.0,
-                                              scfg.temperature, scfg.top_k, scfg.top_p, scfg.seed, step_offset + t,
-                                              row_ids)
-            logprobs[:, t] = lp
         else:
-            if scfg.head_mode == "hidden_cfg":
-                hc = hidden[:n]
-                hg = hidden[n:] + scfg.cfg_scale * (hc - hidden[n:]) if use_cfg else hc
-                logits = torch.nn.functional.linear(hg, w_img)
-                _, lp = cfg_sample(logits, temperature=scfg.temperature, top_k=scfg.top_k, top_p=scfg.top_p,
-                                   seed=scfg.seed, offset=step_offset + t, row_ids=row_ids, out=tokens[:, t],
-                                   check=False)
-                tokens[:, t] += lo
-            else:  # "logits"
-                lc = torch.nn.functional.linear(hidden[:n], w_img)
-                lu = torch.nn.functional.linear(hidden[n:], w_img) if use_cfg else None
-                _, lp = cfg_sample(lc, lu, cfg_scale=scfg.cfg_scale, temperature=scfg.temperature, top_k=scfg.top_k,
-                                   top_p=scfg.top_p, seed=scfg.seed, offset=step_offset + t, row_ids=row_ids,
-                                   out=tokens[:, t], check=False)
-                tokens[:, t] += lo
-            logprobs[:, t] = lp
+            tokens[:, t], logprobs[:, t] = _draw(model, hidden, use_cfg, vocab, scfg, step_offset + t, row_ids)
         x = tokens[:, t]
         if t + 1 < L:  # the last token (eoi) is fed by the caller's next phase
             hidden = dec.step(torch.cat([x, x]) if use_cfg else x)
@@ -276,20 +252,20 @@ def sample_image_blocks(dec: CachedDecoder, n: int, h: int, w: int, vocab: Image
     return ImageBlocks(tokens, logprobs, chosen.to(dev).expand(n, L).clone(), codes, forwards=L - 1)
 
 
-def _draw(model: Transformer, hidden: torch.Tensor, n: int, use_cfg: bool, vocab: ImageVocab, scfg: SamplingConfig,
-          offsets: torch.Tensor, row_ids: torch.Tensor, free: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One draw per row of hidden [(2)m, d] (cond rows, then uncond rows) at per-row ``offsets`` [m]: image ids
-    and sampler log-probs, exactly what the sequential loop draws from the same hidden states. Rows where
-    ``free`` is False are not sampled (their logits are not read; id lo, log-prob 0)."""
-    m = offsets.numel()
+def _draw(model: Transformer, hidden: torch.Tensor, use_cfg: bool, vocab: ImageVocab, scfg: SamplingConfig,
+          offsets, row_ids: torch.Tensor, free: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One draw per row of hidden [(2)m, d] (cond rows, then uncond rows) at ``offsets`` (an int, or per row
+    [m]): image ids and sampler log-probs -- the one sampling step of both the sequential and the Jacobi loop.
+    Rows where ``free`` is False are not sampled (their logits are not read; id lo, log-prob 0)."""
+    m = hidden.shape[0] // 2 if use_cfg else hidden.shape[0]
     lo, hi = vocab.window
-    forced = torch.where(free, -1, 0)
+    forced = None if free is None else torch.where(free, -1, 0)
     if scfg.backend == "reference":
         lc = model.logits(hidden[:m])
         lu = model.logits(hidden[m:]) if use_cfg else None
         tok, lp = reference_draw(lc, lu, vocab.window, scfg.cfg_scale if use_cfg else 1.0, scfg.temperature,
                                  scfg.top_k, scfg.top_p, scfg.seed, offsets, row_ids)
-        return torch.where(free, tok, lo), torch.where(free, lp, 0.0)
+        return (tok, lp) if free is None else (torch.where(free, tok, lo), torch.where(free, lp, 0.0))
     w_img = model.lm_head.weight[lo:hi]
     if scfg.head_mode == "hidden_cfg":
         hc = hidden[:m]
@@ -360,7 +336,7 @@ def sample_image_blocks_jacobi(dec: CachedDecoder, n: int, h: int, w: int, vocab
         hid = hidden[:n].reshape(n * Wt, -1)
         if use_cfg:
             hid = torch.cat([hid, hidden[n:].reshape(n * Wt, -1)])
-        tok, lp = _draw(model, hid, n * Wt, use_cfg, vocab, scfg, (step_offset + tgt).reshape(-1),
+        tok, lp = _draw(model, hid, use_cfg, vocab, scfg, (step_offset + tgt).reshape(-1),
                         row_ids.repeat_interleave(Wt), free.reshape(-1))
         tok = torch.where(free, tok.view(n, Wt), forced_at[tgt])
         lp = lp.view(n, Wt)

@@ -42,11 +42,11 @@ import torch.distributed as dist
 
 import mmr1_kernels as K
 
-from .checkpoint import load_checkpoint, save_checkpoint
 from .generate import SamplingConfig
 from .model import Transformer, teacher_forced_hidden
 from .rewards import RewardSet
 from .rollout import Rollout, XCoTFormat, xcot_rollout
+from .sharded_checkpoint import load_sharded, save_sharded
 from .tokens import ImageVocab
 
 
@@ -337,7 +337,7 @@ class GRPOTrainer:
         return result
 
     def train(self, steps: Optional[int] = None, progress: bool = True, checkpoint_dir: Optional[str] = None,
-              checkpoint_every: int = 0) -> List[Dict[str, float]]:
+              checkpoint_every: int = 0, keep_last: int = 3) -> List[Dict[str, float]]:
         from tqdm import tqdm
 
         n = self.cfg.steps - self.step_idx if steps is None else steps
@@ -346,54 +346,25 @@ class GRPOTrainer:
             m = self.step()
             bar.set_postfix(reward=f"{m['reward/total_mean']:.3f}", kl=f"{m.get('image/kl_mean', 0.0):.4f}")
             if checkpoint_dir and checkpoint_every and self.step_idx % checkpoint_every == 0:
-                self.save(checkpoint_dir)  # every rank: FSDP gathers the shards collectively
+                self.save(checkpoint_dir, keep_last)  # every rank writes its shards
         return self.history
 
     # ------------------------------------------------------------------ checkpoints
     def config_dict(self) -> Dict:
         return {**asdict(self.cfg), "model": asdict(self.policy.config)}
 
-    def save(self, path) -> Optional[Path]:
-        """Write a checkpoint: weights, AdamW state, scheduler, RNG, step (call on every rank; rank 0 writes).
-        With FSDP the shards of the weights and of the optimizer state are gathered into full tensors first
-        (torch.distributed.checkpoint's state-dict API), so a resume continues exactly."""
-        if self.parallel == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            model_sd, optim_sd = get_state_dict(self.policy, self.optimizer,
-                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if self.rank != 0:
-                return None
-            return save_checkpoint(path, _StateHolder(model_sd), self.config_dict(), optim_sd, self.scheduler,
-                                   self.step_idx)
-        if self.rank != 0:
-            return None
-        return save_checkpoint(path, self.policy, self.config_dict(), self.optimizer, self.scheduler, self.step_idx)
+    def save(self, root, keep_last: int = 3) -> Path:
+        """Write ``<root>/step-<step>`` through torch.distributed.checkpoint (mmr1.sharded_checkpoint): weights
+        and AdamW state as every rank holds them (FSDP2 shards, DDP replicas), scheduler, every rank's RNG, the
+        step (the data position: batches are a function of (seed, step)); atomic, keeping the last
+        ``keep_last``. Call on every rank."""
+        return save_sharded(root, self.step_idx, self.policy, self.optimizer, self.scheduler,
+                            extra={"data_position": self.step_idx}, config=self.config_dict(), keep_last=keep_last)
 
     def load(self, path) -> None:
-        """Resume from ``save``'s checkpoint (every rank reads it; FSDP re-shards the full tensors)."""
-        if self.parallel == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            holder = _StateHolder({})
-            info = load_checkpoint(path, holder, self.config_dict(), None, self.scheduler, full_state=True)
-            set_state_dict(self.policy, self.optimizer, model_state_dict=info["model_state"],
-                           optim_state_dict=info["optimizer_state"],
-                           options=StateDictOptions(full_state_dict=True))
-        else:
-            info = load_checkpoint(path, self.policy, self.config_dict(), self.optimizer, self.scheduler)
-        self.step_idx = info["step"]
-
-
-class _StateHolder(torch.nn.Module):
-    """Presents a gathered (full) state dict to save_checkpoint."""
-
-    def __init__(self, state: Dict[str, torch.Tensor]):
-        super().__init__()
-        self._state = state
-
-    def state_dict(self, *args, **kwargs):
-        return self._state
+        """Resume from ``save``'s checkpoint: a step directory, or a root (its latest). Call on every rank; DCP
+        reshards to this run's layout."""
+        self.step_idx = load_sharded(path, self.policy, self.optimizer, self.scheduler, self.config_dict())["step"]
 
 
 __all__ = ["GRPOConfig", "GRPOTrainer", "lr_lambda"]

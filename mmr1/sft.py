@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 import mmr1_kernels as K
 
-from .checkpoint import load_checkpoint, save_checkpoint
 from .model import Transformer, target_span_mask, teacher_forced_hidden
+from .sharded_checkpoint import load_sharded, save_sharded
 from .tokens import pad_sequences
 
 
@@ -32,56 +33,96 @@ class SFTConfig:
 
 
 def sft_loss(model: Transformer, seqs: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
-             token_weights: Optional[Sequence[Sequence[float]]] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+             token_weights: Optional[Sequence[Sequence[float]]] = None, head: Optional[Transformer] = None,
+             normalizer: Optional[float] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """(loss, metrics) for token sequences whose first prompt_lengths[i] tokens are the prompt.
 
     ``token_weights[i][t]`` (optional, one per token of seqs[i]) weighs the loss of predicting token t; the loss
-    is then sum(w * nll) / sum(w) over the assistant tokens. Metrics report the unweighted mean NLL as "nll"."""
+    is then sum(w * nll) / sum(w) over the assistant tokens. Metrics report the unweighted mean NLL as "nll".
+    ``model`` may be a DDP / FSDP wrapper (``head``: the module holding lm_head, default ``model``);
+    ``normalizer`` replaces sum(w) (a multi-process step divides by the global sum)."""
     if len(seqs) != len(prompt_lengths) or not seqs:
         raise ValueError("need one prompt length per (non-empty list of) sequence")
+    head = model if head is None else head
     tokens, lengths = pad_sequences(seqs)
     hidden = teacher_forced_hidden(model, tokens, lengths)
     mask = target_span_mask(tokens.shape[1], prompt_lengths, lengths, hidden.device)
-    if not bool(mask.any()):
+    if not bool(mask.any()) and normalizer is None:
         raise ValueError("no assistant tokens to train on (every sequence is all prompt)")
-    logp = K.fused_linear_logprobs(hidden, model.lm_head.weight, tokens[:, 1:].to(hidden.device), mask=mask)
+    logp = K.fused_linear_logprobs(hidden, head.lm_head.weight, tokens[:, 1:].to(hidden.device), mask=mask)
     n = mask.sum()
-    nll = -(logp * mask).sum() / n
+    nll = -(logp * mask).sum() / n.clamp(min=1)
     if token_weights is None:
-        loss = nll
+        loss = nll if normalizer is None else -(logp * mask).sum() / normalizer
     else:
         if len(token_weights) != len(seqs) or any(len(w) != len(s) for w, s in zip(token_weights, seqs)):
             raise ValueError("token_weights must hold one weight per token of each sequence")
         w, _ = pad_sequences([[0.0] + list(map(float, tw[1:])) for tw in token_weights], dtype=torch.float32)
         w = w[:, 1:].to(hidden.device) * mask
-        if bool((w < 0).any()) or not bool(w.sum() > 0):
+        if bool((w < 0).any()) or (normalizer is None and not bool(w.sum() > 0)):
             raise ValueError("token_weights must be >= 0 with a positive sum over the assistant tokens")
-        loss = -(logp * w).sum() / w.sum()
+        loss = -(logp * w).sum() / (w.sum() if normalizer is None else normalizer)
     return loss, {"loss": float(loss.detach()), "nll": float(nll.detach()), "tokens": int(n),
                   "ppl": float(torch.exp(nll.detach()))}
 
 
 class SFTTrainer:
-    def __init__(self, model: Transformer, cfg: SFTConfig):
-        self.model, self.cfg = model, cfg
+    """AdamW on ``sft_loss``. ``parallel="ddp"`` / ``"fsdp"`` under torchrun: each rank passes its share of the
+    global batch to ``step``; the loss is normalized by the global token weight, so N processes compute the
+    step one process would on the whole batch."""
+
+    def __init__(self, model: Transformer, cfg: SFTConfig, parallel: str = "none"):
+        if parallel not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'none', 'ddp' or 'fsdp', got {parallel!r}")
+        if parallel != "none" and not dist.is_initialized():
+            raise RuntimeError(f"parallel={parallel!r} needs torch.distributed initialized (run under torchrun)")
+        self.model, self.cfg, self.parallel = model, cfg, parallel
+        self.world = dist.get_world_size() if parallel != "none" else 1
+        self.wrapped = model
+        if parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.wrapped = DDP(model)
+        elif parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step_idx = 0
 
     def step(self, seqs, prompt_lengths, token_weights=None) -> Dict[str, float]:
         self.model.train()
-        loss, m = sft_loss(self.model, seqs, prompt_lengths, token_weights)
+        normalizer = None
+        if self.world > 1:  # the global weight sum, so that DDP's gradient average is the global weighted mean
+            local = sum(sum(w[p:]) if token_weights is not None else len(s) - p
+                        for s, p, w in zip(seqs, prompt_lengths, token_weights or [None] * len(seqs)))
+            total = torch.tensor([float(local)], dtype=torch.float64)
+            dist.all_reduce(total)
+            normalizer = float(total) / self.world
+        loss, m = sft_loss(self.wrapped, seqs, prompt_lengths, token_weights, head=self.model, normalizer=normalizer)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
         self.optimizer.step()
         self.step_idx += 1
+        if self.world > 1:
+            t = torch.tensor([m["loss"]], dtype=torch.float64)
+            dist.all_reduce(t)
+            m["loss"] = float(t)  # each rank's part of the global mean: their sum is the loss
         return m
 
     def config_dict(self) -> Dict:
         return {**asdict(self.cfg), "model": asdict(self.model.config)}
 
-    def save(self, path):
-        return save_checkpoint(path, self.model, self.config_dict(), self.optimizer, None, self.step_idx)
+    def save(self, root, keep_last: int = 3, extra=None):
+        """``<root>/step-<step>``: sharded, atomic, keep-last-K (mmr1.sharded_checkpoint); call on every rank."""
+        return save_sharded(root, self.step_idx, self.model, self.optimizer, None, extra=extra,
+                            config=self.config_dict(), keep_last=keep_last)
 
     def load(self, path):
-        self.step_idx = load_checkpoint(path, self.model, self.config_dict(), self.optimizer)["step"]
+        """Resume from a step directory or a root (its latest); returns the saved ``extra``."""
+        info = load_sharded(path, self.model, self.optimizer, None, self.config_dict())
+        self.step_idx = info["step"]
+        return info["extra"]

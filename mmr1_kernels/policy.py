@@ -142,10 +142,10 @@ def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, top_quantile:
     """Bool [B, T]: the tokens whose entropy is at or above the (1 - top_quantile) quantile of the unmasked
     tokens' entropies (e.g. 0.2 keeps the top 20%, the "80/20" rule); padding is never kept."""
     keep = mask.bool()
-    values = entropies.detach()[keep].float()
-    if values.numel() == 0:
-        return torch.zeros_like(keep)
-    threshold = torch.quantile(values, 1.0 - top_quantile)
+    # nanquantile over the padded tensor = quantile over the unmasked values, without a data-dependent shape
+    # (torch.compile fullgraph); no unmasked token: NaN threshold, nothing kept
+    values = torch.where(keep, entropies.detach().float(), float("nan")).reshape(-1)
+    threshold = torch.nanquantile(values, 1.0 - top_quantile)
     return ((entropies.detach() * mask.to(entropies.dtype)) >= threshold) & keep
 
 

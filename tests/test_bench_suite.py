@@ -48,3 +48,17 @@ def test_gpu_check_dry_run_and_quick_report_leave_the_published_results_alone(tm
     for png in ("bench_time_vs_shape.png", "bench_memory_vs_vocab.png", "bench_decode_breakdown.png"):
         assert (scratch / "docs" / "bench" / png).stat().st_size > 1000
     assert _published() == before, "a dry / quick run changed the published benchmark report"
+
+
+def test_trl_loss_bench_runs_at_tiny_shapes():
+    """bench.trl_loss's three benchmarks (TRL's kernels and loss code as peers when TRL is installed)."""
+    from bench import trl_loss
+
+    rows = trl_loss.bench_logprobs(64, 16, 1) + trl_loss.bench_policy_loss(2, 16, 1) + \
+        trl_loss.bench_grpo_from_hidden(64, 16, 1)
+    providers = {r.provider for r in rows}
+    assert {"mmr1 fused_linear_logprobs", "mmr1 policy_loss", "mmr1 fused_linear_grpo_loss (grads in forward)"} \
+        <= providers
+    if trl_loss.peers.have("trl"):
+        assert {"TRL ChunkedLogProbFunction +entropy", "TRL GRPOTrainer._compute_loss"} <= providers
+    assert all(r.median_ms > 0 for r in rows)

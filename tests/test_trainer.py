@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from mmr1.checkpoint import load_checkpoint, save_checkpoint
+from mmr1.sharded_checkpoint import export_consolidated, latest_checkpoint, load_sharded, save_sharded
 from mmr1.grpo import GRPOConfig, GRPOTrainer
 from mmr1.model import ModelConfig, Transformer, init_weights
 from mmr1.rewards import RewardSet, format_reward
@@ -352,38 +352,62 @@ def test_checkpoint_restores_the_rng_streams(tmp_path):
 
     import numpy as np
 
-    save_checkpoint(tmp_path / "ckpt", tiny_model(8), {}, step=1)
+    save_sharded(tmp_path / "ckpt", 1, tiny_model(8))
     expect = (torch.rand(3), random.random(), np.random.rand())
     torch.rand(5), random.random(), np.random.rand()  # move every stream on
-    load_checkpoint(tmp_path / "ckpt", tiny_model(8))
+    load_sharded(tmp_path / "ckpt", tiny_model(8))
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expect[0], again[0]) and expect[1:] == again[1:]
     torch.rand(5)
-    load_checkpoint(tmp_path / "ckpt", tiny_model(8), restore_rng=False)
+    load_sharded(tmp_path / "ckpt", tiny_model(8), restore_rng=False)
     assert not torch.equal(torch.rand(3), expect[0])
 
 
-def test_checkpoint_is_atomic_and_config_checked(tmp_path, monkeypatch):
+def test_checkpoint_is_atomic_keeps_the_last_k_and_is_config_checked(tmp_path, monkeypatch):
+    """A save that fails half-way (after some shards are written) leaves the previous checkpoint published and
+    loadable; the next save removes the debris; only the last keep_last checkpoints stay."""
+    import torch.distributed.checkpoint as dcp
+
+    root = tmp_path / "ckpt"
     model = tiny_model(8)
-    path = tmp_path / "ckpt"
-    save_checkpoint(path, model, {"lr": 1.0}, step=5)
-    import safetensors.torch as st
+    save_sharded(root, 5, model, config={"lr": 1.0})
+    real_save = dcp.save
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    def crash_after_writing(state, checkpoint_id):
+        real_save(state, checkpoint_id=checkpoint_id)  # the shards are on disk ...
+        raise OSError("disk full")  # ... and the process dies before publishing
 
-    monkeypatch.setattr(st, "save_file", boom)
+    monkeypatch.setattr(dcp, "save", crash_after_writing)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, tiny_model(9), {"lr": 1.0}, step=6)
+        save_sharded(root, 6, tiny_model(9), config={"lr": 1.0})
     monkeypatch.undo()
+    assert latest_checkpoint(root).name == "step-00000005" and (root / ".step-00000006.tmp").exists()
     other = tiny_model(10)
-    assert load_checkpoint(path, other, {"lr": 1.0})["step"] == 5  # the old checkpoint is intact
+    assert load_sharded(root, other, config={"lr": 1.0})["step"] == 5  # the old checkpoint is intact
     for k, v in model.state_dict().items():
         assert torch.equal(v, other.state_dict()[k])
+    for step in (6, 7, 8):
+        save_sharded(root, step, model, config={"lr": 1.0}, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000007", "step-00000008"]
     with pytest.raises(ValueError, match="different config: lr"):
-        load_checkpoint(path, other, {"lr": 2.0})
+        load_sharded(root, other, config={"lr": 2.0})
     with pytest.raises(FileNotFoundError):
-        load_checkpoint(tmp_path / "nope", other)
+        load_sharded(tmp_path / "nope", other)
+    with pytest.raises(ValueError, match="keep_last must be a positive int"):
+        save_sharded(root, 9, model, keep_last=0)
+
+
+def test_export_gives_a_directory_load_transformer_reads(tmp_path):
+    from mmr1.model import load_transformer
+
+    tr = GRPOTrainer(tiny_model(7), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg())
+    tr.train(1, progress=False)
+    tr.save(tmp_path / "ckpt")
+    out = export_consolidated(tmp_path / "ckpt", tmp_path / "export")
+    again = load_transformer(out)
+    tokens = torch.randint(0, again.config.vocab_size, (2, 9))
+    tr.policy.eval()
+    torch.testing.assert_close(again(tokens), tr.policy(tokens), rtol=0, atol=0)
 
 
 def test_trainer_bad_input():
@@ -439,17 +463,16 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
                     "image/ratio_mean", "image/clip_low_frac", "image/clip_high_frac", "image/logp_mean",
                     "text/logp_mean"):
             assert m[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (step, key)
-    weights = tiny_model(0)
-    load_checkpoint(tmp_path / "final", weights, restore_rng=False)
+    weights, opt = tiny_model(0), None
+    opt = torch.optim.AdamW(weights.parameters())
+    load_sharded(tmp_path / "final", weights, opt, restore_rng=False)  # 2 ranks' shards -> one process
     # 1e-5 = lr / 300: a resume without AdamW's moments or the LR schedule moves weights by ~lr; reductions in
     # another order move them by < 4e-6 (k_norm.bias, whose true gradient is 0, takes Adam-normalized noise steps)
     for k, v in single.policy.state_dict().items():
         torch.testing.assert_close(weights.state_dict()[k], v, atol=1e-5, rtol=0, msg=k)
-    saved = torch.load(tmp_path / "final" / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
-    names = [n for n, _ in single.policy.named_parameters()]
-    for i, n in enumerate(names):
-        st = saved[n] if n in saved else saved[i]  # FSDP's full state is keyed by name, a plain optimizer's by index
-        torch.testing.assert_close(st["exp_avg_sq"], single.optimizer.state[single.policy.get_parameter(n)]["exp_avg_sq"],
+    for n, p in weights.named_parameters():
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"],
+                                   single.optimizer.state[single.policy.get_parameter(n)]["exp_avg_sq"],
                                    atol=1e-10, rtol=1e-4, msg=n)
 
 

@@ -198,3 +198,26 @@ def test_call_errors_name_the_argument():
         policy_loss(logp, adv, mask, config={"loss_type": "grpo"})
     with pytest.raises(ValueError, match="mode must be one of"):
         PL.importance_sampling_ratio(old, sampling, mask, mode="token")
+
+
+@pytest.mark.parametrize("loss_type,level", [("grpo", "sequence"), ("dapo", "token"), ("vespo", "token"),
+                                             ("sapo", "token")])
+def test_policy_loss_compiles_fullgraph(loss_type, level):
+    logp, ent, mask, adv, old, ref, sampling = _batch(4)
+    cfg = PolicyLossConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04, top_entropy_quantile=0.5,
+                           off_policy_mask_threshold=0.3, entropy_coef=0.01)
+
+    def f(lp, en):
+        return policy_loss(lp, adv, mask, old_logprobs=old, ref_logprobs=ref, entropies=en,
+                           sampling_logprobs=sampling, config=cfg)[0]
+
+    torch._dynamo.reset()
+    want = torch.autograd.grad(f(logp, ent), (logp, ent))
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(logp, ent), (logp, ent))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_entropy_mask_with_no_unmasked_token_keeps_nothing():
+    ent = torch.rand(2, 3)
+    assert not PL.high_entropy_mask(ent, torch.zeros(2, 3, dtype=torch.bool), 0.5).any()

@@ -1,0 +1,376 @@
+"""MM-R1 on real checkpoints from the command line: ``mmr1 sft --model ...`` and ``mmr1 grpo --model ...``.
+
+Thin layers over the same SFTTrainer / GRPOTrainer the demo uses:
+
+    torchrun --nproc-per-node 8 -m mmr1.cli sft --model lumina-7b --vqgan chameleon/vqgan.ckpt \\
+        --tokenizer lumina-7b/tokenizer.json --data xcot.jsonl --out-dir runs/sft --parallel fsdp
+    torchrun --nproc-per-node 8 -m mmr1.cli grpo --model runs/sft/export --vqgan chameleon/vqgan.ckpt \\
+        --tokenizer lumina-7b/tokenizer.json --prompts dreambench.jsonl --clip clip-vit-l14 --dino dinov2-base \\
+        --rewards format=0.5,clip_t=1,dino=1,psr=1 --out-dir runs/grpo --parallel fsdp
+
+Every SFTConfig / GRPOConfig field is a flag (``--group-size 8``) and can come from a JSON file
+(``--config run.json``; flags win). Datasets: mmr1.data (JSONL). Checkpoints: mmr1.sharded_checkpoint
+(``<out-dir>/checkpoints``, resumed automatically when present). Rank 0 writes ``<out-dir>/metrics.jsonl``,
+shows a progress bar and (GRPO) a grid of the step's final images every ``--sample-every`` steps.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .data import ImageTokenizer, TurnTokens, XCoTData, load_grpo_prompts, load_sft_examples
+from .distributed import init_distributed
+from .grpo import GRPOConfig, GRPOTrainer
+from .model import load_transformer
+from .rewards import RewardSet, format_reward
+from .sft import SFTConfig, SFTTrainer
+from .sharded_checkpoint import latest_checkpoint
+from .tokens import ImageVocab, TextTokenizer
+from .vqgan import VQConfig, load_vqgan
+
+REWARDS = ("format", "clip_t", "pickscore", "clip_i", "dino", "psr", "self")
+
+
+# --------------------------------------------------------------------------- config flags
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field, typed from its default; unset flags stay None (the file / default wins)."""
+    group = parser.add_argument_group(f"{cls.__name__} fields")
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            kind = lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]  # noqa: E731
+        elif isinstance(default, (dict, list)):
+            kind = json.loads
+        elif default is None:
+            kind = str
+        else:
+            kind = type(default)
+        group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", type=kind, default=None,
+                           help=f"default {default!r}")
+
+
+def config_from_args(cls, args, config_file: Optional[str]):
+    values: Dict[str, Any] = {}
+    if config_file:
+        data = json.loads(Path(config_file).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SystemExit(f"error: {config_file}: unknown {cls.__name__} fields {unknown}")
+        values.update(data)
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f"cfg_{f.name}", None)
+        if v is not None:
+            values[f.name] = v
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: {cls.__name__}: {err}")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Lumina-mGPT / Chameleon directory (config.json + safetensors)")
+    p.add_argument("--vqgan", required=True, help="the VQGAN checkpoint (taming .ckpt with the decoder, or a "
+                                                  "safetensors directory with model.vqmodel.*)")
+    p.add_argument("--vq-config", default=None, help="VQ config JSON (default: vq_config of --model's config.json)")
+    p.add_argument("--tokenizer", required=True, help="the model's tokenizer.json (text + IMGIMG image tokens)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the VQ config's)")
+    p.add_argument("--resize", action="store_true", help="center-crop and resize images of another size")
+    p.add_argument("--cache-dir", default=None, help="image-token cache (default: <out-dir>/token_cache)")
+    for field_name, default in dataclasses.asdict(TurnTokens()).items():
+        p.add_argument(_flag(field_name + "_token"), default=default, help=f"default {default!r}")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
+                   help="default: ddp under torchrun with > 1 process, else none")
+    p.add_argument("--config", default=None, help="JSON file of config fields (flags override it)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only the last)")
+    p.add_argument("--keep-last", type=int, default=3)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+class Parts:
+    """The model, its tokenizers and the dataset builder, loaded from the flags."""
+
+    def __init__(self, args):
+        for need, what in ((args.model, "--model"), (args.vqgan, "--vqgan"), (args.tokenizer, "--tokenizer")):
+            if not Path(need).exists():
+                raise SystemExit(f"error: {what} {need} not found")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = getattr(torch, args.dtype)
+        self.model = load_transformer(args.model, dtype=dtype).to(self.device).train()
+        if args.vq_config:
+            vq_cfg = VQConfig.from_dict(json.loads(Path(args.vq_config).read_text()))
+        else:
+            hf = json.loads((Path(args.model) / "config.json").read_text())
+            if "vq_config" not in hf:
+                raise SystemExit(f"error: {args.model}/config.json has no vq_config; pass --vq-config")
+            vq_cfg = VQConfig.from_dict(hf["vq_config"])
+        self.vq = load_vqgan(args.vqgan, vq_cfg, device=self.device)
+        if self.vq.decoder is None:
+            raise SystemExit(f"error: {args.vqgan} has no VQ decoder; the image rewards need one (use the taming "
+                             "vqgan.ckpt that ships with Chameleon / Lumina-mGPT)")
+        self.text = TextTokenizer(args.tokenizer)
+        self.vocab = ImageVocab.from_tokenizer_json(args.tokenizer)
+        if self.vocab.num_codes != vq_cfg.num_embeddings:
+            raise SystemExit(f"error: the tokenizer has {self.vocab.num_codes} image codes, the VQGAN "
+                             f"{vq_cfg.num_embeddings}")
+        self.resolution = args.resolution or vq_cfg.resolution
+        side = self.resolution // vq_cfg.downsample
+        self.image_hw = (side, side)
+        cache = args.cache_dir or str(Path(args.out_dir) / "token_cache")
+        images = ImageTokenizer(self.vq, self.vocab, self.resolution, cache, resize=args.resize, device=self.device)
+        turn = TurnTokens(args.bos_token, args.end_of_turn_token, args.think_open_token, args.think_close_token)
+        try:
+            self.data = XCoTData(self.text, images, turn, max_seq_len=self.model.config.max_seq_len)
+        except ValueError as err:
+            raise SystemExit(f"error: {err} (set it with --{{bos,end-of-turn,think-open,think-close}}-token)")
+
+
+def _parallel(args, world: int) -> str:
+    if args.parallel is not None:
+        if args.parallel != "none" and world == 1 and not dist.is_initialized():
+            raise SystemExit(f"error: --parallel {args.parallel} needs torchrun (e.g. torchrun --nproc-per-node 2 "
+                             "-m mmr1.cli ...)")
+        return args.parallel
+    return "ddp" if world > 1 else "none"
+
+
+def _setup_distributed():
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return init_distributed()
+    return 0, 1
+
+
+class MetricsLog:
+    """JSONL metrics, appended by rank 0 (a resumed run continues the same file)."""
+
+    def __init__(self, path: Path, rank: int):
+        self.path, self.rank = path, rank
+
+    def write(self, row: Dict[str, Any]) -> None:
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# --------------------------------------------------------------------------- sft
+
+
+def sft_main(args) -> None:
+    rank, world = _setup_distributed()
+    cfg = config_from_args(SFTConfig, args, args.config)
+    parts = Parts(args)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seqs, plens, weights = load_sft_examples(args.data, parts.data, reasoning_weight=args.reasoning_weight)
+    if cfg.batch_size % world:
+        raise SystemExit(f"error: batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    trainer = SFTTrainer(parts.model, cfg, parallel=_parallel(args, world))
+    ckpt = out / "checkpoints"
+    if latest_checkpoint(ckpt) is not None:
+        trainer.load(ckpt)
+    log = MetricsLog(out / "metrics.jsonl", rank)
+    from tqdm import tqdm
+
+    per = cfg.batch_size // world
+    for _ in tqdm(range(trainer.step_idx, cfg.steps), desc="sft", disable=rank != 0):
+        step = trainer.step_idx
+        idx = sft_batch_indices(len(seqs), cfg.batch_size, step, cfg.seed)[rank * per:(rank + 1) * per]
+        t0 = time.perf_counter()
+        m = trainer.step([seqs[i] for i in idx], [plens[i] for i in idx], [weights[i] for i in idx])
+        log.write({"step": step, **m, "time_s": time.perf_counter() - t0})
+        if args.checkpoint_every and trainer.step_idx % args.checkpoint_every == 0:
+            trainer.save(ckpt, args.keep_last, extra={"data_position": trainer.step_idx * cfg.batch_size})
+    if args.checkpoint_every == 0 or trainer.step_idx % args.checkpoint_every:
+        trainer.save(ckpt, args.keep_last, extra={"data_position": trainer.step_idx * cfg.batch_size})
+    _finish(rank)
+
+
+def sft_batch_indices(n: int, batch_size: int, step: int, seed: int) -> List[int]:
+    """The global batch of ``step``: consecutive slices of a per-epoch seeded permutation (the data position is
+    step x batch_size, so a resume continues where the run stopped)."""
+    out: List[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        take = perm[offset:offset + batch_size - len(out)]
+        out += take
+        pos += len(take)
+    return out
+
+
+# --------------------------------------------------------------------------- grpo
+
+
+def parse_reward_weights(spec: str) -> Dict[str, float]:
+    weights = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in REWARDS:
+            raise SystemExit(f"error: --rewards: unknown reward {name!r} (one of {', '.join(REWARDS)})")
+        try:
+            weights[name] = float(value) if value else 1.0
+        except ValueError:
+            raise SystemExit(f"error: --rewards: {item!r} is not name=weight") from None
+    if not weights:
+        raise SystemExit("error: --rewards names no reward")
+    return weights
+
+
+def build_rewards(args, parts: Parts, fmt, weights: Dict[str, float]) -> RewardSet:
+    """The reward set: format, CLIP-T, PickScore-style, CLIP-I, DINO, PSR (per-subject crops, multi-subject
+    prompts), the generation self-reward; each vision model from a local directory."""
+    from .rewards.self_reward import generation_self_reward
+    from .rewards.vision import CLIPScorer, DINOScorer, SubjectLocator, psr_subject_consistency
+
+    need = {"clip_t": "clip", "clip_i": "clip", "pickscore": "pickscore", "dino": "dino", "psr": "dino"}
+    for name, flag in need.items():
+        if name in weights and not getattr(args, flag):
+            raise SystemExit(f"error: reward {name!r} needs --{flag} (a local model directory)")
+    dev = parts.device
+    clip = CLIPScorer(args.clip, dev) if args.clip else None
+    pick = CLIPScorer(args.pickscore, dev) if args.pickscore else None
+    dino = DINOScorer(args.dino, dev) if args.dino else None
+    locator = SubjectLocator(args.detector, dev) if "psr" in weights else None
+    ids = parts.data.ids
+
+    def mean_over_refs(score, ro, batch):
+        return torch.stack([torch.stack([score(ro.final_images[i:i + 1], ref[None])[0] for ref in b["references"]])
+                            .mean() for i, b in enumerate(batch)])
+
+    fns = {
+        "format": lambda ro, b: format_reward(ro, parts.vocab, fmt),
+        "clip_t": lambda ro, b: (clip.text_alignment(ro.final_images, [x["prompt"] for x in b]), {}),
+        "pickscore": lambda ro, b: (pick.preference_score(ro.final_images, [x["prompt"] for x in b]), {}),
+        "clip_i": lambda ro, b: (mean_over_refs(clip.image_similarity, ro, b), {}),
+        "dino": lambda ro, b: (mean_over_refs(dino.similarity, ro, b), {}),
+        "psr": lambda ro, b: psr_subject_consistency(
+            dino, locator, ro.final_images, [list(x["references"]) for x in b],
+            [x["classes"] or ["subject"] * len(x["references"]) for x in b]),
+        "self": lambda ro, b: generation_self_reward(
+            parts.model, [parts.vocab.encode_block(c).tolist() for c in ro.final_codes],
+            [parts.text.encode(x["prompt"]) for x in b], prefix=[], sep=ids["end_of_turn"], bos=ids["bos"]),
+    }
+    rs = RewardSet({k: fns[k] for k in weights}, dict(weights))
+    rs.vq_decode = parts.vq.decode  # the trainer's rollouts decode the final images for the vision rewards
+    return rs
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
+    """[N, 3, H, W] in [-1, 1] -> one PNG, ``columns`` images per row (a group per row)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    grid = torch.zeros(3, rows * h, columns * w)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img.float().clamp(-1, 1)
+    arr = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(path)
+
+
+def grpo_main(args) -> None:
+    rank, world = _setup_distributed()
+    cfg = config_from_args(GRPOConfig, args, args.config)
+    parts = Parts(args)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lo, hi = parts.vocab.window
+    text_range = tuple(args.text_range) if args.text_range else (hi, parts.text.vocab_size)
+    fmt = parts.data.xcot_format(parts.image_hw, text_range, args.max_reasoning_tokens)
+    block = parts.vocab.block_length(*parts.image_hw)
+    budget = 2 + args.max_reasoning_tokens + 2 * block + 1
+    prompts = load_grpo_prompts(args.prompts, parts.data, completion_budget=budget)
+    rewards = build_rewards(args, parts, fmt, parse_reward_weights(args.rewards))
+    trainer = GRPOTrainer(parts.model, parts.vocab, fmt, rewards, prompts,
+                          dataclasses.replace(cfg, log_path=None), parallel=_parallel(args, world))
+    ckpt = out / "checkpoints"
+    if latest_checkpoint(ckpt) is not None:
+        trainer.load(ckpt)
+    log = MetricsLog(out / "metrics.jsonl", rank)
+    grids = out / "samples"
+    grids.mkdir(exist_ok=True)
+    last_rollout = {}
+    inner = trainer.rollout_fn
+
+    def keep(policy, batch, num_samples, scfg, row_ids):
+        ro = inner(policy, batch, num_samples, scfg, row_ids)
+        last_rollout["ro"] = ro
+        return ro
+
+    trainer.rollout_fn = keep
+    from tqdm import tqdm
+
+    bar = tqdm(range(trainer.step_idx, cfg.steps), desc="grpo", disable=rank != 0)
+    for _ in bar:
+        m = trainer.step()
+        log.write(m)
+        bar.set_postfix(reward=f"{m['reward/total_mean']:.3f}")
+        step = trainer.step_idx
+        if rank == 0 and args.sample_every and step % args.sample_every == 0:
+            ro = last_rollout["ro"]
+            if ro.final_images is not None:
+                save_grid(ro.final_images, grids / f"step-{step:06d}.png", cfg.group_size)
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            trainer.save(ckpt, args.keep_last)
+    if args.checkpoint_every == 0 or trainer.step_idx % args.checkpoint_every:
+        trainer.save(ckpt, args.keep_last)
+    _finish(rank)
+
+
+def _finish(rank: int) -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def real_sft_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmr1 sft", description="cold-start SFT of a real checkpoint on X-CoT JSONL")
+    add_model_flags(p)
+    p.add_argument("--data", required=True, help="X-CoT examples, JSONL (mmr1.data)")
+    p.add_argument("--reasoning-weight", type=float, default=1.0, help="SFT loss weight of the reasoning tokens")
+    add_config_flags(p, SFTConfig)
+    return p
+
+
+def real_grpo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmr1 grpo", description="GRPO of a real checkpoint on JSONL prompts")
+    add_model_flags(p)
+    p.add_argument("--prompts", required=True, help="GRPO prompts, JSONL (mmr1.data; `mmr1 convert-dreambench`)")
+    p.add_argument("--rewards", default="format=0.5,clip_t=1,dino=1",
+                   help=f"name=weight,... from {', '.join(REWARDS)}")
+    p.add_argument("--clip", default=None, help="local CLIPModel directory (clip_t, clip_i)")
+    p.add_argument("--pickscore", default=None, help="local PickScore (CLIPModel) directory")
+    p.add_argument("--dino", default=None, help="local DINO / DINOv2 directory (dino, psr)")
+    p.add_argument("--detector", default=None, help="local Grounding-DINO directory for PSR crops (default: "
+                                                     "whole image)")
+    p.add_argument("--max-reasoning-tokens", type=int, default=128)
+    p.add_argument("--text-range", type=int, nargs=2, default=None,
+                   help="ids the reasoning is sampled from (default: after the image window to the text vocab end)")
+    p.add_argument("--sample-every", type=int, default=0, help="save a grid of the step's final images every K "
+                                                                "steps (0: never)")
+    add_config_flags(p, GRPOConfig)
+    return p
+
+
+__all__ = ["sft_main", "grpo_main", "real_sft_parser", "real_grpo_parser", "sft_batch_indices",
+           "parse_reward_weights", "add_config_flags", "config_from_args"]

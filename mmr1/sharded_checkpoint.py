@@ -1,0 +1,239 @@
+"""Sharded, atomic, keep-last-K training checkpoints through torch.distributed.checkpoint (DCP).
+
+Layout of ``<root>``::
+
+    step-00000012/       DCP files: model + optimizer, written by every rank as they lie in memory (FSDP2's
+                         DTensor shards, each once; DDP's replicated tensors, deduplicated by DCP's planner)
+        meta.json        rank 0: step, scheduler state, data position, world size, the run's config
+        rng-rank<r>.pt   each rank's RNG streams (torch CPU / CUDA, Python, NumPy)
+    latest               the name of the newest complete checkpoint
+
+Atomic: a checkpoint is written into ``.step-00000012.tmp`` and published only after every rank has
+finished (a barrier), by a rename of the directory and then of ``latest`` (written to a temporary file
+first). A crash at any point leaves the previous checkpoint and ``latest`` as they were; the next save
+removes the stale temporary directory. ``keep_last`` older checkpoints are removed after the new one is
+published.
+
+Resume (``load_sharded``): DCP reads the model and optimizer into whatever sharding the current run has
+-- another number of processes works, DCP reshards -- and the scheduler, step and data position come from
+meta.json; the RNG streams are restored exactly when the world size is the one that saved (with another
+world size there is no exact continuation to restore, and a warning says so).
+
+``export_consolidated`` turns a checkpoint into one HF-layout safetensors directory that
+``mmr1.model.load_transformer`` reads (no process group needed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+LATEST = "latest"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class _ModelAndOptimizer(Stateful):
+    """DCP's view of the training state: DCP's state-dict API handles plain modules, DDP and FSDP2 alike."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> Dict[str, Any]:
+        if self.optimizer is None:
+            return {"model": get_state_dict(self.model, [])[0]}
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        return {"model": msd, "optim": osd}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if self.optimizer is None:
+            set_state_dict(self.model, [], model_state_dict=state["model"], optim_state_dict={})
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _publish_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    tmp.write_text(name + "\n")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, root / LATEST)
+
+
+def save_sharded(root: Union[str, Path], step: int, model: torch.nn.Module,
+                 optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None,
+                 extra: Optional[Dict[str, Any]] = None, config: Optional[Dict[str, Any]] = None,
+                 keep_last: int = 3) -> Path:
+    """Write ``<root>/step-<step>`` (call on every rank). ``extra``: JSON-able run state, e.g. the data position.
+    Returns the published directory."""
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"keep_last must be a positive int, got {keep_last!r}")
+    root = Path(root)
+    name = step_dir_name(step)
+    final, tmp = root / name, root / f".{name}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # a crashed earlier attempt at this step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    dcp.save({"train": _ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng-rank{_rank()}.pt")
+    if _rank() == 0:
+        meta = {"step": step, "world_size": _world(), "extra": extra or {},
+                "scheduler": scheduler.state_dict() if scheduler is not None else None, "config": config or {}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    _barrier()  # every rank's shards and RNG are on disk
+    if _rank() == 0:
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step: the older copy goes only after the new one is complete
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _publish_latest(root, name)
+        done = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in done[:-keep_last]:
+            shutil.rmtree(old)
+        for stale in root.glob(".step-*.tmp"):  # attempts at other steps that crashed
+            shutil.rmtree(stale)
+    _barrier()
+    return final
+
+
+def latest_checkpoint(root: Union[str, Path]) -> Optional[Path]:
+    """The newest complete checkpoint under ``root`` (``latest``), or None."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "meta.json").exists():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def read_meta(path: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(path)
+    if (path / LATEST).exists():
+        path = latest_checkpoint(path)
+    meta = path / "meta.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected meta.json and DCP files)")
+    return json.loads(meta.read_text())
+
+
+def _check_config(path: Path, saved: Dict[str, Any], current: Optional[Dict[str, Any]], ignore) -> None:
+    if current is None or not saved:
+        return
+    cur = json.loads(json.dumps(current, sort_keys=True, default=str))
+    diff = sorted(k for k in set(saved) | set(cur) if k not in ignore and saved.get(k) != cur.get(k))
+    if diff:
+        raise ValueError(f"checkpoint {path} was written with a different config: "
+                         + ", ".join(f"{k}: {saved.get(k)!r} != {cur.get(k)!r}" for k in diff[:8]))
+
+
+RUN_LENGTH_KEYS = frozenset({"steps", "log_path", "checkpoint_every", "out_dir", "keep_last"})
+
+
+def load_sharded(path: Union[str, Path], model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                 scheduler=None, config: Optional[Dict[str, Any]] = None, restore_rng: bool = True) -> Dict[str, Any]:
+    """Load a checkpoint directory (or a root: its ``latest``) into ``model`` / ``optimizer`` / ``scheduler``
+    (call on every rank). Returns {"step", "extra", "config", "path"}. A checkpoint from a different config
+    (other than run-length fields) is refused, naming the differing keys."""
+    path = Path(path)
+    if (path / LATEST).exists():
+        path = latest_checkpoint(path)
+    meta = read_meta(path)
+    _check_config(path, meta.get("config", {}), config, RUN_LENGTH_KEYS)
+    dcp.load({"train": _ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(path))
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    if restore_rng:
+        rng = path / f"rng-rank{_rank()}.pt"
+        if meta["world_size"] == _world() and rng.exists():
+            _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        else:
+            warnings.warn(f"checkpoint {path} was written by {meta['world_size']} process(es), this run has "
+                          f"{_world()}: weights and optimizer are resharded, the RNG streams are not restored")
+    return {"step": meta["step"], "extra": meta["extra"], "config": meta.get("config", {}), "path": path}
+
+
+def export_consolidated(path: Union[str, Path], out_dir: Union[str, Path]) -> Path:
+    """A checkpoint (or a root: its latest) -> a consolidated HF-layout directory (config.json +
+    model.safetensors) that ``mmr1.model.load_transformer`` reads. Runs in one process, no process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from .model import ModelConfig, Transformer, save_transformer
+
+    path = Path(path)
+    if (path / LATEST).exists():
+        path = latest_checkpoint(path)
+    meta = read_meta(path)
+    model_cfg = meta.get("config", {}).get("model")
+    if not model_cfg:
+        raise ValueError(f"checkpoint {path} has no model config in meta.json (was it written by mmr1?)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = out_dir / ".consolidated.pt"
+    try:
+        dcp_to_torch_save(str(path), str(scratch))
+        state = torch.load(scratch, map_location="cpu", weights_only=False)["train"]["model"]
+    finally:
+        if scratch.exists():
+            scratch.unlink()
+    model = Transformer(ModelConfig(**model_cfg))
+    model.load_state_dict(state)
+    save_transformer(model, out_dir)
+    return out_dir
+
+
+__all__ = ["save_sharded", "load_sharded", "latest_checkpoint", "read_meta", "export_consolidated",
+           "step_dir_name"]
