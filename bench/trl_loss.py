@@ -151,7 +151,6 @@ def bench_grpo_from_hidden(N: int, d: int, repeats: int, dtype=torch.float32) ->
     with torch.no_grad():
         base = K.fused_linear_logprobs(hidden.reshape(B, T, d), w_win, local)
     old, ref = base + 0.05, base - 0.05
-    cfg = PolicyLossConfig(loss_type="grpo", beta=0.04, epsilon_high=0.28)
 
     def timed(fn):
         def call():

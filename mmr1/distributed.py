@@ -26,5 +26,26 @@ def init_distributed() -> Tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def wrap_parallel(model: torch.nn.Module, parallel: str) -> torch.nn.Module:
+    """The module to call for forward/backward: ``model`` itself ("none"), a DDP wrapper ("ddp"), or ``model``
+    with every transformer block and the root sharded in place by FSDP2's ``fully_shard`` ("fsdp"; the root
+    stays unsharded between forward and backward, so lm_head is readable for the fused losses)."""
+    if parallel not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"parallel must be 'none', 'ddp' or 'fsdp', got {parallel!r}")
+    if parallel != "none" and not dist.is_initialized():
+        raise RuntimeError(f"parallel={parallel!r} needs torch.distributed initialized (run under torchrun)")
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0

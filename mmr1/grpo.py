@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 import mmr1_kernels as K
 
+from .distributed import wrap_parallel
 from .generate import SamplingConfig
 from .model import Transformer, teacher_forced_hidden
 from .rewards import RewardSet
@@ -144,7 +145,7 @@ class GRPOTrainer:
             list(prompts), cfg
         if parallel not in ("none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be 'none', 'ddp' or 'fsdp', got {parallel!r}")
-        if parallel != "none" and not dist.is_initialized():
+        if parallel != "none" and not dist.is_initialized():  # before the world size is read
             raise RuntimeError(f"parallel={parallel!r} needs torch.distributed initialized (run under torchrun)")
         self.parallel = parallel
         # rollout_fn(policy, batch, num_samples, sampling_config, row_ids) -> Rollout; default: X-CoT
@@ -156,17 +157,7 @@ class GRPOTrainer:
         if cfg.beta != 0.0:  # the frozen reference: a full copy, made before any sharding
             self.ref = ref_model if ref_model is not None else copy.deepcopy(policy)
             self.ref.eval().requires_grad_(False)
-        self.model = policy
-        if parallel == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(policy)
-        elif parallel == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in policy.model.layers:
-                fully_shard(layer)
-            fully_shard(policy)  # the root stays unsharded between forward and backward: lm_head is readable
+        self.model = wrap_parallel(policy, parallel)  # after the reference copy: that one stays whole
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step_idx = 0

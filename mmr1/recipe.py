@@ -170,12 +170,18 @@ class MetricsLog:
 # --------------------------------------------------------------------------- sft
 
 
-def sft_main(args) -> None:
+def _start(args, config_cls):
+    """(rank, world, config, parts, out dir): what both commands begin with."""
     rank, world = _setup_distributed()
-    cfg = config_from_args(SFTConfig, args, args.config)
+    cfg = config_from_args(config_cls, args, args.config)
     parts = Parts(args)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    return rank, world, cfg, parts, out
+
+
+def sft_main(args) -> None:
+    rank, world, cfg, parts, out = _start(args, SFTConfig)
     seqs, plens, weights = load_sft_examples(args.data, parts.data, reasoning_weight=args.reasoning_weight)
     if cfg.batch_size % world:
         raise SystemExit(f"error: batch_size={cfg.batch_size} must be divisible by the {world} processes")
@@ -286,11 +292,7 @@ def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
 
 
 def grpo_main(args) -> None:
-    rank, world = _setup_distributed()
-    cfg = config_from_args(GRPOConfig, args, args.config)
-    parts = Parts(args)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world, cfg, parts, out = _start(args, GRPOConfig)
     lo, hi = parts.vocab.window
     text_range = tuple(args.text_range) if args.text_range else (hi, parts.text.vocab_size)
     fmt = parts.data.xcot_format(parts.image_hw, text_range, args.max_reasoning_tokens)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 import mmr1_kernels as K
 
+from .distributed import wrap_parallel
 from .model import Transformer, target_span_mask, teacher_forced_hidden
 from .sharded_checkpoint import load_sharded, save_sharded
 from .tokens import pad_sequences
@@ -72,23 +73,9 @@ class SFTTrainer:
     step one process would on the whole batch."""
 
     def __init__(self, model: Transformer, cfg: SFTConfig, parallel: str = "none"):
-        if parallel not in ("none", "ddp", "fsdp"):
-            raise ValueError(f"parallel must be 'none', 'ddp' or 'fsdp', got {parallel!r}")
-        if parallel != "none" and not dist.is_initialized():
-            raise RuntimeError(f"parallel={parallel!r} needs torch.distributed initialized (run under torchrun)")
         self.model, self.cfg, self.parallel = model, cfg, parallel
+        self.wrapped = wrap_parallel(model, parallel)
         self.world = dist.get_world_size() if parallel != "none" else 1
-        self.wrapped = model
-        if parallel == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.wrapped = DDP(model)
-        elif parallel == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step_idx = 0
 
@@ -110,7 +97,7 @@ class SFTTrainer:
         if self.world > 1:
             t = torch.tensor([m["loss"]], dtype=torch.float64)
             dist.all_reduce(t)
-            m["loss"] = float(t)  # each rank's part of the global mean: their sum is the loss
+            m["loss"] = float(t) / self.world  # each rank's loss is world x its share of the global mean
         return m
 
     def config_dict(self) -> Dict:

@@ -101,8 +101,8 @@ MUTANTS: List[Mutant] = [
            "        adv = _scaled(combined - mean[group_index], std[group_index] + eps)",
            "        adv = combined - mean[group_index]", (ORACLE,)),
     Mutant("sft: targets not shifted", "mmr1/sft.py",
-           "K.fused_linear_logprobs(hidden, model.lm_head.weight, tokens[:, 1:].to(hidden.device), mask=mask)",
-           "K.fused_linear_logprobs(hidden, model.lm_head.weight, tokens[:, :-1].to(hidden.device), mask=mask)",
+           "K.fused_linear_logprobs(hidden, head.lm_head.weight, tokens[:, 1:].to(hidden.device), mask=mask)",
+           "K.fused_linear_logprobs(hidden, head.lm_head.weight, tokens[:, :-1].to(hidden.device), mask=mask)",
            (TRAINER,)),
     Mutant("generation: CFG ignored on hidden states", "mmr1/generate.py",
            "hg = hidden[m:] + scfg.cfg_scale * (hc - hidden[m:]) if use_cfg else hc", "hg = hc",
@@ -211,6 +211,15 @@ def run(names=None, check_clean: bool = True) -> int:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
+    args = sys.argv[1:    Mutant("recipe: a rerun of grpo does not resume from its checkpoint", "mmr1/recipe.py",
+           "    if latest_checkpoint(ckpt) is not None:\n        trainer.load(ckpt)\n    log = MetricsLog(out / \"metrics.jsonl\", rank)\n    grids",
+           "    log = MetricsLog(out / \"metrics.jsonl\", rank)\n    grids", ("tests/test_recipe.py",)),
+    Mutant("sft: multi-process loss normalized per rank, not globally", "mmr1/sft.py",
+           "            normalizer = float(total) / self.world", "            normalizer = None",
+           ("tests/test_recipe.py",)),
+    Mutant("data: token cache keyed without the tokenizer", "mmr1/data.py",
+           "        return h.hexdigest()[:24]", "        return \"tokens\"", ("tests/test_recipe.py",)),
+
+]
     clean = "--no-clean-run" not in args  # the unmutated copy's run (a sanity check) can be skipped when known good
     sys.exit(run([a for a in args if a != "--no-clean-run"], clean))
