@@ -36,7 +36,7 @@ from .sharded_checkpoint import latest_checkpoint
 from .tokens import ImageVocab, TextTokenizer
 from .vqgan import VQConfig, load_vqgan
 
-REWARDS = ("format", "clip_t", "pickscore", "clip_i", "dino", "psr", "self")
+REWARDS = ("format", "clip_t", "pickscore", "clip_i", "dino", "psr", "self", "self_und")
 
 
 # --------------------------------------------------------------------------- config flags
@@ -240,8 +240,9 @@ def parse_reward_weights(spec: str) -> Dict[str, float]:
 
 def build_rewards(args, parts: Parts, fmt, weights: Dict[str, float]) -> RewardSet:
     """The reward set: format, CLIP-T, PickScore-style, CLIP-I, DINO, PSR (per-subject crops, multi-subject
-    prompts), the generation self-reward; each vision model from a local directory."""
-    from .rewards.self_reward import generation_self_reward
+    prompts), the dual self-reward (self: generation direction, self_und: understanding direction); each vision
+    model from a local directory."""
+    from .rewards.self_reward import generation_self_reward, understanding_self_reward
     from .rewards.vision import CLIPScorer, DINOScorer, SubjectLocator, psr_subject_consistency
 
     need = {"clip_t": "clip", "clip_i": "clip", "pickscore": "pickscore", "dino": "dino", "psr": "dino"}
@@ -268,9 +269,13 @@ def build_rewards(args, parts: Parts, fmt, weights: Dict[str, float]) -> RewardS
         "psr": lambda ro, b: psr_subject_consistency(
             dino, locator, ro.final_images, [list(x["references"]) for x in b],
             [x["classes"] or ["subject"] * len(x["references"]) for x in b]),
+        # the dual self-reward (MM-R1): the policy's own log p(prompt | its image) and log p(its image | prompt)
         "self": lambda ro, b: generation_self_reward(
             parts.model, [parts.vocab.encode_block(c).tolist() for c in ro.final_codes],
             [parts.text.encode(x["prompt"]) for x in b], prefix=[], sep=ids["end_of_turn"], bos=ids["bos"]),
+        "self_und": lambda ro, b: understanding_self_reward(
+            parts.model, [parts.text.encode(x["prompt"]) for x in b], ro.final_codes, parts.vocab,
+            sep=ids["end_of_turn"], bos=ids["bos"]),
     }
     rs = RewardSet({k: fns[k] for k in weights}, dict(weights))
     rs.vq_decode = parts.vq.decode  # the trainer's rollouts decode the final images for the vision rewards

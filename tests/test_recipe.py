@@ -280,7 +280,7 @@ def test_end_to_end_real_parts_torchrun(tmp_path):
         torch.testing.assert_close(w_two[k], w_one[k], atol=2e-6, rtol=0, msg=k)
     cli(["export", str(tmp_path / "sft" / "checkpoints"), str(tmp_path / "sft_model")])
     grpo = ["grpo", "--model", str(tmp_path / "sft_model"), *common, "--prompts", str(prompts), "--clip", str(clip),
-            "--dino", str(tmp_path / "dino"), "--rewards", "format=0.5,clip_t=1,dino=1,psr=0.5,self=0.1",
+            "--dino", str(tmp_path / "dino"), "--rewards", "format=0.5,clip_t=1,clip_i=0.5,dino=1,psr=0.5,self=0.1,self_und=0.1",
             "--group-size", "2", "--prompts-per-step", "2", "--max-reasoning-tokens", "6", "--lr", "1e-3",
             "--beta", "0.04", "--mu", "2", "--cfg-scale", "2.0", "--sample-every", "2"]
     for parallel in ("fsdp", "ddp"):
@@ -298,7 +298,8 @@ def test_end_to_end_real_parts_torchrun(tmp_path):
                 assert torch.equal(a_opt[n][key], b_opt[n][key]), (parallel, n, key)
         log = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in log] == [0, 1, 2, 3]
-        assert {"reward/clip_t", "reward/dino", "reward/psr", "reward/format", "reward/self"} <= set(log[0])
+        assert {"reward/clip_t", "reward/clip_i", "reward/dino", "reward/psr", "reward/format", "reward/self",
+                "reward/self_und"} <= set(log[0])
         assert (part / "samples" / "step-000002.png").exists() and (part / "samples" / "step-000004.png").exists()
         moved = any(not torch.equal(b_w[k], v) for k, v in load_transformer(tmp_path / "sft_model").state_dict().items())
         assert moved, "GRPO did not change the weights"
