@@ -305,12 +305,12 @@ def grpo_main(args) -> None:
     budget = 2 + args.max_reasoning_tokens + 2 * block + 1
     prompts = load_grpo_prompts(args.prompts, parts.data, completion_budget=budget)
     rewards = build_rewards(args, parts, fmt, parse_reward_weights(args.rewards))
-    trainer = GRPOTrainer(parts.model, parts.vocab, fmt, rewards, prompts,
-                          dataclasses.replace(cfg, log_path=None), parallel=_parallel(args, world))
+    # the trainer appends every step's metrics to log_path on rank 0 (default <out-dir>/metrics.jsonl)
+    cfg = dataclasses.replace(cfg, log_path=cfg.log_path or str(out / "metrics.jsonl"))
+    trainer = GRPOTrainer(parts.model, parts.vocab, fmt, rewards, prompts, cfg, parallel=_parallel(args, world))
     ckpt = out / "checkpoints"
     if latest_checkpoint(ckpt) is not None:
         trainer.load(ckpt)
-    log = MetricsLog(out / "metrics.jsonl", rank)
     grids = out / "samples"
     grids.mkdir(exist_ok=True)
     last_rollout = {}
@@ -327,7 +327,6 @@ def grpo_main(args) -> None:
     bar = tqdm(range(trainer.step_idx, cfg.steps), desc="grpo", disable=rank != 0)
     for _ in bar:
         m = trainer.step()
-        log.write(m)
         bar.set_postfix(reward=f"{m['reward/total_mean']:.3f}")
         step = trainer.step_idx
         if rank == 0 and args.sample_every and step % args.sample_every == 0:
