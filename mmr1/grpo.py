@@ -27,6 +27,7 @@ token count), so a 2-process run logs what one process would.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -84,6 +85,9 @@ class GRPOConfig:
     # (python -m bench.jacobi) before switching.
     decode: str = "sequential"
     jacobi_window: int = 8
+    # sequences per forward/backward of the policy update (0: the whole batch at once): activations of one
+    # micro-batch at a time, the same gradient (the loss weights are the whole batch's)
+    micro_batch_size: int = 0
     seed: int = 0
     log_path: Optional[str] = None
 
@@ -94,6 +98,9 @@ class GRPOConfig:
             raise ValueError("prompts_per_step and mu must be >= 1, steps >= 0")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) \
+                or self.micro_batch_size < 0:
+            raise ValueError(f"micro_batch_size must be an int >= 0 (0: the whole batch), got {self.micro_batch_size!r}")
         if self.backend not in ("kernels", "reference"):
             raise ValueError(f"backend must be 'kernels' or 'reference', got {self.backend!r}")
         self.sampling(0)  # decode / jacobi_window errors now, not at the first rollout
@@ -204,18 +211,28 @@ class GRPOTrainer:
         return torch.where(m_img, out[0], out[1])
 
     def loss(self, ro: Rollout, advantages: torch.Tensor, old: Optional[torch.Tensor],
-             ref: Optional[torch.Tensor]):
-        """(loss, metrics): image codes over the image window + reasoning text over the text window."""
+             ref: Optional[torch.Tensor], rows: Optional[slice] = None, w_all: Optional[torch.Tensor] = None):
+        """(loss, metrics): image codes over the image window + reasoning text over the text window.
+
+        ``rows``: only these sequences (a micro-batch; default all), with ``w_all`` the loss weights of the whole
+        batch [N, T-1], so that the micro-batches' losses sum to the whole batch's loss. Metrics are token means
+        over the rows, plus "<window>/tokens" (their counts, to combine micro-batches)."""
         targets, m_img, m_txt = self._masks(ro)
-        h = self._hidden(self.model, ro)
-        w_all = K.reference.loss_weights(m_img | m_txt, self.cfg.loss_type)
+        if w_all is None:
+            w_all = K.reference.loss_weights(m_img | m_txt, self.cfg.loss_type)
+        rows = slice(None) if rows is None else rows
+        targets, m_img, m_txt, w_all = targets[rows], m_img[rows], m_txt[rows], w_all[rows]
+        h = teacher_forced_hidden(self.model, ro.tokens[rows], ro.lengths[rows])
         kw = dict(eps_low=self.cfg.eps_low, eps_high=self.cfg.eps_high, beta=self.cfg.beta, loss_weights=w_all)
-        adv = advantages.to(h.device)
+        adv = advantages.to(h.device)[rows]
+        old = None if old is None else old[rows]
+        ref = None if ref is None else ref[rows]
         weight = self.policy.lm_head.weight
         logits = self.policy.logits(h) if self.cfg.backend == "reference" else None  # [N, T, V]: the cost avoided
         loss = h.new_zeros((), dtype=torch.float32)
         metrics: Dict[str, float] = {}
         for name, mask, window, temp in self._windows(m_img, m_txt):
+            metrics[f"{name}/tokens"] = float(mask.sum())
             if not bool(mask.any()):
                 continue
             if logits is not None:
@@ -228,6 +245,35 @@ class GRPOTrainer:
             for k, v in m.items():
                 metrics[f"{name}/{k}"] = float(v)
         return loss, metrics
+
+    def _loss_and_backward(self, ro: Rollout, advantages, old, ref, backward: bool):
+        """The whole batch's loss, over micro-batches of ``cfg.micro_batch_size`` sequences (0: one pass), each
+        backward right after its forward so only one micro-batch's activations live at a time; the loss weights
+        are the whole batch's, so the summed gradient is the one-pass gradient. DDP syncs on the last only."""
+        N = ro.num_samples
+        size = self.cfg.micro_batch_size or N
+        targets, m_img, m_txt = self._masks(ro)
+        w_all = K.reference.loss_weights(m_img | m_txt, self.cfg.loss_type)
+        starts = list(range(0, N, size))
+        total = torch.zeros((), dtype=torch.float32)
+        sums: Dict[str, float] = {}
+        counts: Dict[str, float] = {}
+        for i, s in enumerate(starts):
+            last = i == len(starts) - 1
+            sync = contextlib.nullcontext() if last or self.parallel != "ddp" else self.model.no_sync()
+            with sync:
+                loss, m = self.loss(ro, advantages, old, ref, slice(s, min(s + size, N)), w_all)
+                if backward:
+                    loss.backward()
+            total = total + loss.detach().float().cpu()
+            for k, v in m.items():  # token means of the micro-batch -> of the batch
+                window = k.split("/")[0]
+                if k.endswith("/tokens"):
+                    counts[k] = counts.get(k, 0.0) + v
+                else:
+                    sums[k] = sums.get(k, 0.0) + v * m[f"{window}/tokens"]
+        metrics = {k: v / counts[f"{k.split('/')[0]}/tokens"] for k, v in sums.items()}
+        return total, metrics
 
     # ------------------------------------------------------------------ step
     def step(self) -> Dict[str, float]:
@@ -256,12 +302,11 @@ class GRPOTrainer:
             dist.all_reduce(signal)
         skip = cfg.skip_zero_signal_steps and float(signal) == 0.0
         for _ in range(cfg.mu):
-            loss, metrics = self.loss(ro, adv, old, ref)
             self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = self._loss_and_backward(ro, adv, old, ref, backward=not skip)
             if skip:
                 gnorm = torch.zeros(())
                 continue
-            loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
             self.optimizer.step()
         with warnings.catch_warnings():  # a skipped first step: the schedule still advances, on purpose

@@ -59,9 +59,9 @@ MUTANTS: List[Mutant] = [
     Mutant("trainer: reward weights ignored", "mmr1/grpo.py", "group_size=G, weights=weights, mode=cfg.adv_mode",
            "group_size=G, weights=None, mode=cfg.adv_mode", (TRAINER,)),
     Mutant("trainer: gradients summed instead of averaged across ranks", "mmr1/grpo.py",
-           "            loss.backward()\n",
-           "            loss.backward()\n            [p.grad.mul_(self.world) for p in self.policy.parameters()"
-           " if p.grad is not None]\n", (DIST,)),
+           "                    loss.backward()\n",
+           "                    loss.backward()\n                    [p.grad.mul_(self.world) for p in "
+           "self.policy.parameters() if p.grad is not None]\n", (DIST,)),
     Mutant("checkpoint: scheduler not restored", "mmr1/sharded_checkpoint.py",
            "    if scheduler is not None and meta.get(\"scheduler\") is not None:\n        scheduler.load_state_dict(meta[\"scheduler\"])\n",
            "", (TRAINER,)),
@@ -155,6 +155,13 @@ MUTANTS: List[Mutant] = [
            ("tests/test_recipe.py",)),
     Mutant("data: token cache keyed without the tokenizer", "mmr1/data.py",
            "        return h.hexdigest()[:24]", "        return \"tokens\"", ("tests/test_recipe.py",)),
+    Mutant("trainer: micro-batch loss weights normalized per micro-batch", "mmr1/grpo.py",
+           "        targets, m_img, m_txt, w_all = targets[rows], m_img[rows], m_txt[rows], w_all[rows]",
+           "        targets, m_img, m_txt = targets[rows], m_img[rows], m_txt[rows]\n"
+           "        w_all = K.reference.loss_weights(m_img | m_txt, self.cfg.loss_type)", (TRAINER,)),
+    Mutant("trainer: DDP never syncs the micro-batches' gradients", "mmr1/grpo.py",
+           "sync = contextlib.nullcontext() if last or self.parallel != \"ddp\" else self.model.no_sync()",
+           "sync = contextlib.nullcontext() if self.parallel != \"ddp\" else self.model.no_sync()", (DIST,)),
 ]
 
 

@@ -428,8 +428,10 @@ def test_trainer_bad_input():
 
 
 def distributed_cfg():
-    """Cosine schedule with warmup and mu=2, so a resume that forgot the scheduler or AdamW's moments differs."""
-    return grpo_cfg(steps=4, mu=2, lr=3e-3, lr_schedule="cosine", warmup_steps=1, prompts_per_step=4)
+    """Cosine schedule with warmup and mu=2, so a resume that forgot the scheduler or AdamW's moments differs;
+    micro-batches of 3 sequences (DDP syncs only on the last one, FSDP reduces every backward)."""
+    return grpo_cfg(steps=4, mu=2, lr=3e-3, lr_schedule="cosine", warmup_steps=1, prompts_per_step=4,
+                    micro_batch_size=3)
 
 
 @pytest.mark.slow
@@ -474,6 +476,25 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
         torch.testing.assert_close(opt.state[p]["exp_avg_sq"],
                                    single.optimizer.state[single.policy.get_parameter(n)]["exp_avg_sq"],
                                    atol=1e-10, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_micro_batches_give_the_one_pass_update(loss_type):
+    """The update over micro-batches of 3 (of 8 sequences: 3 + 3 + 2) == one pass over all 8: same loss, gradient
+    norm, metrics and weights after 2 steps of mu = 2 (off-policy ratios, KL), up to fp32 summation order."""
+    trainers = [GRPOTrainer(tiny_model(5), VOCAB, FMT, reward_set(), PROMPTS,
+                            grpo_cfg(micro_batch_size=mb, mu=2, beta=0.1, lr=1e-3, loss_type=loss_type),
+                            ref_model=tiny_model(17)) for mb in (0, 3)]
+    for _ in range(2):
+        one, micro = (t.step() for t in trainers)
+        for key in ("loss", "grad_norm", "image/kl_mean", "image/ratio_mean", "image/logp_mean", "text/logp_mean",
+                    "image/clip_high_frac", "image/clip_low_frac"):
+            assert micro[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    assert one["image/ratio_mean"] != 1.0  # the second update was off-policy
+    for k, v in trainers[0].policy.state_dict().items():
+        torch.testing.assert_close(trainers[1].policy.state_dict()[k], v, atol=1e-6, rtol=0, msg=k)
+    with pytest.raises(ValueError, match="micro_batch_size must be an int >= 0"):
+        grpo_cfg(micro_batch_size=-1)
 
 
 def test_a_step_without_signal_is_skipped_when_asked():
