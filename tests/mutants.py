@@ -162,6 +162,9 @@ MUTANTS: List[Mutant] = [
     Mutant("trainer: DDP never syncs the micro-batches' gradients", "mmr1/grpo.py",
            "sync = contextlib.nullcontext() if last or self.parallel != \"ddp\" else self.model.no_sync()",
            "sync = contextlib.nullcontext() if self.parallel != \"ddp\" else self.model.no_sync()", (DIST,)),
+    Mutant("trainer: FSDP rollouts re-gather every block at every decode step", "mmr1/grpo.py",
+           "        with self._whole_policy_for_rollouts():\n", "        with contextlib.nullcontext():\n",
+           ("tests/test_trainer.py::test_fsdp_rollouts_gather_each_block_once",)),
 ]
 
 

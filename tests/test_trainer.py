@@ -478,6 +478,32 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
                                    atol=1e-10, rtol=1e-4, msg=n)
 
 
+@pytest.mark.slow
+def test_fsdp_rollouts_gather_each_block_once(tmp_path):
+    """Under FSDP2 a GRPO step keeps the blocks gathered through the rollout: a handful of all-gathers per step
+    instead of one per block per decode step, and the same step."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    here = Path(__file__).parent
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                          str(port), str(here / "torchrun_gather_count.py"), str(tmp_path / "count.json"), str(here)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "count.json").read_text())
+    blocks = tiny_model(0).config.num_layers
+    assert res["same_step"], res
+    # the rollout decodes > 20 tokens per sample: re-gathering every block at every step costs > 15 x blocks more
+    assert res["per_step"] - res["whole"] >= 15 * blocks, res
+    assert res["whole"] <= 4 * (blocks + 1), res  # rollout: once per block and the root; the update: fwd + bwd
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
 def test_micro_batches_give_the_one_pass_update(loss_type):
     """The update over micro-batches of 3 (of 8 sequences: 3 + 3 + 2) == one pass over all 8: same loss, gradient
