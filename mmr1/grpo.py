@@ -88,6 +88,8 @@ class GRPOConfig:
     # sequences per forward/backward of the policy update (0: the whole batch at once): activations of one
     # micro-batch at a time, the same gradient (the loss weights are the whole batch's)
     micro_batch_size: int = 0
+    # recompute every transformer block in the backward of the update (activations: one block input per layer)
+    activation_checkpointing: bool = False
     seed: int = 0
     log_path: Optional[str] = None
 
@@ -165,6 +167,7 @@ class GRPOTrainer:
             self.ref = ref_model if ref_model is not None else copy.deepcopy(policy)
             self.ref.eval().requires_grad_(False)
         self.model = wrap_parallel(policy, parallel)  # after the reference copy: that one stays whole
+        policy.activation_checkpointing = cfg.activation_checkpointing
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step_idx = 0

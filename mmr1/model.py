@@ -30,6 +30,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -235,6 +236,9 @@ class Transformer(nn.Module):
         self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # recompute each block in the backward instead of keeping its activations (a training option, not a
+        # property of the weights: the trainers set it from their configs)
+        self.activation_checkpointing = False
 
     # ----------------------------------------------------------------- cache
     def setup_cache(self, rows: int, max_len: int, dtype=None, device=None) -> None:
@@ -281,8 +285,12 @@ class Transformer(nn.Module):
             mask = mask | torch.eye(T, dtype=torch.bool, device=tokens.device)[None, None]  # no all-masked rows
         else:
             mask = None
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and not S
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, mask)
+            if recompute:  # keeps only the block's input; the backward runs the block again
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, positions, mask)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor, vocab_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:

@@ -31,6 +31,7 @@ class SFTConfig:
     batch_size: int = 16
     steps: int = 200
     seed: int = 0
+    activation_checkpointing: bool = False  # recompute every block in the backward
 
 
 def sft_loss(model: Transformer, seqs: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
@@ -75,6 +76,7 @@ class SFTTrainer:
     def __init__(self, model: Transformer, cfg: SFTConfig, parallel: str = "none"):
         self.model, self.cfg, self.parallel = model, cfg, parallel
         self.wrapped = wrap_parallel(model, parallel)
+        model.activation_checkpointing = cfg.activation_checkpointing
         self.world = dist.get_world_size() if parallel != "none" else 1
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step_idx = 0

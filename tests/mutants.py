@@ -165,6 +165,9 @@ MUTANTS: List[Mutant] = [
     Mutant("trainer: FSDP rollouts re-gather every block at every decode step", "mmr1/grpo.py",
            "        with self._whole_policy_for_rollouts():\n", "        with contextlib.nullcontext():\n",
            ("tests/test_trainer.py::test_fsdp_rollouts_gather_each_block_once",)),
+    Mutant("model: activation checkpointing never recomputes", "mmr1/model.py",
+           "recompute = self.activation_checkpointing and torch.is_grad_enabled() and not S",
+           "recompute = False", ("tests/test_trainer.py::test_activation_checkpointing_changes_memory_not_the_update",)),
 ]
 
 

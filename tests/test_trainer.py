@@ -429,9 +429,10 @@ def test_trainer_bad_input():
 
 def distributed_cfg():
     """Cosine schedule with warmup and mu=2, so a resume that forgot the scheduler or AdamW's moments differs;
-    micro-batches of 3 sequences (DDP syncs only on the last one, FSDP reduces every backward)."""
+    micro-batches of 3 sequences (DDP syncs only on the last one, FSDP reduces every backward), blocks recomputed
+    in the backward (activation checkpointing inside DDP / FSDP2)."""
     return grpo_cfg(steps=4, mu=2, lr=3e-3, lr_schedule="cosine", warmup_steps=1, prompts_per_step=4,
-                    micro_batch_size=3)
+                    micro_batch_size=3, activation_checkpointing=True)
 
 
 @pytest.mark.slow
@@ -502,6 +503,35 @@ def test_fsdp_rollouts_gather_each_block_once(tmp_path):
     # the rollout decodes > 20 tokens per sample: re-gathering every block at every step costs > 15 x blocks more
     assert res["per_step"] - res["whole"] >= 15 * blocks, res
     assert res["whole"] <= 4 * (blocks + 1), res  # rollout: once per block and the root; the update: fwd + bwd
+
+
+def test_activation_checkpointing_changes_memory_not_the_update():
+    """Recomputing the blocks in the backward gives the same GRPO steps and the same SFT step, bit for bit."""
+    from mmr1.sft import SFTConfig, SFTTrainer
+
+    trainers = [GRPOTrainer(tiny_model(5), VOCAB, FMT, reward_set(), PROMPTS,
+                            grpo_cfg(activation_checkpointing=ckpt, mu=2, beta=0.1, lr=1e-3), ref_model=tiny_model(17))
+                for ckpt in (False, True)]
+    assert [t.policy.activation_checkpointing for t in trainers] == [False, True]
+    for _ in range(2):
+        plain, ckpt = (t.step() for t in trainers)
+        assert plain["loss"] == ckpt["loss"] and plain["grad_norm"] == ckpt["grad_norm"]
+    for k, v in trainers[0].policy.state_dict().items():
+        assert torch.equal(trainers[1].policy.state_dict()[k], v), k
+    seqs, plens = [[1, 5, 6, 7, 8, 9], [1, 5, 9, 9]], [2, 1]
+    sft = [SFTTrainer(tiny_model(3), SFTConfig(lr=1e-2, activation_checkpointing=c)) for c in (False, True)]
+    calls = [0, 0]
+    for i, t in enumerate(sft):  # a block runs once per step, or again in the backward when recomputed
+        block = t.model.model.layers[0]
+
+        def counted(*args, i=i, run=block.forward, **kw):
+            calls[i] += 1
+            return run(*args, **kw)
+
+        block.forward = counted
+    a, b = (t.step(seqs, plens) for t in sft)
+    assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    assert calls == [1, 2]
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
