@@ -63,8 +63,7 @@ def bench_logprobs(N: int, d: int, repeats: int, dtype=torch.float32) -> List[Ro
     gen = torch.Generator().manual_seed(1)
     g_lp, g_ent = torch.randn(N, generator=gen).to(DEVICE), torch.randn(N, generator=gen).to(DEVICE)
     rows = []
-    for label, w_full, tgt, kw in (("full vocab", weight, targets, {}),
-                                   ("window rows", weight[lo:hi], targets - lo, {})):
+    for label, w_full, tgt in (("full vocab", weight, targets), ("window rows", weight[lo:hi], targets - lo)):
         def run(fn, entropy, w=w_full, t=tgt):
             def call():
                 h = hidden.detach().requires_grad_(True)
@@ -76,7 +75,7 @@ def bench_logprobs(N: int, d: int, repeats: int, dtype=torch.float32) -> List[Ro
             return call
 
         def ours(h, w, t, entropy):
-            out = K.fused_linear_logprobs(h, w, t, return_entropy=entropy, **kw)
+            out = K.fused_linear_logprobs(h, w, t, return_entropy=entropy)
             return out if entropy else (out, None)
 
         provs = {"mmr1 fused_linear_logprobs": run(ours, False),

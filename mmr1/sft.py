@@ -10,7 +10,7 @@ the final hidden states, so [B, T, V] logits are never materialized.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -36,34 +36,37 @@ class SFTConfig:
 
 def sft_loss(model: Transformer, seqs: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
              token_weights: Optional[Sequence[Sequence[float]]] = None, head: Optional[Transformer] = None,
-             normalizer: Optional[float] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+             global_sum: Optional[Callable[[float], float]] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """(loss, metrics) for token sequences whose first prompt_lengths[i] tokens are the prompt.
 
     ``token_weights[i][t]`` (optional, one per token of seqs[i]) weighs the loss of predicting token t; the loss
     is then sum(w * nll) / sum(w) over the assistant tokens. Metrics report the unweighted mean NLL as "nll".
     ``model`` may be a DDP / FSDP wrapper (``head``: the module holding lm_head, default ``model``);
-    ``normalizer`` replaces sum(w) (a multi-process step divides by the global sum)."""
+    ``global_sum`` maps this call's sum(w) to the divisor (a multi-process step divides by the global sum)."""
     if len(seqs) != len(prompt_lengths) or not seqs:
         raise ValueError("need one prompt length per (non-empty list of) sequence")
     head = model if head is None else head
     tokens, lengths = pad_sequences(seqs)
     hidden = teacher_forced_hidden(model, tokens, lengths)
     mask = target_span_mask(tokens.shape[1], prompt_lengths, lengths, hidden.device)
-    if not bool(mask.any()) and normalizer is None:
-        raise ValueError("no assistant tokens to train on (every sequence is all prompt)")
     logp = K.fused_linear_logprobs(hidden, head.lm_head.weight, tokens[:, 1:].to(hidden.device), mask=mask)
     n = mask.sum()
     nll = -(logp * mask).sum() / n.clamp(min=1)
     if token_weights is None:
-        loss = nll if normalizer is None else -(logp * mask).sum() / normalizer
+        w = mask.to(logp.dtype)
     else:
-        if len(token_weights) != len(seqs) or any(len(w) != len(s) for w, s in zip(token_weights, seqs)):
+        if len(token_weights) != len(seqs) or any(len(tw) != len(sq) for tw, sq in zip(token_weights, seqs)):
             raise ValueError("token_weights must hold one weight per token of each sequence")
         w, _ = pad_sequences([[0.0] + list(map(float, tw[1:])) for tw in token_weights], dtype=torch.float32)
         w = w[:, 1:].to(hidden.device) * mask
-        if bool((w < 0).any()) or (normalizer is None and not bool(w.sum() > 0)):
-            raise ValueError("token_weights must be >= 0 with a positive sum over the assistant tokens")
-        loss = -(logp * w).sum() / (w.sum() if normalizer is None else normalizer)
+        if bool((w < 0).any()):
+            raise ValueError("token_weights must be >= 0")
+    total = float(w.sum())
+    divisor = total if global_sum is None else global_sum(total)
+    if not divisor > 0:
+        raise ValueError("no assistant tokens to train on (every sequence is all prompt, or every token weight "
+                         "is 0)")
+    loss = -(logp * w).sum() / divisor
     return loss, {"loss": float(loss.detach()), "nll": float(nll.detach()), "tokens": int(n),
                   "ppl": float(torch.exp(nll.detach()))}
 
@@ -83,14 +86,8 @@ class SFTTrainer:
 
     def step(self, seqs, prompt_lengths, token_weights=None) -> Dict[str, float]:
         self.model.train()
-        normalizer = None
-        if self.world > 1:  # the global weight sum, so that DDP's gradient average is the global weighted mean
-            local = sum(sum(w[p:]) if token_weights is not None else len(s) - p
-                        for s, p, w in zip(seqs, prompt_lengths, token_weights or [None] * len(seqs)))
-            total = torch.tensor([float(local)], dtype=torch.float64)
-            dist.all_reduce(total)
-            normalizer = float(total) / self.world
-        loss, m = sft_loss(self.wrapped, seqs, prompt_lengths, token_weights, head=self.model, normalizer=normalizer)
+        loss, m = sft_loss(self.wrapped, seqs, prompt_lengths, token_weights, head=self.model,
+                           global_sum=self._global_sum if self.world > 1 else None)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
@@ -101,6 +98,13 @@ class SFTTrainer:
             dist.all_reduce(t)
             m["loss"] = float(t) / self.world  # each rank's loss is world x its share of the global mean
         return m
+
+    def _global_sum(self, local: float) -> float:
+        """The global weight sum / world: DDP's gradient average of the ranks' losses is then the global
+        weighted mean."""
+        total = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total) / self.world
 
     def config_dict(self) -> Dict:
         return {**asdict(self.cfg), "model": asdict(self.model.config)}

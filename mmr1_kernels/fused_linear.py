@@ -26,6 +26,7 @@ import torch
 from . import _checks as C
 from . import reference as ref
 from ._library import _lib, impl, op
+from .logprob import _masked_grad
 
 _lib.define(
     "fused_linear_logprobs(Tensor hidden, Tensor weight, Tensor targets, Tensor? mask, float temperature, "
@@ -220,11 +221,6 @@ def _setup_fl_logprobs(ctx, inputs, output):
     ctx.params = (temperature, lo, hi, chunk)
 
 
-def _masked(g, mask, dtype):
-    g = g.to(dtype).contiguous()
-    return torch.where(mask, g, torch.zeros_like(g)) if mask is not None else g
-
-
 def _backward_fl_logprobs(ctx, grad_logp, grad_lse, grad_entropy):
     hidden, weight, targets, lse, entropy, mask = ctx.saved_tensors
     temperature, lo, hi, chunk = ctx.params
@@ -232,8 +228,8 @@ def _backward_fl_logprobs(ctx, grad_logp, grad_lse, grad_entropy):
         grad_entropy = None
     if grad_logp is None and grad_entropy is None:
         return (None,) * 9
-    g = _masked(grad_logp if grad_logp is not None else torch.zeros_like(lse), mask, lse.dtype)
-    extra = () if grad_entropy is None else (entropy, _masked(grad_entropy, mask, lse.dtype))
+    g = _masked_grad(grad_logp if grad_logp is not None else torch.zeros_like(lse), mask, lse.dtype)
+    extra = () if grad_entropy is None else (entropy, _masked_grad(grad_entropy, mask, lse.dtype))
     gh, gw = op("fused_linear_logprobs_backward")(hidden, weight, targets, lse, g, temperature, lo, hi, chunk, *extra)
     return (gh if ctx.needs_input_grad[0] else None), (gw if ctx.needs_input_grad[1] else None), \
         None, None, None, None, None, None, None

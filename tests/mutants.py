@@ -151,7 +151,7 @@ MUTANTS: List[Mutant] = [
            "    if latest_checkpoint(ckpt) is not None:\n        trainer.load(ckpt)\n    grids",
            "    grids", ("tests/test_recipe.py",)),
     Mutant("sft: multi-process loss normalized per rank, not globally", "mmr1/sft.py",
-           "            normalizer = float(total) / self.world", "            normalizer = None",
+           "global_sum=self._global_sum if self.world > 1 else None", "global_sum=None",
            ("tests/test_recipe.py",)),
     Mutant("data: token cache keyed without the tokenizer", "mmr1/data.py",
            "        return h.hexdigest()[:24]", "        return \"tokens\"", ("tests/test_recipe.py",)),
