@@ -103,6 +103,9 @@ def main(argv=None) -> None:
     s_.add_argument("--seed", type=int, default=0)
     s_.add_argument("--eval-every", type=int, default=0,
                     help="log held-out identity every N steps (64 + 32 prompts, ~10 s each; 0 = never)")
+    s_.add_argument("--clean-data", action="store_true",
+                    help="train on a perfect data pipeline (no identity mixing, wrong sides, dropped patterns or "
+                         "caption errors; see mmr1/world/pipeline.py)")
     r = sub.add_parser("grpo", help="GRPO from a cold-start model, with before/after evaluation")
     r.add_argument("--cold-start", required=True, help="a model directory written by `mmr1 sft` or `mmr1 demo`")
     r.add_argument("--out-dir", default="runs/grpo")
@@ -154,7 +157,11 @@ def main(argv=None) -> None:
         from .world.demo import DemoConfig, run_sft_only
 
         steps = DemoConfig.sft_steps if args.steps is None else args.steps
-        run_sft_only(DemoConfig(out_dir=args.out_dir, sft_steps=steps, seed=args.seed), eval_every=args.eval_every)
+        from .world.pipeline import DataFlaws
+
+        flaws = DataFlaws.clean() if args.clean_data else DataFlaws()
+        run_sft_only(DemoConfig(out_dir=args.out_dir, sft_steps=steps, seed=args.seed, flaws=flaws),
+                     eval_every=args.eval_every)
     elif args.cmd == "grpo":
         from .world.demo import DemoConfig, run
 

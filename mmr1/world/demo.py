@@ -23,7 +23,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -33,6 +33,7 @@ from ..grpo import GRPOConfig, GRPOTrainer
 from ..model import ModelConfig, Transformer, init_weights, load_transformer, save_transformer
 from ..sft import SFTConfig, SFTTrainer
 from .identity import IdentityJudge
+from .pipeline import DataFlaws
 from .scene import WORLD_VERSION, subject_view
 from .tasks import (TaskMix, evaluate, make_prompts, sft_batch, split_subjects, world_rewards, xcot_format)
 from .tokens import WorldTokens, load_world, save_world
@@ -67,6 +68,9 @@ class DemoConfig:
     decode: str = "jacobi"
     jacobi_window: int = 8
     held_out_frac: float = 0.1
+    # the cold-start data pipeline's errors (mmr1.world.pipeline): identity mixing, wrong sides and dropped patterns
+    # in two-subject targets, wrong attribute words in reasoning captions; DataFlaws.clean() = perfect data
+    flaws: DataFlaws = field(default_factory=DataFlaws)
     direct: bool = False  # the ablation's direct policy (no reasoning text, no subject image)
     use_shipped: bool = True  # load the shipped world + cold-start weights when they match this config
 
@@ -75,12 +79,13 @@ class DemoConfig:
 # (= `mmr1 sft --out-dir runs/cold_start` + copy) writes; the demo uses them when their manifest matches.
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "demo"
 COLD_START_FIELDS = ("seed", "hidden", "layers", "heads", "sft_steps", "sft_batch", "sft_lr", "pair_frac",
-                     "describe_frac", "reasoning_weight", "held_out_frac", "direct")
+                     "describe_frac", "reasoning_weight", "held_out_frac", "flaws", "direct")
 
 
 def cold_start_key(cfg: DemoConfig) -> Dict:
-    """What determines the cold-start model: the world version and the SFT settings."""
-    return {"world_version": WORLD_VERSION, **{k: getattr(cfg, k) for k in COLD_START_FIELDS}}
+    """What determines the cold-start model: the world version and the SFT settings (the data flaws included)."""
+    return {"world_version": WORLD_VERSION,
+            **{k: asdict(getattr(cfg, k)) if k == "flaws" else getattr(cfg, k) for k in COLD_START_FIELDS}}
 
 
 def shipped_cold_start(cfg: DemoConfig, root: Path = SHIPPED) -> Optional[Path]:
@@ -108,13 +113,14 @@ def train_cold_start(world: WorldTokens, train_subjects, cfg: DemoConfig, log=la
     sched = torch.optim.lr_scheduler.LambdaLR(
         tr.optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.sft_steps, 1.0))))
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    mix = TaskMix(cfg.sft_batch, cfg.pair_frac, cfg.describe_frac, cfg.direct, cfg.reasoning_weight)
+    flaw_g = torch.Generator().manual_seed(cfg.seed + 2)  # its own stream: the same tasks whatever the flaw rates
+    mix = TaskMix(cfg.sft_batch, cfg.pair_frac, cfg.describe_frac, cfg.direct, cfg.reasoning_weight, cfg.flaws)
     from tqdm import tqdm
 
     bar = tqdm(range(cfg.sft_steps), desc=f"cold-start SFT ({'direct' if cfg.direct else 'X-CoT'})",
                disable=not progress)
     for step in bar:
-        m = tr.step(*sft_batch(world, train_subjects, g, mix))
+        m = tr.step(*sft_batch(world, train_subjects, g, mix, flaw_g))
         sched.step()
         bar.set_postfix(loss=f"{m['loss']:.3f}")
         if step % 50 == 0 or step == cfg.sft_steps - 1:

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-WORLD_VERSION = 3  # bump when subjects, tiles, scenes, prompts, plans or the vocabulary change (invalidates weights)
+WORLD_VERSION = 4  # bump when subjects, tiles, scenes, prompts, plans or the vocabulary change (invalidates weights)
 CELL = 8  # pixels per cell side = per VQ patch side
 GRID = 7  # cells per image side: an image is a GRID x GRID code grid
 SIZE = CELL * GRID

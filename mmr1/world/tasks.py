@@ -8,7 +8,7 @@ training, so evaluation on them is zero-shot personalization.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -19,6 +19,7 @@ from ..rewards import RewardSet, format_reward
 from ..rewards.self_reward import generation_self_reward
 from ..rollout import Rollout, XCoTFormat, xcot_rollout
 from .identity import IdentityJudge, judge_text
+from .pipeline import DataFlaws, flawed_targets
 from .scene import GRID, PairScene, all_subjects, pick, random_pair_scene, random_scene, subject_view
 from .tokens import WorldTokens
 
@@ -73,17 +74,26 @@ class TaskMix:
     describe_frac: float = 0.15  # understanding examples (image -> prompt), for the dual self-reward
     direct: bool = False  # the ablation's direct policy: references + prompt -> final image
     reasoning_weight: float = 1.0  # SFT loss weight of the reasoning text tokens (image codes and the rest: 1)
+    flaws: DataFlaws = field(default_factory=DataFlaws.clean)  # the data pipeline's errors (mmr1.world.pipeline)
 
 
-def sft_batch(world: WorldTokens, subjects: Sequence, g: torch.Generator, mix: TaskMix):
+def sft_batch(world: WorldTokens, subjects: Sequence, g: torch.Generator, mix: TaskMix,
+              flaw_g: Optional[torch.Generator] = None):
     """(sequences, prompt lengths, token weights): X-CoT (or direct) examples, one- and two-subject, and describe
-    examples; the reasoning text (after <think>, up to and including </think>) weighs ``mix.reasoning_weight``."""
+    examples; the reasoning text (after <think>, up to and including </think>) weighs ``mix.reasoning_weight``.
+    The targets come from the pipeline ``mix.flaws`` describes (the prompts and references are always right); its
+    errors are drawn from ``flaw_g`` (default ``g``): with a generator of their own, the tasks -- scenes,
+    references, prompts -- are the same whatever the flaw rates."""
     seqs, plens, weights = [], [], []
     close = world.text.token_id("</think>")
     for _ in range(mix.batch_size):
         u = float(torch.rand((), generator=g))
         scene, refs = random_task(subjects, g, pair=float(torch.rand((), generator=g)) < mix.pair_frac)
-        s, p = world.describe_example(scene) if u < mix.describe_frac else world.example(scene, refs, mix.direct)
+        drawn, captioned, _ = flawed_targets(scene, mix.flaws, g if flaw_g is None else flaw_g, xcot=not mix.direct)
+        if u < mix.describe_frac:
+            s, p = world.describe_example(scene)
+        else:
+            s, p = world.example(scene, refs, mix.direct, drawn=drawn, captioned=captioned)
         w = [1.0] * len(s)
         if close in s[p:]:
             end = s.index(close, p)

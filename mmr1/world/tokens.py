@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -100,20 +100,27 @@ class WorldTokens:
             ids += self.text.encode("reference") + self.scene_block(r)
         return ids + self.text.encode(scene.prompt()) + [self.end_of_turn]
 
-    def completion_ids(self, scene: AnyScene, direct: bool = False) -> List[int]:
-        """X-CoT: <think> plan </think> subject-image final-image <eot>; direct: final-image <eot>."""
-        final = self.scene_block(scene) + [self.end_of_turn]
+    def completion_ids(self, scene: AnyScene, direct: bool = False, drawn: Optional[AnyScene] = None,
+                       captioned: Optional[AnyScene] = None) -> List[int]:
+        """X-CoT: <think> plan </think> subject-image final-image <eot>; direct: final-image <eot>.
+
+        A flawed pipeline (mmr1.world.pipeline) draws the images from ``drawn`` and writes the plan of
+        ``captioned``; both default to ``scene`` (the perfect pipeline)."""
+        drawn = scene if drawn is None else drawn
+        captioned = scene if captioned is None else captioned
+        final = self.scene_block(drawn) + [self.end_of_turn]
         if direct:
             return final
-        return ([self.text.token_id("<think>")] + self.text.encode(scene.plan()) + [self.text.token_id("</think>")]
-                + self.scene_block(subject_view(scene)) + final)
+        return ([self.text.token_id("<think>")] + self.text.encode(captioned.plan()) + [self.text.token_id("</think>")]
+                + self.scene_block(subject_view(drawn)) + final)
 
-    def example(self, scene: AnyScene, reference_scenes: Union[Scene, Sequence[Scene]],
-                direct: bool = False) -> Tuple[List[int], int]:
-        """(full sequence, prompt length) for cold-start SFT; one reference scene per subject."""
+    def example(self, scene: AnyScene, reference_scenes: Union[Scene, Sequence[Scene]], direct: bool = False,
+                drawn: Optional[AnyScene] = None, captioned: Optional[AnyScene] = None) -> Tuple[List[int], int]:
+        """(full sequence, prompt length) for cold-start SFT; one reference scene per subject. The prompt is
+        always ``scene``'s with its references; ``drawn`` / ``captioned``: see completion_ids."""
         refs = [reference_scenes] if isinstance(reference_scenes, Scene) else list(reference_scenes)
         p = self.reference_prompt_ids(refs, scene)
-        return p + self.completion_ids(scene, direct), len(p)
+        return p + self.completion_ids(scene, direct, drawn, captioned), len(p)
 
     def describe_prefix(self, image_block: Sequence[int]) -> List[int]:
         return [self.bos, self.describe] + list(image_block) + [self.end_of_turn]
