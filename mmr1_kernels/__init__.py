@@ -10,6 +10,8 @@ ops under ``torch.ops.mmr1`` and compose with torch.compile):
                                                  (8 loss types, GSPO, IS correction, masks, entropy bonus)
 - group_advantages                               group-relative advantages
 - cfg_sample                                     fused CFG / top-k / top-p sampler (Philox Gumbel-max)
+- decode_attention                               attention over a rollout's KV cache: per-row lengths, shared
+                                                 prompt prefixes (one copy per group), GQA, Jacobi windows
 """
 from ._library import HAS_CPP, HAS_TRITON, backend_for
 from .logprob import grpo_loss, token_logprobs
@@ -17,10 +19,11 @@ from .fused_linear import fused_linear_grpo_loss, fused_linear_logprobs
 from .advantages import group_advantages
 from .policy import PolicyLossConfig, importance_sampling_ratio, policy_loss
 from .sampler import cfg_sample
+from .attention import decode_attention
 from . import reference
 
 __all__ = [
     "token_logprobs", "grpo_loss", "cfg_sample", "fused_linear_logprobs", "fused_linear_grpo_loss", "group_advantages",
-    "policy_loss", "PolicyLossConfig", "importance_sampling_ratio", "reference", "backend_for", "HAS_CPP", "HAS_TRITON",
+    "decode_attention", "policy_loss", "PolicyLossConfig", "importance_sampling_ratio", "reference", "backend_for", "HAS_CPP", "HAS_TRITON",
 ]
 __version__ = "0.1.0"

@@ -47,6 +47,10 @@ SCHEMAS = {
         "Tensor? forced, Tensor seed, Tensor offset, Tensor row_ids, int vocab_lo, int vocab_hi, "
         "bool return_cond_logprobs) -> (Tensor tokens, Tensor logprobs, Tensor cond_logprobs, Tensor status)"
     ),
+    "decode_attention": (
+        "decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, Tensor? prefix_k, Tensor? prefix_v, "
+        "Tensor? prefix_lengths, Tensor? prefix_of_row, float scale) -> (Tensor out, Tensor lse)"
+    ),
     "zeros_untouched": "zeros_untouched(Tensor like, int[] size, ScalarType dtype) -> Tensor",
     "group_advantages": (
         "group_advantages(Tensor rewards, Tensor group_index, int num_groups, Tensor? weights, "

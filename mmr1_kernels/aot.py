@@ -16,7 +16,6 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Dict
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -24,18 +23,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from .gpu.specs import KernelSpec  # noqa: E402
+
 ARCHS = (80, 90)
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """One compile configuration of a kernel: pointer/scalar signature + constexpr values."""
-
-    name: str
-    fn: object
-    signature: Dict[str, str]
-    constexprs: Dict[str, object]
-    num_warps: int
 
 
 @dataclass(frozen=True)
@@ -78,9 +68,9 @@ def resource_usage(cubin: bytes) -> ResourceUsage:
 
 def all_specs():
     """Every kernel configuration the launchers use (the AOT test compiles each for sm_80 and sm_90)."""
-    from .gpu import advantages, logprob
+    from .gpu import advantages, attention, logprob
 
-    specs = list(logprob.aot_specs()) + list(advantages.aot_specs())
+    specs = list(logprob.aot_specs()) + list(advantages.aot_specs()) + list(attention.aot_specs())
     try:
         from .gpu import sampler
     except ImportError:

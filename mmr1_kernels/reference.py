@@ -255,3 +255,45 @@ def group_advantages(rewards, group_index, num_groups, weights=None, mode="grpo"
         raise ValueError(f"mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
     adv = torch.where(valid, adv, torch.zeros_like(adv))
     return adv.float(), mean.float(), std.float()
+
+
+# --------------------------------------------------------------------------- decode attention
+def decode_attention(q, k, v, lengths, prefix_k=None, prefix_v=None, prefix_lengths=None, prefix_of_row=None,
+                     scale=None, dtype=torch.float32):
+    """Attention of a decode window over each row's context: its shared prefix (if any), then its own cache.
+
+    q [R, W, H, D]; k, v [R, S, Hkv, D] (H a multiple of Hkv; head h reads kv head h // (H / Hkv)); lengths [R].
+    Query w of row r sees its prefix's first prefix_lengths[p] keys (p = prefix_of_row[r] >= 0; -1: no prefix)
+    and its own slots j < min(lengths[r] + w + 1, S) -- the window's own keys sit at slots lengths[r] + w, so
+    the window is causal. Scores scale * q.k (default 1/sqrt(D)), softmax over the concatenation. Returns out
+    [R, W, H, D] (q's dtype) and lse [R, W, H] (``dtype``, natural log); a query with no key gets 0 and -inf.
+    Written as the concatenation itself (the prefix copied to each row): the spec, not a fast path.
+    """
+    R, W, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    dev = q.device
+    keys, vals, visible = [], [], []
+    if prefix_k is not None:
+        has = prefix_of_row >= 0
+        p = prefix_of_row.clamp(min=0).long()
+        keys.append(prefix_k[p])  # [R, Sp, Hkv, D]
+        vals.append(prefix_v[p])
+        Sp = prefix_k.shape[1]
+        seen = (torch.arange(Sp, device=dev)[None] < prefix_lengths.long()[p][:, None]) & has[:, None]  # [R, Sp]
+        visible.append(seen[:, None, :].expand(R, W, Sp))
+    keys.append(k)
+    vals.append(v)
+    limit = lengths.long()[:, None] + torch.arange(W, device=dev)[None] + 1  # [R, W]
+    visible.append(torch.arange(S, device=dev)[None, None] < limit[:, :, None])
+    kk = torch.cat(keys, 1).to(dtype).repeat_interleave(rep, dim=2)  # [R, L, H, D]
+    vv = torch.cat(vals, 1).to(dtype).repeat_interleave(rep, dim=2)
+    seen = torch.cat(visible, 2)  # [R, W, L]
+    scores = torch.einsum("rwhd,rlhd->rhwl", q.to(dtype), kk) * scale
+    scores = scores.masked_fill(~seen[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [R, H, W]; -inf for a query with no key
+    # unseen keys (and every key of an empty query, where lse = -inf) weigh 0; NaN inputs stay NaN
+    probs = torch.where(seen[:, None], torch.exp(scores - lse[..., None]), 0.0)
+    out = torch.einsum("rhwl,rlhd->rwhd", probs, vv)
+    return out.to(q.dtype), lse.transpose(1, 2).contiguous()

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .specs import KernelSpec
+
 BLOCK = 256  # group members per tile; groups are usually 4-64 rows
 
 
@@ -120,8 +122,6 @@ def group_advantages(rewards, group_index, num_groups, weights, mode, eps, unbia
 
 
 def aot_specs():
-    from ..aot import KernelSpec
-
     sig = {"values_ptr": "*fp32", "order_ptr": "*i64", "starts_ptr": "*i64", "mean_ptr": "*fp32", "std_ptr": "*fp32",
            "count_ptr": "*fp32", "shift_ptr": "*fp32", "ssum_ptr": "*fp32"}
     yield KernelSpec("group_stats", group_stats_kernel, sig, dict(UNBIASED=True, BLOCK=BLOCK), 4)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .specs import KernelSpec
+
 # 2048 lanes x 8 warps = 8 elements per thread per tile. At 4096 x 8 warps
 # ptxas caps sm_90 at 64 registers/thread and spills 8 B to the stack
 # (measured with mmr1_kernels.aot); 2048 x 8 needs 32 registers, 0 spills on
@@ -227,8 +229,6 @@ def logprob_backward(logits, targets, lse, grad_logprobs, temperature, vocab_lo,
 
 def aot_specs():
     """Launch configurations compiled ahead of time by tests/test_aot.py (sm_80/sm_90, no spills)."""
-    from ..aot import KernelSpec
-
     vec = {name: "*fp32" for name in ("adv_ptr", "old_ptr", "ref_ptr", "logp_ptr", "lse_ptr", "loss_ptr",
                                       "coef_ptr", "ratio_ptr", "kl_ptr", "ent_ptr")}
     scalars = {"rows_per_batch": "i64", "stride_b": "i64", "stride_t": "i64", "vocab_lo": "i64", "W": "i64",

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .specs import KernelSpec
+
 # 1024 lanes x 8 warps: 4 values per thread per tile; only scalars stay live
 # across tiles. 1024 x 4 warps needed 96 registers and spilled 8 B on sm_80;
 # 1024 x 8: 97 (sm_80) / 60 (sm_90) registers, 0 spills (tests/test_aot.py).
@@ -220,8 +222,6 @@ def cfg_sample(cond, uncond, cfg_scale, temperature, top_k, top_p, forced, seed,
 
 
 def aot_specs():
-    from ..aot import KernelSpec
-
     for dtype in ("fp32", "bf16", "fp16"):
         sig = {"cond_ptr": f"*{dtype}", "uncond_ptr": f"*{dtype}", "cfg_ptr": "*fp32", "temp_ptr": "*fp32",
                "topk_ptr": "*i64", "topp_ptr": "*fp32", "forced_ptr": "*i64", "seed_ptr": "*i64",
