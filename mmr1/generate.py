@@ -23,7 +23,7 @@ draws the same tokens, slower.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from mmr1_kernels import cfg_sample
 from mmr1_kernels import reference_sampler
 
-from .model import Transformer
+from .model import ATTENTION_LAYOUTS, Transformer
 from .tokens import ImageVocab, pad_sequences
 
 
@@ -56,6 +56,10 @@ class SamplingConfig:
     # average, halved below a quarter; 2..jacobi_window): where a W-token forward costs ~W one-token forwards
     # (small models on CPU) a window no one accepts is wasted work
     jacobi_adaptive: bool = False
+    # the KV cache's layout and attention (mmr1.model): "decode" (shared prompt prefixes, per-row lengths:
+    # mmr1_kernels.decode_attention), "sdpa" (the previous path: prompts copied per row, masked SDPA) or
+    # "flash_attn" (the sdpa layout through flash-attn; CUDA, fp16/bf16)
+    attention: str = "decode"
 
     def __post_init__(self):
         if self.head_mode not in ("hidden_cfg", "logits"):
@@ -68,6 +72,8 @@ class SamplingConfig:
             raise ValueError(f"jacobi_window must be an int >= 1, got {self.jacobi_window!r}")
         if self.jacobi_draft not in ("above", "left"):
             raise ValueError(f"jacobi_draft must be 'above' or 'left', got {self.jacobi_draft!r}")
+        if self.attention not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, got {self.attention!r}")
 
     @property
     def cache_slack(self) -> int:
@@ -102,91 +108,125 @@ class ImageBlocks:
 
 
 class CachedDecoder:
-    """Per-row decoding state on a model's static cache: next position and last token of every row."""
+    """Per-row decoding state on a model's static cache: next position and last token of every row.
 
-    def __init__(self, model: Transformer, rows: int, max_len: int, slack: int = 0):
-        """``slack``: cache slots past ``max_len`` that only Jacobi windows write (never a real position)."""
+    ``attention`` picks the cache layout (mmr1.model): "decode" (default) keeps one copy of each distinct prompt
+    in a shared prefix store and each row's completion in its own slots, read by mmr1_kernels.decode_attention;
+    "sdpa" copies each prompt into its rows and reads them with a masked SDPA (the previous path); "flash_attn"
+    is the sdpa layout read by flash-attn (CUDA, fp16/bf16)."""
+
+    def __init__(self, model: Transformer, rows: int, max_len: int, slack: int = 0, attention: str = "decode",
+                 prompt_len: int = 0):
+        """``max_len``: positions per row; ``slack``: cache slots past ``max_len`` that only Jacobi windows write
+        (never a real position). ``prompt_len`` ("decode"): the shortest prompt that will be prefilled -- its
+        positions live in the prefix store, so each row's own slots are max_len - prompt_len + slack."""
         if max_len > model.config.max_seq_len:
             raise ValueError(f"sequences of {max_len} tokens exceed the model's max_seq_len={model.config.max_seq_len}")
+        if not 0 <= prompt_len <= max_len:
+            raise ValueError(f"prompt_len must lie in [0, max_len={max_len}], got {prompt_len}")
         self.model = model
         self.rows = rows
+        self.attention = attention
         self.device = model.lm_head.weight.device
-        model.setup_cache(rows, max_len + slack)
+        self.prompt_len = prompt_len if attention == "decode" else 0
+        self.capacity = max_len + slack - self.prompt_len  # own slots per row
+        model.setup_cache(rows, self.capacity, attention=attention)
         self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
-        # host-side upper bounds on each row's next position: a step attends to the first kv_len slots only
-        # (no device sync; a row advances by at most one position per step)
+        # host-side upper bounds on each row's next position (no device sync): a "sdpa" step attends to the first
+        # kv_len slots only, and no write may pass a row's own slots; offset: the row's prefix length
         self.high = [0] * rows
+        self.offset = [0] * rows
 
     @staticmethod
     def kv_len(high: int) -> int:
-        """Cache slots a step must attend to, rounded up to 64 so the shapes change every 64 steps only."""
+        """Cache slots a "sdpa" step must attend to, rounded up to 64 so the shapes change every 64 steps only."""
         return -(-(high + 1) // 64) * 64
+
+    def cache_bytes(self) -> int:
+        return self.model.cache_bytes()
 
     @torch.no_grad()
     def prefill(self, row_ids: torch.Tensor, seqs: Sequence[Sequence[int]], repeats: int = 1) -> torch.Tensor:
-        """Write the prompts of ``row_ids`` into the cache from slot 0; returns their last hidden states [n, d].
-
-        ``repeats`` > 1: ``seqs`` are the distinct prompts and row i holds seqs[i // repeats] (a prompt's G
-        samples): each prompt runs through the model once and its cache rows are copied G times."""
-        if repeats > 1:
-            return self._prefill_shared(row_ids, seqs, repeats)
-        tokens, lengths = pad_sequences(seqs)
-        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
-        n, T = tokens.shape
-        lo, hi = self._range(row_ids)
-        self.high[lo:hi] = [T] * (hi - lo)
-        # rows not being prefilled keep their cache: run only the selected rows' slice of the cache
-        hidden = self._forward_rows(lo, hi, tokens, torch.arange(T, device=self.device).expand(n, T), T)
-        self.pos[row_ids] = lengths
-        return hidden[torch.arange(n, device=self.device), lengths - 1]
-
-    def _prefill_shared(self, row_ids: torch.Tensor, seqs: Sequence[Sequence[int]], repeats: int) -> torch.Tensor:
+        """Write the prompts of ``row_ids`` (a contiguous range) into the cache; returns their last hidden states
+        [n, d]. ``repeats`` > 1: ``seqs`` are the distinct prompts and row i holds seqs[i // repeats] (a prompt's G
+        samples): each prompt runs through the model once. "decode": it is stored once, in the prefix store, and
+        its rows point at it; "sdpa" / "flash_attn": its cache rows are copied G times."""
         lo, hi = self._range(row_ids)
         if hi - lo != len(seqs) * repeats:
             raise ValueError(f"{hi - lo} rows cannot hold {len(seqs)} prompts x {repeats} samples")
         tokens, lengths = pad_sequences(seqs)
         tokens, lengths = tokens.to(self.device), lengths.to(self.device)
         P, T = tokens.shape
+        if self.attention == "decode":
+            shortest = min(len(s) for s in seqs)
+            if shortest < self.prompt_len:
+                raise ValueError(f"a prompt of {shortest} tokens is shorter than the decoder's prompt_len="
+                                 f"{self.prompt_len} (its rows would need more own slots than allocated)")
+            hidden = self.model(tokens, torch.arange(T, device=self.device).expand(P, T), fill_prefix=True)
+            self.model.cache_layout.add_prefixes(lengths, lo, hi, repeats)
+            per_row = [len(s) for s in seqs for _ in range(repeats)]
+            self.offset[lo:hi] = per_row
+            self.high[lo:hi] = per_row
+        elif repeats == 1:  # rows not being prefilled keep their cache: run only the selected rows
+            self.high[lo:hi] = [T] * (hi - lo)
+            hidden = self._forward_rows(lo, hi, tokens, torch.arange(T, device=self.device).expand(P, T), T)
+        else:
+            hidden = self._prefill_copies(lo, hi, tokens, repeats)
+        self.pos[lo:hi] = lengths.repeat_interleave(repeats)
+        return hidden[torch.arange(P, device=self.device), lengths - 1].repeat_interleave(repeats, 0)
+
+    def _prefill_copies(self, lo: int, hi: int, tokens: torch.Tensor, repeats: int) -> torch.Tensor:
+        """The "sdpa" / "flash_attn" layouts: each prompt through the model once, its cache rows copied G times."""
+        P, T = tokens.shape
         caches = [layer.self_attn.cache for layer in self.model.model.layers]
         full = [(c.k, c.v) for c in caches]
+        layout = self.model.cache_layout
         try:  # a P-row scratch cache of T slots, then each prompt's rows copied to its samples' rows
             for c, (k, v) in zip(caches, full):
                 c.k, c.v = k.new_zeros((P, T) + k.shape[2:]), v.new_zeros((P, T) + v.shape[2:])
+            self.model.cache_layout = replace(layout, mode="sdpa", rows=P)
             hidden = self.model(tokens, torch.arange(T, device=self.device).expand(P, T), kv_len=T)
             scratch = [(c.k, c.v) for c in caches]
         finally:
+            self.model.cache_layout = layout
             for c, (k, v) in zip(caches, full):
                 c.k, c.v = k, v
         for (k, v), (sk, sv) in zip(full, scratch):
             k[lo:hi, :T] = sk.repeat_interleave(repeats, 0)
             v[lo:hi, :T] = sv.repeat_interleave(repeats, 0)
         self.high[lo:hi] = [T] * (hi - lo)
-        self.pos[lo:hi] = lengths.repeat_interleave(repeats)
-        return hidden[torch.arange(P, device=self.device), lengths - 1].repeat_interleave(repeats, 0)
+        return hidden
+
+    def restart(self, lo: int, hi: int) -> None:
+        """Rows lo..hi-1 start over at position 0 (the unconditional CFG rows at each image block)."""
+        self.pos[lo:hi] = 0
+        self.high[lo:hi] = [0] * (hi - lo)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Feed one token per row (all rows, or ``row_ids``) at its next position; returns hidden [n, d]."""
         lo, hi = (0, self.rows) if row_ids is None else self._range(row_ids)
-        kv = self.kv_len(max(self.high[lo:hi]))
-        self.high[lo:hi] = [h + 1 for h in self.high[lo:hi]]
-        if row_ids is None:
-            h = self.model(tokens[:, None], self.pos[:, None], kv_len=kv)[:, 0]
-            self.pos += 1
-            return h
-        h = self._forward_rows(lo, hi, tokens[:, None], self.pos[row_ids][:, None], kv)[:, 0]
-        self.pos[row_ids] += 1
+        self._reserve(lo, hi, [h + 1 for h in self.high[lo:hi]])
+        kv = self.kv_len(max(self.high[lo:hi]) - 1)
+        h = self._forward_rows(lo, hi, tokens[:, None], self.pos[lo:hi][:, None], kv)[:, 0]
+        self.pos[lo:hi] += 1
         return h
 
     @torch.no_grad()
     def window(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed W tokens per row (all rows) at ``positions`` [rows, W] (consecutive per row); returns hidden
         [rows, W, d]. Slots past a row's position stay as they are until written again; positions do not move."""
-        high = int(positions.max())
-        if high >= self.model.cache_len:
-            raise ValueError(f"window position {high} is past the cache ({self.model.cache_len} slots)")
-        self.high = [max(h, high + 1) for h in self.high]
-        return self.model(tokens, positions, kv_len=self.kv_len(high))
+        last = positions[:, -1].tolist()  # one host sync per window: each row's bound
+        self._reserve(0, self.rows, [max(h, p + 1) for h, p in zip(self.high, last)])
+        return self._forward_rows(0, self.rows, tokens, positions, self.kv_len(max(last)))
+
+    def _reserve(self, lo: int, hi: int, high: List[int]) -> None:
+        """Rows lo..hi-1 will write up to (exclusive) positions ``high``: refuse a write past a row's own slots."""
+        for r, h in zip(range(lo, hi), high):
+            if h - self.offset[r] > self.capacity:
+                raise ValueError(f"row {r}: position {h - 1} is past its cache ({self.capacity} own slots after "
+                                 f"a {self.offset[r]}-token prefix)")
+        self.high[lo:hi] = high
 
     def _range(self, row_ids: torch.Tensor) -> Tuple[int, int]:
         lo, hi = int(row_ids[0]), int(row_ids[-1]) + 1
@@ -195,18 +235,8 @@ class CachedDecoder:
         return lo, hi
 
     def _forward_rows(self, lo: int, hi: int, tokens, positions, kv_len: int):
-        if lo == 0 and hi == self.rows:
-            return self.model(tokens, positions, kv_len=kv_len)
-        # a contiguous range of rows: views of the cache, no copies
-        caches = [layer.self_attn.cache for layer in self.model.model.layers]
-        saved = [(c.k, c.v) for c in caches]
-        try:
-            for c, (k, v) in zip(caches, saved):
-                c.k, c.v = k[lo:hi], v[lo:hi]
-            return self.model(tokens, positions, kv_len=kv_len)
-        finally:
-            for c, (k, v) in zip(caches, saved):
-                c.k, c.v = k, v
+        rows = None if (lo, hi) == (0, self.rows) else (lo, hi)  # a contiguous range: views of the cache
+        return self.model(tokens, positions, kv_len=kv_len, rows=rows)
 
     def close(self) -> None:
         self.model.clear_cache()
@@ -233,7 +263,7 @@ def sample_image_blocks(dec: CachedDecoder, n: int, h: int, w: int, vocab: Image
     L = layout.numel()
     row_ids = torch.arange(n, device=dev) if row_ids is None else row_ids.to(dev)
     if use_cfg:
-        dec.pos[n:] = 0  # unconditional rows: image-only context
+        dec.restart(n, 2 * n)  # unconditional rows: image-only context
     tokens = torch.empty(n, L, dtype=torch.long, device=dev)
     logprobs = torch.zeros(n, L, dtype=torch.float32, device=dev)
     chosen = layout == -1
@@ -397,11 +427,12 @@ def generate_images(model: Transformer, prompts: Sequence[Sequence[int]], vocab:
         raise ValueError("prompts must not be empty")
     use_cfg = scfg.cfg_scale != 1.0
     max_len = max(len(s) for s in distinct) + vocab.block_length(h, w) + 1
-    dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len, slack=scfg.cache_slack)
+    dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len, slack=scfg.cache_slack, attention=scfg.attention,
+                        prompt_len=min(len(s) for s in distinct))
     try:
         dec.prefill(torch.arange(n, device=dec.device), distinct, repeats=num_samples)
         if use_cfg:
-            dec.pos[n:] = 0
+            dec.restart(n, 2 * n)
         # the block starts with boi: the caller's prompt ends right before it
         return sample_image_blocks(dec, n, h, w, vocab, scfg)
     finally:

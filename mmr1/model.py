@@ -11,13 +11,18 @@ The qk-norm affine parameters are stored [heads, head_dim] (transformers'
 layout); Lumina's [model_parallel_size, head_dim] layout is repeat-interleaved
 to heads on load.
 
-Decoding uses a static, preallocated KV cache with one slot per position per
-row: row r's token at position p lives in slot p, keys are visible to a query at
-position q iff slot <= q. Rows may be at different positions (prompts of
-different lengths, CFG rows with their own context), and a decode step needs no
-host synchronization. Attention is torch's scaled_dot_product_attention;
-with flash-attn installed, fp16/bf16 decoding on CUDA uses
-flash_attn_with_kvcache on the same cache (its [B, S, H, D] layout).
+Decoding uses a static, preallocated KV cache (``setup_cache``) in one of three layouts:
+
+- ``"decode"`` (default): each row's own slots, plus a store of shared prompt prefixes. A prompt is prefilled once
+  (``forward(..., fill_prefix=True)``) and the rows that continue it -- a GRPO group's G samples -- point at it;
+  row r's token at position p lives in own slot p - offset[r] (offset: its prefix's length, 0 without one).
+  Attention is mmr1_kernels.decode_attention: each row reads its prefix and only its own live slots, so the
+  unconditional CFG rows read only their image block and a prompt is read once per group per step.
+- ``"sdpa"``: one slot per position per row (a prompt copied into each of its rows), and a masked
+  scaled_dot_product_attention over the first kv_len slots (the previous path, kept for comparison).
+- ``"flash_attn"``: the sdpa layout read by flash-attn's flash_attn_with_kvcache (CUDA, fp16/bf16).
+Rows may be at different positions (prompts of different lengths, CFG rows with their own context), and a decode
+step needs no host synchronization.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from mmr1_kernels import decode_attention
 
 
 @dataclass
@@ -132,33 +139,82 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def _flash_attn_with_kvcache():
+def flash_attn_kvcache():
+    """flash-attn's flash_attn_with_kvcache (the "flash_attn" cache layout), or a clear error without it."""
     try:
         from flash_attn import flash_attn_with_kvcache
-    except ImportError:
-        return None
+    except ImportError as err:
+        raise RuntimeError("the 'flash_attn' attention layout needs flash-attn (pip install flash-attn, CUDA "
+                           "fp16/bf16); use attention='decode' instead") from err
     return flash_attn_with_kvcache
 
 
-FLASH_KVCACHE = _flash_attn_with_kvcache()
+ATTENTION_LAYOUTS = ("decode", "sdpa", "flash_attn")
 
 
 class KVCache(nn.Module):
-    """Static cache for one layer: k, v [rows, max_len, kv_heads, head_dim] (flash-attn's layout); slot = position."""
+    """Static cache for one layer: each row's own slots k, v [rows, slots, kv_heads, head_dim] (flash-attn's layout)
+    and, in the "decode" layout, the shared prompt store prefix_k, prefix_v [P, Sp, kv_heads, head_dim]."""
 
     def __init__(self, rows: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (rows, max_len, kv_heads, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.prefix_k: Optional[torch.Tensor] = None
+        self.prefix_v: Optional[torch.Tensor] = None
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, D) at slots ``positions`` (B, T) of each row; return (B, H, S, D) views."""
-        B, T = positions.shape
-        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
-        self.k.index_put_((rows, positions), k.transpose(1, 2))
-        self.v.index_put_((rows, positions), v.transpose(1, 2))
-        return self.k.transpose(1, 2), self.v.transpose(1, 2)
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: slice = slice(None)):
+        """Write k, v (B, H, T, D) at own ``slots`` (B, T) of cache rows ``rows``; return the rows' (B, H, S, D)
+        views."""
+        B, T = slots.shape
+        r = torch.arange(B, device=slots.device)[:, None].expand(B, T)
+        ck, cv = self.k[rows], self.v[rows]
+        ck.index_put_((r, slots), k.transpose(1, 2))
+        cv.index_put_((r, slots), v.transpose(1, 2))
+        return ck.transpose(1, 2), cv.transpose(1, 2)
+
+    def add_prefixes(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append prompts' k, v (P, H, T, D) to the prefix store (padded to the longest prompt so far)."""
+        k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        if self.prefix_k is None:
+            self.prefix_k, self.prefix_v = k, v
+            return
+        Sp = max(self.prefix_k.shape[1], k.shape[1])
+        pad = lambda t: F.pad(t, (0, 0, 0, 0, 0, Sp - t.shape[1]))  # noqa: E731
+        self.prefix_k = torch.cat([pad(self.prefix_k), pad(k)])
+        self.prefix_v = torch.cat([pad(self.prefix_v), pad(v)])
+
+
+@dataclass
+class CacheLayout:
+    """What every layer's cache shares: the layout, and in the "decode" layout the prefix table -- each prompt's
+    length [P], each row's prompt [rows] (-1: none) and each row's offset [rows] (position of its own slot 0)."""
+
+    mode: str
+    rows: int
+    prefix_lengths: Optional[torch.Tensor] = None
+    prefix_of_row: Optional[torch.Tensor] = None
+    offset: Optional[torch.Tensor] = None
+
+    def add_prefixes(self, lengths: torch.Tensor, lo: int, hi: int, repeats: int) -> None:
+        """Prompts of ``lengths`` [P] now head rows lo..hi-1, ``repeats`` consecutive rows each."""
+        first = 0 if self.prefix_lengths is None else self.prefix_lengths.numel()
+        self.prefix_lengths = lengths if self.prefix_lengths is None else torch.cat([self.prefix_lengths, lengths])
+        ids = torch.arange(first, first + lengths.numel(), device=lengths.device).repeat_interleave(repeats)
+        self.prefix_of_row[lo:hi] = ids
+        self.offset[lo:hi] = lengths.repeat_interleave(repeats)
+
+
+@dataclass
+class CacheCall:
+    """How one cached forward uses the cache (built by Transformer.forward)."""
+
+    layout: CacheLayout
+    rows: slice  # the cache rows of this batch
+    fill_prefix: bool = False  # the batch is prompts: store their k, v as shared prefixes
+    slots: Optional[torch.Tensor] = None  # [B, T] own slots written ("decode": position - offset)
+    mask: Optional[torch.Tensor] = None  # "sdpa": [B, 1, T, S] visibility of the first S slots
 
 
 class Attention(nn.Module):
@@ -174,29 +230,42 @@ class Attention(nn.Module):
         self.k_norm = QKNorm(cfg.num_kv_heads, hd)
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, positions, mask):
+    def forward(self, x, cos, sin, positions, mask, call: Optional[CacheCall] = None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None and FLASH_KVCACHE is not None and x.is_cuda and x.dtype in (torch.float16,
-                                                                                              torch.bfloat16):
+        if call is not None and call.fill_prefix:  # prompts: keep their k, v once, attend causally among them
+            self.cache.add_prefixes(k, v)
+            return self.o_proj(self._sdpa(q, k, v, None, T).transpose(1, 2).reshape(B, T, -1))
+        if call is not None and call.layout.mode == "decode":
+            lay = call.layout
+            ck, cv = self.cache.update(call.slots, k, v, call.rows)
+            shared = dict(prefix_k=self.cache.prefix_k, prefix_v=self.cache.prefix_v,
+                          prefix_lengths=lay.prefix_lengths, prefix_of_row=lay.prefix_of_row[call.rows]) \
+                if self.cache.prefix_k is not None else {}
+            y = decode_attention(q.transpose(1, 2), ck.transpose(1, 2), cv.transpose(1, 2), call.slots[:, 0],
+                                 check=False, **shared)  # (B, T, H, D)
+            return self.o_proj(y.reshape(B, T, -1))
+        if call is not None and call.layout.mode == "flash_attn":
             # flash-attn appends k/v at cache_seqlens and attends causally over each row's prefix: this
             # matches slot = position because the decoder feeds every row contiguous positions.
-            y = FLASH_KVCACHE(q.transpose(1, 2), self.cache.k, self.cache.v, k=k.transpose(1, 2),
-                              v=v.transpose(1, 2), cache_seqlens=positions[:, 0].to(torch.int32), causal=True)
+            y = flash_attn_kvcache()(q.transpose(1, 2), self.cache.k[call.rows], self.cache.v[call.rows],
+                                     k=k.transpose(1, 2), v=v.transpose(1, 2),
+                                     cache_seqlens=positions[:, 0].to(torch.int32), causal=True)
             return self.o_proj(y.reshape(B, T, -1))
-        if self.cache is not None:
-            k, v = self.cache.update(positions, k, v)
-            # attend only to the live prefix of the cache the mask covers (Transformer.forward's kv_len):
-            # early in a block, and on the unconditional CFG rows, most of the static cache is still empty
+        if call is not None:  # "sdpa": slot = position, the live prefix of the cache the mask covers
+            k, v = self.cache.update(positions, k, v, call.rows)
+            mask = call.mask
             k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+        return self.o_proj(self._sdpa(q, k, v, mask, T).transpose(1, 2).reshape(B, T, -1))
+
+    def _sdpa(self, q, k, v, mask, T):
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
 
 
 class MLP(nn.Module):
@@ -219,11 +288,11 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, mask):
+    def forward(self, x, cos, sin, positions, mask, call: Optional[CacheCall] = None):
         if self.swin_norm:  # 34B: normalize the sub-layer outputs
-            x = x + self.input_layernorm(self.self_attn(x, cos, sin, positions, mask))
+            x = x + self.input_layernorm(self.self_attn(x, cos, sin, positions, mask, call))
             return x + self.post_attention_layernorm(self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, call)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -239,35 +308,60 @@ class Transformer(nn.Module):
         # recompute each block in the backward instead of keeping its activations (a training option, not a
         # property of the weights: the trainers set it from their configs)
         self.activation_checkpointing = False
+        self.cache_layout: Optional[CacheLayout] = None
 
     # ----------------------------------------------------------------- cache
-    def setup_cache(self, rows: int, max_len: int, dtype=None, device=None) -> None:
-        """Allocate the static KV cache for ``rows`` rows of up to ``max_len`` positions."""
+    def setup_cache(self, rows: int, max_len: int, dtype=None, device=None, attention: str = "decode") -> None:
+        """Allocate the static KV cache: ``rows`` rows of ``max_len`` own slots each, in the ``attention`` layout
+        (see the module docstring; "decode" also keeps a store of shared prompt prefixes, filled by forward(...,
+        fill_prefix=True))."""
+        if attention not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, got {attention!r}")
         p = self.lm_head.weight
+        dev = device or p.device
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(rows, max_len, self.config.num_kv_heads, self.config.head_dim,
-                                            dtype or p.dtype, device or p.device)
+                                            dtype or p.dtype, dev)
+        self.cache_layout = CacheLayout(attention, rows)
+        if attention == "decode":
+            self.cache_layout.prefix_of_row = torch.full((rows,), -1, dtype=torch.long, device=dev)
+            self.cache_layout.offset = torch.zeros(rows, dtype=torch.long, device=dev)
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.cache = None
+        self.cache_layout = None
 
     @property
     def cache_len(self) -> int:
+        """Own slots per cache row (0 without a cache)."""
         c = self.model.layers[0].self_attn.cache
         return 0 if c is None else c.k.shape[1]
 
+    def cache_bytes(self) -> int:
+        """Bytes held by the KV cache: every layer's own slots and prefix store."""
+        total = 0
+        for layer in self.model.layers:
+            c = layer.self_attn.cache
+            if c is not None:
+                for t in (c.k, c.v, c.prefix_k, c.prefix_v):
+                    total += 0 if t is None else t.numel() * t.element_size()
+        return total
+
     # ----------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
+                rows: Optional[Tuple[int, int]] = None, fill_prefix: bool = False) -> torch.Tensor:
         """Final hidden states [B, T, d] (after the last norm) for tokens [B, T].
 
-        With a cache (setup_cache): ``positions`` [B, T] are the slots/positions
-        of the tokens (per row), and each query sees cached slots <= its position.
-        Without a cache: a causal pass over the whole sequence; ``attention_mask``
-        [B, T] (1 = real token) masks padding keys. ``kv_len`` (with a cache): an
-        upper bound on every position + 1; attention then reads only the first
-        kv_len slots of the cache instead of all of them.
+        With a cache (setup_cache): ``positions`` [B, T] are the tokens' positions (per row, consecutive within
+        a row), written to the cache and attended to causally together with everything the row cached before.
+        ``rows=(lo, hi)``: the batch is cache rows lo..hi-1 (default: all rows). ``fill_prefix`` ("decode"
+        layout): the batch is prompts from position 0, stored once as shared prefixes (the decoder then points
+        rows at them: CacheLayout.add_prefixes). ``kv_len`` ("sdpa" layout): an upper bound on every position + 1;
+        attention then reads only the first kv_len slots of the cache instead of all of them.
+        Without a cache: a causal pass over the whole sequence; ``attention_mask`` [B, T] (1 = real token) masks
+        padding keys.
         """
         B, T = tokens.shape
         if positions is None:
@@ -275,22 +369,33 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         S = self.cache_len
-        if S and kv_len is not None:
-            S = max(1, min(S, int(kv_len)))
+        mask, call = None, None
         if S:
-            mask = torch.arange(S, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
+            lay = self.cache_layout
+            sel = slice(None) if rows is None else slice(rows[0], rows[1])
+            if fill_prefix:
+                if lay.mode != "decode":
+                    raise ValueError(f"fill_prefix needs the 'decode' cache layout, this cache is {lay.mode!r}")
+                call = CacheCall(lay, sel, fill_prefix=True)
+            elif lay.mode == "decode":
+                call = CacheCall(lay, sel, slots=positions - lay.offset[sel][:, None])
+            elif lay.mode == "sdpa":
+                if kv_len is not None:
+                    S = max(1, min(S, int(kv_len)))
+                mask = torch.arange(S, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
+                call = CacheCall(lay, sel, mask=mask)
+            else:
+                call = CacheCall(lay, sel)
         elif attention_mask is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
             mask = mask | torch.eye(T, dtype=torch.bool, device=tokens.device)[None, None]  # no all-masked rows
-        else:
-            mask = None
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and not S
         for layer in self.model.layers:
             if recompute:  # keeps only the block's input; the backward runs the block again
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, positions, mask)
+                x = layer(x, cos, sin, positions, mask, call)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor, vocab_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -420,5 +525,5 @@ def init_weights(model: Transformer, std: float = 0.02, seed: Optional[int] = No
     return model
 
 
-__all__ = ["ModelConfig", "Transformer", "KVCache", "load_transformer", "save_transformer", "read_safetensors",
+__all__ = ["ModelConfig", "Transformer", "KVCache", "CacheLayout", "ATTENTION_LAYOUTS", "load_transformer", "save_transformer", "read_safetensors",
            "init_weights", "num_params", "teacher_forced_hidden", "target_span_mask"]

@@ -84,7 +84,8 @@ def xcot_rollout(model: Transformer, prompts: Sequence[Sequence[int]], vocab: Im
     (sh, sw), (fh, fw) = fmt.subject_hw, fmt.final_hw
     max_len = (max(len(s) for s in seqs) + (fmt.max_text_tokens if fmt.reasoning else 0)
                + (vocab.block_length(sh, sw) if fmt.subject_image else 0) + vocab.block_length(fh, fw) + 2)
-    dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len, slack=scfg.cache_slack)
+    dec = CachedDecoder(model, 2 * n if use_cfg else n, max_len, slack=scfg.cache_slack, attention=scfg.attention,
+                        prompt_len=min(len(s) for s in seqs))
     dev = dec.device
     rows = torch.arange(n, device=dev)
     row_ids = rows if row_ids is None else row_ids.to(dev)
@@ -147,7 +148,8 @@ def caption_rollout(model: Transformer, prompts: Sequence[Sequence[int]], codes:
         raise ValueError("prompts must not be empty")
     if codes.shape[0] != len(prompts):
         raise ValueError("codes must hold one image per prompt")
-    dec = CachedDecoder(model, n, max(len(s) for s in seqs) + max_tokens + 1)
+    dec = CachedDecoder(model, n, max(len(s) for s in seqs) + max_tokens + 1, attention=scfg.attention,
+                        prompt_len=min(len(s) for s in seqs))
     rows = torch.arange(n, device=dec.device)
     try:
         first = dec.prefill(rows, seqs)
