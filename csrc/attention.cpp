@@ -19,6 +19,7 @@
 #include "common.h"
 
 #include <atomic>
+#include <type_traits>
 
 #include <torch/library.h>
 
@@ -106,6 +107,29 @@ static inline v8f ld8(const float* p) {
   return r;
 }
 static inline void st8(float* p, v8f x) { std::memcpy(p, &x, sizeof x); }
+// 8 16-bit cache elements as fp32 lanes, converted in registers (no fp32 copy of the block written and read back)
+static inline v8f ld8(const c10::BFloat16* p) {
+  typedef uint16_t v8u16 __attribute__((vector_size(16)));
+  typedef uint32_t v8u32 __attribute__((vector_size(32)));
+  v8u16 h;
+  std::memcpy(&h, p, sizeof h);
+  const v8u32 w = __builtin_convertvector(h, v8u32) << 16;  // bf16 = the top half of an fp32
+  v8f r;
+  std::memcpy(&r, &w, sizeof r);
+  return r;
+}
+static inline v8f ld8(const c10::Half* p) {
+#if defined(__F16C__) && defined(__AVX__)
+  const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  v8f r;
+  std::memcpy(&r, &x, sizeof r);
+  return r;
+#else
+  alignas(32) float t[8];
+  for (int i = 0; i < 8; ++i) t[i] = static_cast<float>(p[i]);
+  return ld8(t);
+#endif
+}
 // pairwise sums within 4-lane halves, like x86's vhaddps: [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]
 static inline v8f hadd8(v8f a, v8f b) {
   return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
@@ -122,10 +146,10 @@ static inline v8f sums8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6, 
 // p.V for two queries at once (a and b; probabilities pa[j * ps] / pb[j * ps] over the block's first nn keys, zero
 // past each one's own count): 8 independent FMA chains per key and each V vector loaded once for both (one query
 // alone is bound by the FMA latency of its 4 chains).
-template <int64_t DD>
+template <int64_t DD, typename T>
 static inline __attribute__((always_inline)) void pv_pair(const float* __restrict pa, const float* __restrict pb,
                                                           int64_t ps, float alpha_a, float alpha_b, int64_t nn,
-                                                          int64_t D, const float* __restrict v, int64_t vs,
+                                                          int64_t D, const T* __restrict v, int64_t vs,
                                                           float* __restrict oa, float* __restrict ob) {
   for (int64_t d0 = 0; d0 < D; d0 += 32) {
     if (D - d0 >= 32) {
@@ -134,7 +158,7 @@ static inline __attribute__((always_inline)) void pv_pair(const float* __restric
       v8f b0 = ld8(ob + d0) * alpha_b, b1 = ld8(ob + d0 + 8) * alpha_b;
       v8f b2 = ld8(ob + d0 + 16) * alpha_b, b3 = ld8(ob + d0 + 24) * alpha_b;
       for (int64_t j = 0; j < nn; ++j) {
-        const float* vj = v + j * vs + d0;
+        const T* vj = v + j * vs + d0;
         const v8f v0 = ld8(vj), v1 = ld8(vj + 8), v2 = ld8(vj + 16), v3 = ld8(vj + 24);
         const float x = pa[j * ps], y = pb[j * ps];
         a0 += x * v0;
@@ -254,22 +278,48 @@ static inline __attribute__((always_inline)) void block_attend_q8(
     pv_pair<DD>(pt + t, pt + t + 1, 8, a[t], a[t + 1], nmax, D, v, vs, acc + t * D, acc + (t + 1) * D);
 }
 
+// p.V for one query: 8 output vectors (64 dims) per pass, 8 independent FMA chains.
+template <typename T>
+static inline __attribute__((always_inline)) void pv_one(const float* __restrict pa, float alpha, int64_t nn,
+                                                         int64_t D, const T* __restrict v, int64_t vs,
+                                                         float* __restrict oa) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) {
+    v8f o[8];
+    for (int64_t u = 0; u < 8; ++u) o[u] = ld8(oa + d0 + 8 * u) * alpha;
+    for (int64_t j = 0; j < nn; ++j) {
+      const float x = pa[j];
+      const T* vj = v + j * vs + d0;
+      for (int64_t u = 0; u < 8; ++u) o[u] += x * ld8(vj + 8 * u);
+    }
+    for (int64_t u = 0; u < 8; ++u) st8(oa + d0 + 8 * u, o[u]);
+  }
+  for (; d0 < D; d0 += 8) {
+    v8f o = ld8(oa + d0) * alpha;
+    for (int64_t j = 0; j < nn; ++j) o += pa[j] * ld8(v + j * vs + d0);
+    st8(oa + d0, o);
+  }
+}
+
 // fp32, D = DD (a multiple of 8; 0: any multiple of 8 given at run time). p [nq][kKeyBlock] and alpha [nq]:
 // scratch for the queries' probabilities and old-state weights.
-template <int64_t DD>
+// T: the keys' and values' element type (fp32, or a 16-bit cache read and converted in registers; the 16-bit
+// kernels serve fewer than 8 queries per kv head -- with more, the block is converted once and shared).
+template <int64_t DD, typename T>
 static inline __attribute__((always_inline)) void block_attend_v8_body(
-    const float* __restrict q, int64_t nq, int64_t D_, const float* __restrict k, int64_t ks,
-    const float* __restrict v, int64_t vs, int64_t n, const int64_t* __restrict visible, float* __restrict m,
-    float* __restrict l, float* __restrict acc, float* __restrict p, float* __restrict alpha,
-    const float* __restrict qt) {
+    const float* __restrict q, int64_t nq, int64_t D_, const T* __restrict k, int64_t ks, const T* __restrict v,
+    int64_t vs, int64_t n, const int64_t* __restrict visible, float* __restrict m, float* __restrict l,
+    float* __restrict acc, float* __restrict p, float* __restrict alpha, const float* __restrict qt) {
   const int64_t D = DD > 0 ? DD : D_;
   alignas(32) float s[kKeyBlock];
-  const float* kr[kKeyBlock];  // key rows; past the block's n keys, the last one again (read, never used)
+  const T* kr[kKeyBlock];  // key rows; past the block's n keys, the last one again (read, never used)
   for (int64_t t = 0; t < kKeyBlock; ++t) kr[t] = k + std::min<int64_t>(t, n - 1) * ks;
   int64_t first = 0;
-  for (; first + 8 <= nq; first += 8)  // groups of 8 queries, lanes = queries (qt: the groups transposed, [D][8])
-    block_attend_q8<DD>(qt + first * D, D, kr, v, vs, visible + first, m + first, l + first, acc + first * D, p,
-                        p + kKeyBlock * 8);
+  if constexpr (std::is_same_v<T, float>) {
+    for (; first + 8 <= nq; first += 8)  // groups of 8 queries, lanes = queries (qt: the groups transposed)
+      block_attend_q8<DD>(qt + first * D, D, kr, v, vs, visible + first, m + first, l + first, acc + first * D, p,
+                          p + kKeyBlock * 8);
+  }
   for (int64_t i = first; i < nq; ++i) {  // the rest: scores and the softmax bookkeeping one query at a time
     const int64_t nn = visible[i];
     float* pi = p + i * kKeyBlock;
@@ -281,7 +331,7 @@ static inline __attribute__((always_inline)) void block_attend_v8_body(
     const float* qi = q + i * D;
     for (int64_t j = 0; j < nn; j += 8) {  // 8 keys at a time: 8 independent FMA chains, one tree for the sums
       v8f a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
-      const float* const* kj = kr + j;
+      const T* const* kj = kr + j;
       for (int64_t c = 0; c < D; c += 8) {
         const v8f qv = ld8(qi + c);
         a0 += qv * ld8(kj[0] + c);
@@ -304,24 +354,50 @@ static inline __attribute__((always_inline)) void block_attend_v8_body(
       pv_pair<DD>(p + i * kKeyBlock, p + (i + 1) * kKeyBlock, 1, alpha[i], alpha[i + 1], nn, D, v, vs, acc + i * D,
                   acc + (i + 1) * D);
   }
-  if (i < nq && visible[i] > 0) {  // an odd one: paired with itself, written twice (same values)
-    pv_pair<DD>(p + i * kKeyBlock, p + i * kKeyBlock, 1, alpha[i], alpha[i], visible[i], D, v, vs, acc + i * D,
-                acc + i * D);
-  }
+  if (i < nq && visible[i] > 0) pv_one(p + i * kKeyBlock, alpha[i], visible[i], D, v, vs, acc + i * D);
 }
 
-#define MMR1_ATTN_V8(DD)                                                                                          \
-  MMR1_MULTIVERSION void block_attend_v8_##DD(const float* q, int64_t nq, int64_t D, const float* k, int64_t ks,  \
-                                              const float* v, int64_t vs, int64_t n, const int64_t* visible,      \
-                                              float* m, float* l, float* acc, float* p, float* alpha,             \
-                                              const float* qt) {                                                  \
-    block_attend_v8_body<DD>(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, qt);                        \
+#define MMR1_ATTN_V8(DD, T, SUFFIX)                                                                               \
+  MMR1_MULTIVERSION void block_attend_v8_##SUFFIX##DD(const float* q, int64_t nq, int64_t D, const T* k,         \
+                                                      int64_t ks, const T* v, int64_t vs, int64_t n,               \
+                                                      const int64_t* visible, float* m, float* l, float* acc,      \
+                                                      float* p, float* alpha, const float* qt) {                   \
+    block_attend_v8_body<DD, T>(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, qt);                     \
   }
-MMR1_ATTN_V8(0)
-MMR1_ATTN_V8(32)
-MMR1_ATTN_V8(64)
-MMR1_ATTN_V8(128)
+MMR1_ATTN_V8(0, float, f32_)
+MMR1_ATTN_V8(32, float, f32_)
+MMR1_ATTN_V8(64, float, f32_)
+MMR1_ATTN_V8(128, float, f32_)
+MMR1_ATTN_V8(0, c10::BFloat16, bf16_)
+MMR1_ATTN_V8(32, c10::BFloat16, bf16_)
+MMR1_ATTN_V8(64, c10::BFloat16, bf16_)
+MMR1_ATTN_V8(128, c10::BFloat16, bf16_)
+MMR1_ATTN_V8(0, c10::Half, f16_)
+MMR1_ATTN_V8(32, c10::Half, f16_)
+MMR1_ATTN_V8(64, c10::Half, f16_)
+MMR1_ATTN_V8(128, c10::Half, f16_)
 #undef MMR1_ATTN_V8
+
+// The 16-bit caches read in place (fewer than 8 queries per kv head, D a multiple of 8); false: convert the block.
+#define MMR1_ATTN_DIRECT(T, SUFFIX)                                                                                \
+  static bool block_attend_direct(const float* q, int64_t nq, int64_t D, const T* k, int64_t ks, const T* v,     \
+                                  int64_t vs, int64_t n, const int64_t* visible, float* m, float* l, float* acc,  \
+                                  float* p, float* alpha) {                                                       \
+    if (nq >= 8 || D % 8 != 0) return false;                                                                      \
+    switch (D) {                                                                                                  \
+      case 32: block_attend_v8_##SUFFIX##32(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, nullptr);   \
+        return true;                                                                                              \
+      case 64: block_attend_v8_##SUFFIX##64(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, nullptr);   \
+        return true;                                                                                              \
+      case 128: block_attend_v8_##SUFFIX##128(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, nullptr); \
+        return true;                                                                                              \
+      default: block_attend_v8_##SUFFIX##0(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, nullptr);    \
+        return true;                                                                                              \
+    }                                                                                                             \
+  }
+MMR1_ATTN_DIRECT(c10::BFloat16, bf16_)
+MMR1_ATTN_DIRECT(c10::Half, f16_)
+#undef MMR1_ATTN_DIRECT
 #endif
 
 MMR1_MULTIVERSION void block_attend_generic_f32(const float* q, int64_t nq, int64_t D, const float* k, int64_t ks,
@@ -335,11 +411,11 @@ static void block_attend(const float* q, int64_t nq, int64_t D, const float* k, 
                          float* alpha, const float* qt) {
 #ifdef MMR1_VECTOR_ATTENTION
   switch (D) {
-    case 32: return block_attend_v8_32(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, qt);
-    case 64: return block_attend_v8_64(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, qt);
-    case 128: return block_attend_v8_128(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, qt);
+    case 32: return block_attend_v8_f32_32(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, qt);
+    case 64: return block_attend_v8_f32_64(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, qt);
+    case 128: return block_attend_v8_f32_128(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, qt);
     default:
-      if (D % 8 == 0) return block_attend_v8_0(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, qt);
+      if (D % 8 == 0) return block_attend_v8_f32_0(q, nq, D, k, ks, v, vs, n, visible, m, l, acc, p, alpha, qt);
   }
 #endif
   (void)p;
@@ -420,23 +496,38 @@ void attend_keys(const scalar_t* kbase, const scalar_t* vbase, int64_t kstride, 
       any = any || vis > 0;
     }
     if (!any) break;  // limits only shrink the visible range: no later block is seen either
-    // prefetch the next block, every head (a block with many queries computes long enough for the hardware
-    // prefetchers to fall behind: a one-(block, head)-ahead prefetch ran the demo's W = 8 windows at ~4 GB/s)
-    const int64_t n1 = std::min(kKeyBlock, nkeys - kb - kKeyBlock);
-    const int64_t row_bytes = Hkv * hstride * static_cast<int64_t>(sizeof(scalar_t));
-    for (int64_t j = 0; j < n1; ++j) {
-      const char* kp = reinterpret_cast<const char*>(kbase + (kb + kKeyBlock + j) * kstride);
-      const char* vp = reinterpret_cast<const char*>(vbase + (kb + kKeyBlock + j) * kstride);
-      for (int64_t b = 0; b < row_bytes; b += 64) {
-        __builtin_prefetch(kp + b, 0, 2);
-        __builtin_prefetch(vp + b, 0, 2);
-      }
-    }
     for (int64_t g = 0; g < Hkv; ++g) {
+      // software prefetch of the (block, head) step `dist` steps ahead, ~48 KiB of keys and values: a key's heads
+      // span Hkv * D elements, and past 4 KiB (Lumina: 32 x 128 bf16 = 8 KiB) every key of a head is on another
+      // page, where the hardware prefetchers stop; a whole next block (512 KiB there) would evict the current one
+      // from L2. Measured at Lumina's shapes, bf16, 16 rows x 2200 keys: ~2x the throughput of no prefetch.
+      {
+        const int64_t step_bytes = 2 * kKeyBlock * D * static_cast<int64_t>(sizeof(scalar_t));
+        const int64_t dist = std::max<int64_t>(1, (48 << 10) / step_bytes);
+        const int64_t ahead = (kb / kKeyBlock) * Hkv + g + dist;
+        const int64_t kb1 = (ahead / Hkv) * kKeyBlock, g1 = ahead % Hkv;
+        const int64_t n1 = std::min(kKeyBlock, nkeys - kb1);
+        for (int64_t j = 0; j < n1; ++j) {
+          const char* kp = reinterpret_cast<const char*>(kbase + (kb1 + j) * kstride + g1 * hstride);
+          const char* vp = reinterpret_cast<const char*>(vbase + (kb1 + j) * kstride + g1 * hstride);
+          for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+            __builtin_prefetch(kp + b, 0, 2);
+            __builtin_prefetch(vp + b, 0, 2);
+          }
+        }
+      }
+      const int64_t at = g * nq;
+#ifdef MMR1_VECTOR_ATTENTION
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
+        if (block_attend_direct(sc.q.data() + at * D, nq, D, kbase + kb * kstride + g * hstride, kstride,
+                                vbase + kb * kstride + g * hstride, kstride, n, sc.visible.data(), sc.m.data() + at,
+                                sc.l.data() + at, sc.acc.data() + at * D, sc.p.data(), sc.alpha.data()))
+          continue;
+      }
+#endif
       int64_t ks = 0, vs = 0;
       const A* k = Rows<scalar_t, A>::get(kbase + kb * kstride + g * hstride, kstride, n, D, sc.kb, &ks);
       const A* v = Rows<scalar_t, A>::get(vbase + kb * kstride + g * hstride, kstride, n, D, sc.vb, &vs);
-      const int64_t at = g * nq;
       block_attend(sc.q.data() + at * D, nq, D, k, ks, v, vs, n, sc.visible.data(), sc.m.data() + at,
                    sc.l.data() + at, sc.acc.data() + at * D, sc.p.data(), sc.alpha.data(), sc.qt.data() + at * D);
     }

@@ -85,6 +85,10 @@ class GRPOConfig:
     # (python -m bench.jacobi) before switching.
     decode: str = "sequential"
     jacobi_window: int = 8
+    # the rollouts' KV cache: "decode" (one copy of each prompt for its G samples, per-row lengths:
+    # mmr1_kernels.decode_attention), "sdpa" (the previous path: prompts copied G times, masked SDPA) or
+    # "flash_attn" (that layout through flash-attn; CUDA fp16/bf16) -- the same tokens (SamplingConfig.attention)
+    attention: str = "decode"
     # sequences per forward/backward of the policy update (0: the whole batch at once): activations of one
     # micro-batch at a time, the same gradient (the loss weights are the whole batch's)
     micro_batch_size: int = 0
@@ -111,7 +115,7 @@ class GRPOConfig:
         return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, text_temperature=self.text_temperature, text_top_k=self.text_top_k,
                               backend=self.backend, decode=self.decode, jacobi_window=self.jacobi_window,
-                              seed=(self.seed * 1_000_003 + step) % (2**63))
+                              attention=self.attention, seed=(self.seed * 1_000_003 + step) % (2**63))
 
 
 def lr_lambda(cfg: GRPOConfig):

@@ -47,11 +47,11 @@ def triton_kernels():
         # triton 3.6's interpreter fails on the kernels' range(0, W, BLOCK) loops ("only 0-dimensional arrays can
         # be converted to Python scalars"); 3.9 is what these tests run with. On a GPU every version compiles them.
         pytest.skip(f"triton {_triton_version()}'s interpreter cannot run these kernels (use triton >= 3.9 on CPU)")
-    from mmr1_kernels.gpu import advantages, logprob
+    from mmr1_kernels.gpu import advantages, attention, logprob
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy: -inf - -inf in masked lanes
-        yield type("TritonKernels", (), {"logprob": logprob, "advantages": advantages})
+        yield type("TritonKernels", (), {"logprob": logprob, "advantages": advantages, "attention": attention})
 
 
 @pytest.fixture(autouse=True)

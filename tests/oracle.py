@@ -145,3 +145,47 @@ def group_advantages(rewards: Sequence[float], groups: Sequence[int], mode: str 
 def metrics_close(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], atol: float) -> None:
     for k, v in want.items():
         torch.testing.assert_close(torch.as_tensor(got[k]).double(), v.double(), atol=atol, rtol=0, msg=k)
+
+
+def decode_attention(q, k, v, lengths, prefix=None, scale=None):
+    """Attention of each query over its context, written per query from DESIGN.md "Kernel semantics" 4, in fp64.
+
+    q [R, W, H, D]; k, v [R, S, Hkv, D]; lengths [R]; prefix: None or (prefix_k, prefix_v, prefix_lengths,
+    prefix_of_row). Query (r, w, h) sees its prompt's first prefix_lengths[p] prefix keys (p = prefix_of_row[r] >= 0)
+    and its own slots j < lengths[r] + w + 1 (at most S); kv head h // (H / Hkv). Returns (out [R, W, H, D],
+    lse [R, W, H], and per query the statistics the tolerance needs: ``mag`` = scale * max_j sum_d |q_d k_jd|,
+    ``vabs`` [R, W, H, D] = sum_j p_j |v_jd|, ``n`` the number of keys seen)."""
+    R, W, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.zeros(R, W, H, D, dtype=torch.float64)
+    vabs = torch.zeros(R, W, H, D, dtype=torch.float64)
+    lse = torch.full((R, W, H), float("-inf"), dtype=torch.float64)
+    mag = torch.zeros(R, W, H, dtype=torch.float64)
+    n = torch.zeros(R, W, H, dtype=torch.float64)
+    for r in range(R):
+        for w in range(W):
+            for h in range(H):
+                g = h // (H // Hkv)
+                keys, vals = [], []
+                if prefix is not None:
+                    pk, pv, plen, of_row = prefix
+                    p = int(of_row[r])
+                    if p >= 0:
+                        keys.append(pk[p, : int(plen[p]), g].double())
+                        vals.append(pv[p, : int(plen[p]), g].double())
+                own = min(int(lengths[r]) + w + 1, S)
+                keys.append(k[r, :own, g].double())
+                vals.append(v[r, :own, g].double())
+                kk, vv = torch.cat(keys), torch.cat(vals)
+                n[r, w, h] = kk.shape[0]
+                if kk.shape[0] == 0:
+                    continue
+                qq = q[r, w, h].double()
+                s = (kk @ qq) * scale
+                lse[r, w, h] = torch.logsumexp(s, 0)
+                p_ = torch.softmax(s, 0)
+                out[r, w, h] = p_ @ vv
+                vabs[r, w, h] = p_ @ vv.abs()
+                mag[r, w, h] = scale * float((kk.abs() @ qq.abs()).max())
+    return out, lse, {"mag": mag, "vabs": vabs, "n": n}

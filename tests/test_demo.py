@@ -183,3 +183,31 @@ def test_jacobi_rollouts_on_the_shipped_model_are_the_sequential_ones():
     torch.testing.assert_close(jac.logprobs, seq.logprobs, atol=5e-5, rtol=5e-5)
     L = world.image.block_length(*fmt.final_hw)
     assert len(forwards) == 2 and all(b.forwards <= 0.6 * (L - 1) for b in forwards), [b.forwards for b in forwards]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decode", ["sequential", "jacobi"])
+def test_shared_prefix_rollouts_on_the_shipped_model_draw_the_previous_tokens(decode):
+    """The demo's GRPO batch on the shipped model -- 8 prompts (one- and two-reference) x G = 4, CFG 2 and no CFG --
+    through the decode layout (one copy of each prompt; mmr1_kernels.decode_attention) draws, token for token, what
+    the previous path (prompts copied per row, masked SDPA) draws, with log-probs equal to fp32 rounding."""
+    from mmr1.generate import SamplingConfig
+    from mmr1.model import load_transformer
+    from mmr1.rollout import xcot_rollout
+    from mmr1.world import load_world
+    from mmr1.world.demo import DemoConfig, shipped_cold_start
+    from mmr1.world.tasks import make_prompts, split_subjects, xcot_format
+
+    root = shipped_cold_start(DemoConfig())
+    assert root is not None, "mmr1/assets/demo is missing or stale: run `make cold-start`"
+    world, model = load_world(root / "world"), load_transformer(root / "cold_start")
+    train, _ = split_subjects(0, DemoConfig.held_out_frac)
+    prompts = [p["prompt_ids"] for p in make_prompts(world, train, 8, seed=3, pair_frac=0.5)]
+    assert len({len(p) for p in prompts}) == 2  # one- and two-reference prompts
+    for cfg_scale in (2.0, 1.0):
+        ros = {att: xcot_rollout(model, prompts, world.image, xcot_format(world), SamplingConfig(
+            cfg_scale=cfg_scale, top_k=0, text_top_k=0, seed=17, decode=decode, jacobi_window=8, attention=att),
+            num_samples=4) for att in ("sdpa", "decode")}
+        a, b = ros["sdpa"], ros["decode"]
+        assert torch.equal(a.tokens, b.tokens), f"cfg {cfg_scale}: {int((a.tokens != b.tokens).sum())} tokens differ"
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=5e-5, rtol=5e-5)

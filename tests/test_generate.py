@@ -42,19 +42,27 @@ def test_generate_images_structure_and_head_modes_agree():
     assert not torch.equal(a.codes[0], a.codes[1]), "samples of one prompt must differ (own RNG rows)"
 
 
-def test_decode_attends_to_the_live_prefix_only_and_matches_a_full_forward():
-    """CachedDecoder steps read only the first kv_len slots of a 300-slot cache (prefix bound rounded to 64);
-    hidden states equal a cache-free causal forward, including rows stepped as a sub-range."""
+@pytest.mark.parametrize("attention", ["decode", "sdpa"])
+def test_decode_attends_to_the_live_prefix_only_and_matches_a_full_forward(attention, monkeypatch):
+    """Hidden states of CachedDecoder steps equal a cache-free causal forward, including rows stepped as a
+    sub-range. "sdpa" reads only the first kv_len slots of a 300-slot cache (the bound rounded to 64); "decode"
+    keeps the 70-token prompts in the prefix store, each row's own 230 slots hold only what followed, and every step
+    reads exactly the live own slots (lengths = steps so far)."""
+    import mmr1.model as M
+
     cfg = ModelConfig(vocab_size=V, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                       max_seq_len=320)
     model = init_weights(Transformer(cfg), std=0.3, seed=4).eval()
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(4, V, (4, 150), generator=g)
     full = model(seqs)
-    dec = CachedDecoder(model, 4, 300)
-    seen = []
+    dec = CachedDecoder(model, 4, 300, attention=attention, prompt_len=70)
+    seen, lengths = [], []
     orig = model.forward
     model.forward = lambda *a, **k: seen.append(k.get("kv_len")) or orig(*a, **k)
+    real = M.decode_attention
+    monkeypatch.setattr(M, "decode_attention", lambda q, k, v, n, **kw: lengths.append(n.tolist()) or real(q, k, v, n,
+                                                                                                          **kw))
     try:
         h0 = dec.prefill(torch.arange(4), [s[:70].tolist() for s in seqs])
         torch.testing.assert_close(h0, full[:, 69], atol=1e-5, rtol=1e-5)
@@ -64,12 +72,33 @@ def test_decode_attends_to_the_live_prefix_only_and_matches_a_full_forward():
             else:
                 h = dec.step(seqs[:, t])
             torch.testing.assert_close(h, full[:, t], atol=1e-5, rtol=1e-5)
+        layer = model.model.layers[0].self_attn.cache
+        if attention == "decode":  # the prompts once in the store, own slots for the 80 steps (230 allocated)
+            assert layer.prefix_k.shape[:2] == (4, 70) and layer.k.shape[1] == 230
+            per_layer = [n for n in lengths[::cfg.num_layers]]
+            want = []
+            for t in range(80):
+                want += [[t, t], [t, t]] if (70 + t) % 2 else [[t] * 4]
+            assert per_layer == want
+        else:
+            assert layer.prefix_k is None and layer.k.shape[1] == 300 and not lengths
     finally:
         model.forward = orig
         dec.close()
-    assert seen[1] == 128 and max(seen) == 192  # never the whole 300-slot cache
+    if attention == "sdpa":
+        assert seen[1] == 128 and max(seen) == 192  # never the whole 300-slot cache
     with pytest.raises(ValueError, match="contiguous range"):
-        CachedDecoder(model, 4, 100).step(seqs[:2, 0], torch.tensor([0, 2]))
+        CachedDecoder(model, 4, 100, attention=attention).step(seqs[:2, 0], torch.tensor([0, 2]))
+    if attention == "decode":  # a row may not write past its own slots: 100 - 60 after a 60-token prompt
+        dec = CachedDecoder(model, 2, 100, attention=attention, prompt_len=60)
+        dec.prefill(torch.arange(2), [seqs[0, :60].tolist(), seqs[1, :60].tolist()])
+        for t in range(40):
+            dec.step(seqs[:2, t])
+        with pytest.raises(ValueError, match="row 0: position 100 is past its cache"):
+            dec.step(seqs[:2, 40])
+        dec.close()
+    with pytest.raises(ValueError, match="shorter than the decoder's prompt_len"):
+        CachedDecoder(model, 2, 100, prompt_len=60).prefill(torch.arange(2), [[1] * 59, [1] * 60])
 
 
 def test_reference_backend_draws_the_same_rollouts():
@@ -226,15 +255,16 @@ def test_jacobi_config_errors():
 
 
 def test_shared_prefill_equals_separate_prefills():
-    """A prompt's G samples share one prefill (its cache rows copied): hidden states, positions and every cache
-    slot the prompt wrote equal G separate prefills."""
+    """A prompt's G samples share one prefill: hidden states and positions equal G separate prefills. "sdpa":
+    its cache rows are copied G times, every slot equal; "decode": it is stored once (3 prompts, not 9 rows), its
+    rows point at it, and what is stored equals the separate prefills' keys."""
     model = tiny_model(2)
     G = 3
-    a, b = CachedDecoder(model, 9, 40), None
+    a = CachedDecoder(model, 9, 40, attention="sdpa")
     ha = a.prefill(torch.arange(9), PROMPTS, repeats=G)
     ka = [layer.self_attn.cache.k.clone() for layer in model.model.layers]
     a.close()
-    b = CachedDecoder(model, 9, 40)
+    b = CachedDecoder(model, 9, 40, attention="sdpa")
     hb = b.prefill(torch.arange(9), [p for p in PROMPTS for _ in range(G)])
     kb = [layer.self_attn.cache.k.clone() for layer in model.model.layers]
     torch.testing.assert_close(ha, hb, atol=1e-6, rtol=1e-6)
@@ -244,8 +274,46 @@ def test_shared_prefill_equals_separate_prefills():
         for x, y in zip(ka, kb):
             torch.testing.assert_close(x[r, :n], y[r, :n], atol=1e-6, rtol=1e-6)
     b.close()
+    c = CachedDecoder(model, 9, 40, attention="decode", prompt_len=3)
+    hc = c.prefill(torch.arange(9), PROMPTS, repeats=G)
+    torch.testing.assert_close(hc, hb, atol=1e-6, rtol=1e-6)
+    assert torch.equal(c.pos, b.pos)
+    lay = model.cache_layout
+    assert lay.prefix_of_row.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert lay.prefix_lengths.tolist() == [len(p) for p in PROMPTS] and lay.offset.tolist() == b.pos.tolist()
+    for i, layer in enumerate(model.model.layers):
+        store = layer.self_attn.cache.prefix_k
+        assert store.shape[0] == 3
+        for p, prompt in enumerate(PROMPTS):
+            torch.testing.assert_close(store[p, :len(prompt)], kb[i][p * G, :len(prompt)], atol=1e-6, rtol=1e-6)
+    c.close()
     with pytest.raises(ValueError, match="cannot hold 3 prompts x 2 samples"):
         CachedDecoder(model, 9, 40).prefill(torch.arange(9), PROMPTS, repeats=2)
+
+
+@pytest.mark.parametrize("decode,window", [("sequential", 8), ("jacobi", 3), ("jacobi", 8)])
+@pytest.mark.parametrize("cfg_scale", [2.5, 1.0])
+def test_shared_prefix_rollouts_draw_the_previous_paths_tokens(decode, window, cfg_scale):
+    """GRPO-shaped X-CoT rollouts (3 prompts x G = 4, CFG on and off): the decode layout (one copy of each prompt,
+    the unconditional rows reading only their block) draws the tokens of the previous sdpa path, with log-probs
+    equal to fp32 rounding, and holds the prompts once instead of G times."""
+    model = tiny_model(3)
+    kw = dict(cfg_scale=cfg_scale, top_k=12, text_top_k=8, seed=11, decode=decode, jacobi_window=window)
+    ros, nbytes = {}, {}
+    real = CachedDecoder.close
+    for att in ("sdpa", "decode"):
+        def close(self, att=att):
+            nbytes[att] = self.cache_bytes()
+            real(self)
+        CachedDecoder.close = close
+        try:
+            ros[att] = xcot_rollout(model, PROMPTS, VOCAB, FMT, SamplingConfig(attention=att, **kw), num_samples=4)
+        finally:
+            CachedDecoder.close = real
+    a, b = ros["sdpa"], ros["decode"]
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.chosen, b.chosen) and torch.equal(a.lengths, b.lengths)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-5, rtol=2e-5)
+    assert nbytes["decode"] < nbytes["sdpa"]
 
 
 def test_jacobi_first_code_follows_the_kept_softmax():

@@ -116,3 +116,23 @@ def assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor, tol) 
 
 def report() -> str:
     return "\n".join(f"  {k:60s} worst error / tolerance {v:.3f}" for k, v in sorted(WORST.items()))
+
+
+def attention_errors(input_dtype: torch.dtype, out: torch.Tensor, lse: torch.Tensor, stats, p_unit: float = 0.0):
+    """Per-element tolerances (out [R, W, H, D], lse [R, W, H]) of decode attention against the fp64 oracle.
+
+    With u the math unit: a score s_j = scale q.k sums D products, |ds_j| <= (D + 2) u mag (mag = scale max_j
+    sum_d |q_d k_jd|), and the log2-domain multiply and the exp2 polynomial add ~3 u relative to each weight e^{s_j}:
+    every normalized weight p_j is off by a relative e = 2 ((D + 2) u mag + 3 u) (numerator and denominator), plus
+    p_unit when the weights are rounded before p.V (the Triton kernel's fp16/bf16 dot). Then |d out_d| <=
+    e sum_j p_j (|v_jd| + |out_d|) + (n + 2) u sum_j p_j |v_jd| (the n-term sums), plus the output's rounding to its
+    dtype u_out |out_d|; |d lse| <= (D + 2) u mag + (n + 4) u + u |lse|."""
+    u = math_unit(input_dtype) + UNIT[torch.float64]
+    mag, vabs, n = stats["mag"], stats["vabs"], stats["n"]
+    D = out.shape[-1]
+    o = out.detach().double().cpu().abs()
+    e = (2 * ((D + 2) * u * mag + 3 * u) + p_unit)[..., None]
+    t_out = e * (vabs + o) + ((n + 2) * u)[..., None] * vabs + UNIT[input_dtype] * o + TINY[input_dtype]
+    lv = torch.nan_to_num(lse.detach().double().cpu().abs(), nan=0.0, posinf=0.0, neginf=0.0)
+    t_lse = (D + 2) * u * mag + (n + 4) * u + u * lv
+    return t_out, t_lse
