@@ -185,8 +185,9 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
                 old_logprobs: Optional[torch.Tensor] = None, ref_logprobs: Optional[torch.Tensor] = None,
                 entropies: Optional[torch.Tensor] = None, importance_sampling_ratio: Optional[torch.Tensor] = None,
                 sampling_logprobs: Optional[torch.Tensor] = None, num_items_in_batch=None,
-                gradient_accumulation_steps: int = 1,
-                config: PolicyLossConfig = PolicyLossConfig()) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                gradient_accumulation_steps: int = 1, entropy_mask: Optional[torch.Tensor] = None,
+                config: PolicyLossConfig = PolicyLossConfig(),
+                return_terms: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """TRL's GRPO-family loss from per-token log-probs [B, T] (differentiable). Returns ``(loss, metrics)``.
 
     - ``advantages`` [B] or [B, T]; ``mask`` [B, T] (completion x tool mask);
@@ -200,9 +201,14 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
       ``num_items_in_batch / num_processes * gradient_accumulation_steps / steps_per_generation``); default: this
       call's unmasked token count;
     - ``gradient_accumulation_steps``: grpo / bnpo / dr_grpo / sapo / luspo and the entropy bonus are divided by it.
+    - ``entropy_mask`` [B, T] bool: a high-entropy token mask computed elsewhere (e.g. with the quantile taken over
+      every process's tokens, as TRL does), used instead of this call's ``top_entropy_quantile`` threshold.
 
     Metrics (0-dim, detached): policy_loss, entropy (if given), kl (beta != 0), clip_ratio/{low,high,region}_mean
-    (clipped loss types), cispo_clip_ratio, vespo/phi_seq_mean, ratio_mean.
+    (clipped loss types), cispo_clip_ratio, vespo/phi_seq_mean, ratio_mean. With ``return_terms=True`` the metrics
+    also hold the per-token tensors they reduce (detached): "terms/ratio" ([B, T] or [B, 1]), "terms/kl",
+    "terms/clip_low", "terms/clip_high" (float), "terms/cispo_clip", "terms/phi" -- for callers that reduce them
+    across processes themselves.
     """
     cfg = config
     if not isinstance(cfg, PolicyLossConfig):
@@ -224,7 +230,7 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
                          f"got {tuple(importance_sampling_ratio.shape)}")
     if cfg.beta != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when config.beta != 0")
-    if entropies is None and (cfg.top_entropy_quantile < 1.0 or cfg.entropy_coef != 0.0):
+    if entropies is None and ((cfg.top_entropy_quantile < 1.0 and entropy_mask is None) or cfg.entropy_coef != 0.0):
         raise ValueError("entropies is required when config.top_entropy_quantile < 1 or config.entropy_coef != 0 "
                          "(token_logprobs / fused_linear_logprobs with return_entropy=True give them)")
     if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
@@ -237,8 +243,12 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
     old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
     eps_low, eps_high = cfg.epsilon_low, cfg.epsilon_high_value
 
-    ent_mask = high_entropy_mask(entropies, mask, cfg.top_entropy_quantile) if cfg.top_entropy_quantile < 1.0 \
-        else None
+    if entropy_mask is not None:
+        _check_pair("entropy_mask", entropy_mask, "logprobs", logprobs)
+        ent_mask = entropy_mask.bool() & mask.bool()
+    else:
+        ent_mask = high_entropy_mask(entropies, mask, cfg.top_entropy_quantile) if cfg.top_entropy_quantile < 1.0 \
+            else None
     opm = None
     if cfg.off_policy_mask_threshold is not None:
         samp = old if sampling_logprobs is None else sampling_logprobs.to(logprobs.dtype)
@@ -322,14 +332,23 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
             metrics["entropy"] = _masked_mean(entropies.detach(), m)
         if kl is not None:
             metrics["kl"] = token_mean(kl.detach())
+        terms = {"terms/ratio": ratio.detach()}
+        if kl is not None:
+            terms["terms/kl"] = kl.detach()
         if cfg.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
             low = ((ratio < 1 - eps_low) & (adv < 0)).to(m.dtype)
             high = ((ratio > 1 + eps_high) & (adv > 0)).to(m.dtype)
             metrics["clip_ratio/low_mean"] = token_mean(low)
             metrics["clip_ratio/high_mean"] = token_mean(high)
             metrics["clip_ratio/region_mean"] = token_mean(torch.maximum(low, high))
+            terms["terms/clip_low"], terms["terms/clip_high"] = low, high
         elif cfg.loss_type == "cispo":
-            metrics["cispo_clip_ratio"] = token_mean(((ratio > eps_high) & (adv > 0)).to(m.dtype))
+            clipped = ((ratio > eps_high) & (adv > 0)).to(m.dtype)
+            metrics["cispo_clip_ratio"] = token_mean(clipped)
+            terms["terms/cispo_clip"] = clipped
         elif cfg.loss_type == "vespo":
             metrics["vespo/phi_seq_mean"] = token_mean(phi)
+            terms["terms/phi"] = phi
+        if return_terms:
+            metrics.update(terms)
     return loss, metrics
