@@ -286,6 +286,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--layers-only", action="store_true", help="parts 1 and 2 only (the one-layer benchmarks)")
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 15)
     bw = copy_bandwidth_gbs()
@@ -308,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for W in (1, 8):
             rows += bench_layer("Lumina-7B-shaped layer", lum["prompts"] * 2, lum["G"], lum["completion"],
                                 lum["block"], lum["heads"], lum["head_dim"], dt, W, max(3, repeats // 3), bw)
-    if not args.quick:
+    if not args.quick and not args.layers_only:
         rows += bench_rollout(max(3, repeats // 3))
         rows += bench_grpo_step(3)
     mem = lumina_memory()

@@ -11,8 +11,10 @@ Steps, each under its own time limit, with a progress line; a failing step is re
    fp64 oracle, the sampler's chi-square and batch invariance, C++ == Triton tokens at Lumina's shapes), then the
    backend matrices of test_logprob / test_sampler / test_advantages / test_fused_linear with Triton on the GPU;
 4. benchmarks on the device (bench.sampler, bench.logprob, bench.train_step, bench.generation and a Lumina-7B-width
-   decode, with every peer whose package is importable -- Liger, TRL, FlashInfer, transformers), each with its % of
-   the copy bandwidth measured in the same run;
+   decode, bench.attention (decode_attention vs masked SDPA, flash-attn's flash_attn_with_kvcache and FlashInfer's
+   batch decode where installed), bench.trl_trainer (TRL's GRPOTrainer with its own Triton log-prob kernel vs with
+   mmr1's, when TRL is importable), with every peer whose package is importable -- Liger, TRL, FlashInfer,
+   transformers), each with its % of the copy bandwidth measured in the same run;
 5. results: DIR/gpu.json (every row, the step log, the environment) and DIR/GPU.md; the full run also copies
    gpu.json to bench/results/gpu.json, which ``python -m bench --report`` merges into BENCHMARKS.md.
 
@@ -33,7 +35,7 @@ from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["tests/test_logprob.py", "tests/test_sampler.py", "tests/test_advantages.py",
-                "tests/test_fused_linear.py"]
+                "tests/test_fused_linear.py", "tests/test_decode_attention.py"]
 
 
 def environment(dry: bool) -> Dict[str, str]:
@@ -80,7 +82,9 @@ def plan(dry: bool, py: str) -> List[Dict]:
                                 ("logprob", 150, ["--repeats", "2"] if dry else []),
                                 ("train_step", 120, []),
                                 ("generation", 150, ["--repeats", "1"] if dry else []),
-                                ("jacobi", 120, [])):
+                                ("jacobi", 120, []),
+                                ("attention", 150, ["--repeats", "2"] if dry else ["--layers-only", "--repeats", "9"]),
+                                ("trl_trainer", 240, ["--repeats", "1"] if dry else ["--repeats", "3"])):
         steps.append({"name": f"bench.{suite}", "limit": limit, "cmd": [py, "-m", f"bench.{suite}", *quick, *extra],
                       "suite": suite + ("_quick" if dry else "")})
     if not dry:

@@ -311,9 +311,11 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
         policy = loss.detach()
         loss = loss / gas
     else:  # dapo, cispo, vespo
-        n = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype,
-                                                                          device=m.device)
-        loss = (token_loss * m).sum() / n.clamp(min=1.0)
+        # this call's token count (at least 1), or the caller's normaliser as given (TRL clamps its raw count
+        # before scaling it by processes / accumulation, so the scaled value may be below 1)
+        n = m.sum().clamp(min=1.0) if num_items_in_batch is None else torch.as_tensor(
+            num_items_in_batch, dtype=m.dtype, device=m.device)
+        loss = (token_loss * m).sum() / n
         policy = loss.detach()
 
     metrics: Dict[str, torch.Tensor] = {"policy_loss": policy}
