@@ -36,7 +36,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ from .distributed import wrap_parallel
 from .generate import SamplingConfig
 from .model import Transformer, teacher_forced_hidden
 from .rewards import RewardSet
-from .rollout import Rollout, XCoTFormat, xcot_rollout
+from .rollout import Rollout, XCoTFormat, concat_groups, xcot_rollout
 from .sharded_checkpoint import load_sharded, save_sharded
 from .tokens import ImageVocab
 
@@ -78,6 +78,12 @@ class GRPOConfig:
     # a step whose every advantage is 0 (all groups constant) has no policy-gradient signal; AdamW would still
     # turn the tiny KL / rounding gradients into a full-size step (m / sqrt(v)): skip the update instead
     skip_zero_signal_steps: bool = False
+    # DAPO's dynamic sampling: groups whose rewards have no spread (every sample scored alike: zero advantage, no
+    # policy gradient) are dropped and more prompts are drawn -- up to dynamic_sampling_rounds rounds of
+    # prompts_per_step prompts in all -- until the step holds prompts_per_step groups with signal; what stays
+    # unfilled is padded with dropped groups and logged (dynamic/unfilled_groups)
+    dynamic_sampling: bool = False
+    dynamic_sampling_rounds: int = 3
     backend: str = "kernels"  # or "reference": full logits + the PyTorch specs (for comparison)
     # image blocks: "jacobi" windows draw the same tokens as the sequential loop in fewer forwards
     # (SamplingConfig). It pays where drafts are often right (the demo model: 1.3-2x rollout time) and loses on
@@ -109,6 +115,9 @@ class GRPOConfig:
             raise ValueError(f"micro_batch_size must be an int >= 0 (0: the whole batch), got {self.micro_batch_size!r}")
         if self.backend not in ("kernels", "reference"):
             raise ValueError(f"backend must be 'kernels' or 'reference', got {self.backend!r}")
+        if isinstance(self.dynamic_sampling_rounds, bool) or not isinstance(self.dynamic_sampling_rounds, int) \
+                or self.dynamic_sampling_rounds < 1:
+            raise ValueError(f"dynamic_sampling_rounds must be an int >= 1, got {self.dynamic_sampling_rounds!r}")
         self.sampling(0)  # decode / jacobi_window errors now, not at the first rollout
 
     def sampling(self, step: int) -> SamplingConfig:
@@ -178,9 +187,10 @@ class GRPOTrainer:
         self.history: List[Dict[str, float]] = []
 
     # ------------------------------------------------------------------ batch
-    def batch_for(self, step: int) -> List[dict]:
-        """This rank's prompts of ``step`` (the global batch is deterministic in (seed, step))."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+    def batch_for(self, step: int, round_: int = 0) -> List[dict]:
+        """This rank's prompts of ``step`` (the global batch is deterministic in (seed, step)); ``round_`` > 0: the
+        extra prompts dynamic sampling draws (another deterministic stream per round)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + step + round_ * 1_000_003)
         idx = torch.randint(len(self.prompts), (self.cfg.prompts_per_step,), generator=g).tolist()
         per = self.cfg.prompts_per_step // self.world
         return [self.prompts[i] for i in idx[self.rank * per:(self.rank + 1) * per]]
@@ -302,22 +312,84 @@ class GRPOTrainer:
                 layer.set_reshard_after_forward(True, recurse=False)
 
     # ------------------------------------------------------------------ step
-    def step(self) -> Dict[str, float]:
-        cfg, step = self.cfg, self.step_idx
-        batch = self.batch_for(step)
-        G = cfg.group_size
-        base = (step * cfg.prompts_per_step + self.rank * len(batch)) * G
+    def _round(self, step: int, round_: int):
+        """One rollout round: this rank's prompts of (step, round), G samples each, scored. Returns (batch, rollout,
+        rewards [N, R], weights [R], reward metrics, rollout seconds)."""
+        cfg, G = self.cfg, self.cfg.group_size
+        batch = self.batch_for(step, round_)
+        # RNG rows: global sample ids of the step; round r continues after the rounds before it
+        base = (step * cfg.prompts_per_step + round_ * cfg.prompts_per_step + self.rank * len(batch)) * G
         t0 = time.perf_counter()
         self.policy.eval()
         with self._whole_policy_for_rollouts():
             ro = self.rollout_fn(self.policy, batch, G, cfg.sampling(step), torch.arange(base, base + len(batch) * G))
         t_roll = time.perf_counter() - t0
-        expanded = [b for b in batch for _ in range(G)]
-        rewards, weights, rmetrics = self.rewards(ro, expanded)
+        rewards, weights, rmetrics = self.rewards(ro, [b for b in batch for _ in range(G)])
         for name, wgt in cfg.reward_weights.items():
             if name not in self.rewards.names:
                 raise ValueError(f"reward_weights names unknown reward {name!r}")
             weights[self.rewards.names.index(name)] = wgt
+        return batch, ro, rewards, weights, rmetrics, t_roll
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _dynamic_batch(self, step: int):
+        """DAPO's dynamic sampling: rounds of prompts until this rank holds its share of groups with reward spread
+        (every rank runs the same number of rounds -- FSDP rollouts gather parameters in lockstep -- so the ranks
+        agree on the step). Returns the selected (batch, rollout, rewards, weights), round 0's reward metrics (the
+        policy's unfiltered draw) and the dynamic-sampling metrics."""
+        cfg, G = self.cfg, self.cfg.group_size
+        kept, spare, rounds, drawn, zero_before = [], [], 0, 0, []
+        weights = rmetrics = None
+        t_roll = 0.0
+        need = cfg.prompts_per_step // self.world
+        while True:
+            batch, ro, rewards, w, m, t = self._round(step, rounds)
+            t_roll += t
+            if rounds == 0:
+                weights, rmetrics = w, m
+                total0 = float((rewards.nan_to_num() * weights).sum(1).mean())
+            _, st = K.group_advantages(rewards, group_size=G, weights=weights, mode=cfg.adv_mode)
+            zero = st["zero_std"].tolist()
+            zero_before += zero
+            for gi, z in enumerate(zero):
+                (spare if z else kept).append((ro, gi, batch[gi], rewards[gi * G:(gi + 1) * G]))
+            rounds += 1
+            drawn += len(batch)
+            if not self._any_rank(len(kept) < need) or rounds >= cfg.dynamic_sampling_rounds:
+                break
+        chosen = kept[:need]
+        unfilled = need - len(chosen)
+        chosen += spare[:unfilled]
+        ro = concat_groups([(r, gi) for r, gi, _, _ in chosen], G)
+        batch = [b for _, _, b, _ in chosen]
+        rewards = torch.cat([r for _, _, _, r in chosen])
+        dyn = {"dynamic/rounds": float(rounds), "dynamic/prompts_drawn": float(drawn * self.world),
+               "reward/total_mean": total0, "reward/total_mean_trained": float((rewards.nan_to_num() * weights)
+                                                                              .sum(1).mean()),
+               "dynamic/zero_std_frac_before": sum(zero_before) / len(zero_before),
+               "dynamic/unfilled_groups": float(unfilled)}
+        if self.world > 1:  # global figures: every rank drew as many prompts; average the fractions, sum the gaps
+            t = torch.tensor([dyn["dynamic/zero_std_frac_before"], dyn["dynamic/unfilled_groups"]],
+                             dtype=torch.float64)
+            dist.all_reduce(t)
+            dyn["dynamic/zero_std_frac_before"], dyn["dynamic/unfilled_groups"] = float(t[0]) / self.world, float(t[1])
+        return batch, ro, rewards, weights, rmetrics, dyn, t_roll
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> Dict[str, float]:
+        cfg, step = self.cfg, self.step_idx
+        G = cfg.group_size
+        dyn: Dict[str, float] = {}
+        if cfg.dynamic_sampling:
+            batch, ro, rewards, weights, rmetrics, dyn, t_roll = self._dynamic_batch(step)
+        else:
+            batch, ro, rewards, weights, rmetrics, t_roll = self._round(step, 0)
         adv, st = K.group_advantages(rewards, group_size=G, weights=weights, mode=cfg.adv_mode)
         ref = self.ref_logprobs(ro) if self.ref is not None else None
         old = ro.logprobs[:, 1:].to(self.policy.lm_head.weight.device) if cfg.mu > 1 else None
@@ -356,6 +428,7 @@ class GRPOTrainer:
             "throughput/rollout_tok_s": gen_tokens / max(t_roll, 1e-9),
             "throughput/train_tok_s": float(ro.lengths.sum()) * cfg.mu / max(t_train, 1e-9),
             "time/rollout_s": t_roll, "time/train_s": t_train, "memory/peak_mib": _peak_mib(),
+            **dyn,  # dynamic sampling: reward/total_mean is round 0's (the policy's unfiltered draw)
         }
         if self.world > 1:
             out = self._global_metrics(out, {"image": int((chosen & ro.image_positions[:, 1:]).sum()),
@@ -400,17 +473,40 @@ class GRPOTrainer:
         return result
 
     def train(self, steps: Optional[int] = None, progress: bool = True, checkpoint_dir: Optional[str] = None,
-              checkpoint_every: int = 0, keep_last: int = 3) -> List[Dict[str, float]]:
+              checkpoint_every: int = 0, keep_last: int = 3, eval_fn: Optional[Callable[["GRPOTrainer"],
+                                                                                        Dict[str, float]]] = None,
+              eval_every: int = 0) -> List[Dict[str, float]]:
+        """Run ``steps`` steps (default: to cfg.steps). ``eval_fn(trainer) -> metrics`` (e.g. identity on held-out
+        prompts) runs before the first step and after every ``eval_every`` steps and the last: its metrics are
+        added to that step's history entry and written to the log as a {"phase": "eval", "step": ...} record
+        (step = updates done so far)."""
         from tqdm import tqdm
 
         n = self.cfg.steps - self.step_idx if steps is None else steps
+        self.evals: List[Dict[str, float]] = getattr(self, "evals", [])
+        if eval_fn is not None and eval_every > 0 and self.step_idx == 0 and not self.evals:
+            self._evaluate(eval_fn)
         bar = tqdm(range(n), desc="grpo", disable=not progress or self.rank != 0)
-        for _ in bar:
+        for i in bar:
             m = self.step()
             bar.set_postfix(reward=f"{m['reward/total_mean']:.3f}", kl=f"{m.get('image/kl_mean', 0.0):.4f}")
+            if eval_fn is not None and eval_every > 0 and (self.step_idx % eval_every == 0 or i == n - 1):
+                self.history[-1].update(self._evaluate(eval_fn))
             if checkpoint_dir and checkpoint_every and self.step_idx % checkpoint_every == 0:
                 self.save(checkpoint_dir, keep_last)  # every rank writes its shards
         return self.history
+
+    def _evaluate(self, eval_fn) -> Dict[str, float]:
+        was_training = self.policy.training
+        res = {k: float(v) for k, v in eval_fn(self).items()}
+        self.policy.train(was_training)
+        rec = {"phase": "eval", "step": self.step_idx, **res}
+        self.evals.append(rec)
+        if self.cfg.log_path and self.rank == 0:
+            Path(self.cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.cfg.log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return res
 
     # ------------------------------------------------------------------ checkpoints
     def config_dict(self) -> Dict:

@@ -167,8 +167,38 @@ def caption_rollout(model: Transformer, prompts: Sequence[Sequence[int]], codes:
                    final_codes=img_codes, reasoning=text)
 
 
+def concat_groups(parts: Sequence[Tuple[Rollout, int]], group_size: int) -> Rollout:
+    """One Rollout of the groups ``parts`` = [(rollout, group index)], in that order: the rows
+    group_index * G .. (group_index + 1) * G - 1 of each (re-padded to the longest), e.g. the groups dynamic sampling
+    keeps out of several rounds."""
+    if not parts:
+        raise ValueError("parts must not be empty")
+    G = group_size
+    rows = [(ro, i) for ro, g in parts for i in range(g * G, (g + 1) * G)]
+    L = max(int(ro.lengths[i]) for ro, i in rows)
+
+    def stack(name, pad=0):
+        out = []
+        for ro, i in rows:
+            t = getattr(ro, name)[i]
+            out.append(torch.nn.functional.pad(t, (0, L - t.shape[0]), value=pad))
+        return torch.stack(out)
+
+    def cat(name):
+        values = [getattr(ro, name) for ro, _ in rows]
+        return None if any(v is None for v in values) else torch.stack([v[i] for v, (_, i) in zip(values, rows)])
+
+    return Rollout(tokens=stack("tokens"), lengths=torch.stack([ro.lengths[i] for ro, i in rows]),
+                   prompt_lengths=torch.stack([ro.prompt_lengths[i] for ro, i in rows]), chosen=stack("chosen", False),
+                   logprobs=stack("logprobs", 0.0), image_positions=stack("image_positions", False),
+                   subject_codes=cat("subject_codes"), final_codes=torch.stack([ro.final_codes[i] for ro, i in rows]),
+                   reasoning=[ro.reasoning[i] if ro.reasoning else [] for ro, i in rows],
+                   subject_images=cat("subject_images"), final_images=cat("final_images"),
+                   image_forwards=sum(ro.image_forwards for ro in {id(r): r for r, _ in parts}.values()))
+
+
 def _padded(rows: List[list], L: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([torch.tensor(r + [0] * (L - len(r)), dtype=dtype) for r in rows])
 
 
-__all__ = ["XCoTFormat", "Rollout", "xcot_rollout", "caption_rollout", "TEXT_OFFSET", "SUBJECT_OFFSET", "FINAL_OFFSET"]
+__all__ = ["XCoTFormat", "Rollout", "xcot_rollout", "caption_rollout", "concat_groups", "TEXT_OFFSET", "SUBJECT_OFFSET", "FINAL_OFFSET"]
