@@ -288,3 +288,81 @@ def test_consistency_reward_compares_the_reasoning_with_the_image():
     pair = PairScene(A, B, "sky", "left")
     assert JUDGE.consistency(pair.plan(), codes(pair), pair) == 1.0
     assert JUDGE.consistency(pair.plan(), codes(PairScene(A, B, "sky", "right")), pair) < 0.5  # sides swapped
+
+
+# --------------------------------------------------------------------------- the flawed data pipeline
+
+def test_pipeline_flaws_happen_at_their_stated_rates():
+    from mmr1.world.pipeline import DataFlaws, flaw_rates
+
+    train, _ = split_subjects(0, 0.1)
+    rates = flaw_rates(train, DataFlaws(), n=3000, seed=1)
+    assert abs(rates["wrong_side"] - 0.1) < 0.025 and abs(rates["dropped_pattern"] - 0.1) < 0.025
+    assert 0.24 < rates["identity_mixing"] <= 0.3  # drawn at 0.3; a few pairs have no valid mixing
+    assert abs(rates["caption_error"] - 0.1) < 0.02 and 0.35 < rates["any_pair_flaw"] < 0.5
+    assert all(v == 0.0 for v in flaw_rates(train, DataFlaws.clean(), n=500).values())
+    with pytest.raises(ValueError, match="identity_mixing must be a rate"):
+        DataFlaws(identity_mixing=1.5)
+
+
+def test_each_flaw_does_what_it_says():
+    from mmr1.world.pipeline import DataFlaws, flawed_targets, mixing_options
+
+    g = torch.Generator().manual_seed(0)
+    train, _ = split_subjects(0, 0.1)
+    seen = set()
+    for _ in range(400):
+        scene, _ = random_task(train, g, pair=True)
+        drawn, captioned, applied = flawed_targets(scene, DataFlaws(0.5, 0.5, 0.5, 0.5), g)
+        seen |= set(applied)
+        first, second = drawn.first, drawn.second
+        if "identity_mixing" in applied and "dropped_pattern" not in applied:
+            assert second in mixing_options(scene.first, scene.second) and first == scene.first
+        if "wrong_side" in applied:
+            assert drawn.first_position != scene.first_position
+        else:
+            assert drawn.first_position == scene.first_position
+        if "dropped_pattern" in applied:
+            assert "solid" in (first.pattern, second.pattern)
+        if not applied or applied == ["caption_error"]:
+            assert drawn == scene
+        if "caption_error" in applied:  # one attribute word of one subject; the placement words stay
+            diff = [(a, b) for a, b in zip(scene.plan().split(), captioned.plan().split()) if a != b]
+            assert 1 <= len(diff) <= 2 and captioned.background == scene.background
+        else:
+            assert captioned == scene
+    assert seen == {"identity_mixing", "wrong_side", "dropped_pattern", "caption_error"}
+    one, _ = random_task(train, g, pair=False)  # single-subject targets are drawn right
+    for _ in range(20):
+        assert flawed_targets(one, DataFlaws(1, 1, 1, 0), g)[0] == one
+
+
+def test_flawed_examples_keep_the_prompt_and_the_task_stream(world):
+    """The prompt and its references are the user's: only the completion is flawed. With the flaws' own
+    generator the examples are the same tasks whatever the rates."""
+    from mmr1.world.pipeline import DataFlaws
+    from mmr1.world.tasks import TaskMix, sft_batch
+
+    train, _ = split_subjects(0, 0.1)
+    out = {}
+    for name, flaws in (("clean", DataFlaws.clean()), ("flawed", DataFlaws(0.6, 0.3, 0.3, 0.3))):
+        g, fg = torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)
+        out[name] = sft_batch(world, train, g, TaskMix(batch_size=64, pair_frac=0.5, flaws=flaws), fg)
+    (cs, cp, _), (fs, fp, _) = out["clean"], out["flawed"]
+    assert cp == fp and all(c[:p] == f[:p] for c, f, p in zip(cs, fs, cp))
+    assert sum(c != f for c, f in zip(cs, fs)) >= 10  # and the flaws did change completions
+
+
+def test_failure_modes_read_from_images():
+    from mmr1.world.pipeline import failure_modes, mixing_options
+
+    first, second = Subject("cross", "red", "stripes", "yellow"), Subject("ring", "green", "checker", "blue")
+    scene = PairScene(first, second, "sky", "left")
+    read = lambda s: JUDGE.read(codes(s), True)  # noqa: E731
+    assert failure_modes(read(scene), scene) == {"mixing": 0.0, "swapped": 0.0, "dropped_pattern": 0.0}
+    mixed = mixing_options(first, second)
+    assert Subject("ring", "red", "checker", "blue") in mixed
+    assert failure_modes(read(PairScene(first, mixed[0], "sky", "left")), scene)["mixing"] == 1.0
+    assert failure_modes(read(PairScene(first, second, "sky", "right")), scene)["swapped"] == 1.0
+    plain = PairScene(first, Subject("ring", "green"), "sky", "left")
+    assert failure_modes(read(plain), scene)["dropped_pattern"] == 1.0

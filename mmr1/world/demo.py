@@ -254,7 +254,9 @@ def save_curve(path: Path, history: List[Dict[str, float]]) -> None:
 ROWS = (("text/whole", "reasoning names the subject(s)"), ("subject_image/whole", "subject image shows them"),
         ("final/whole", "final image shows them (right sides)"), ("final/shape", "  final: shape"),
         ("final/color", "  final: color"), ("final/pattern", "  final: pattern"),
-        ("final/pattern_color", "  final: pattern color"), ("layout", "layout as asked"), ("format", "valid format"))
+        ("final/pattern_color", "  final: pattern color"), ("layout", "layout as asked"), ("format", "valid format"),
+        ("flaw/mixing", "  pipeline flaw: identity mixing"), ("flaw/swapped", "  pipeline flaw: subjects swapped"),
+        ("flaw/dropped_pattern", "  pipeline flaw: pattern dropped"))
 
 
 def identity_table(before: Dict, after: Optional[Dict], counts: Dict[str, int]) -> str:

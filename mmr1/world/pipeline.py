@@ -65,9 +65,9 @@ def _coin(g: torch.Generator, p: float) -> bool:
     return float(torch.rand((), generator=g)) < p
 
 
-def mixed_subject(first: Subject, second: Subject, g: torch.Generator) -> Optional[Subject]:
-    """The second subject with one attribute of the first (colour, pattern or pattern colour), drawn uniformly
-    among the attributes whose transfer gives a valid subject different from both; None when none does."""
+def mixing_options(first: Subject, second: Subject) -> List[Subject]:
+    """Every way the second subject can take one attribute of the first (colour, pattern or pattern colour) and
+    stay a drawable subject different from both."""
     options: List[Subject] = []
     # colour: keep the pattern; a pattern colour equal to the new body colour is not drawable
     if first.color != second.color and second.pattern_color != first.color:
@@ -84,10 +84,27 @@ def mixed_subject(first: Subject, second: Subject, g: torch.Generator) -> Option
     if (first.pattern_color is not None and second.pattern_color is not None
             and first.pattern_color != second.pattern_color and first.pattern_color != second.color):
         options.append(Subject(second.shape, second.color, second.pattern, first.pattern_color))
-    options = [s for s in options if s != first and s != second]
+    return [s for s in options if s != first and s != second]
+
+
+def mixed_subject(first: Subject, second: Subject, g: torch.Generator) -> Optional[Subject]:
+    """One of ``mixing_options``, drawn uniformly; None when there is none."""
+    options = mixing_options(first, second)
     if not options:
         return None
     return options[int(torch.randint(len(options), (1,), generator=g))]
+
+
+def failure_modes(read: Dict[str, Optional[Subject]], scene: PairScene) -> Dict[str, float]:
+    """Which of the pipeline's flaws a generated pair image shows, from the subjects the judge read on each side
+    (IdentityJudge.read): "mixing" (the second subject drawn with an attribute of the first), "swapped" (the two
+    subjects on each other's sides), "dropped_pattern" (a patterned subject drawn plain)."""
+    first, second = scene.first, scene.second
+    at_first, at_second = read[scene.first_position], read[scene.second_position]
+    plain = [Subject(s.shape, s.color) for s in (first, second) if s.pattern != "solid"]
+    return {"mixing": float(at_second in mixing_options(first, second)),
+            "swapped": float(at_first == second and at_second == first),
+            "dropped_pattern": float(any(x is not None and x in plain for x in (at_first, at_second)))}
 
 
 def drawn_scene(scene: AnyScene, flaws: DataFlaws, g: torch.Generator) -> Tuple[AnyScene, List[str]]:
@@ -179,4 +196,4 @@ def flaw_rates(subjects: Sequence[Subject], flaws: DataFlaws, n: int = 4000, see
     return out
 
 
-__all__ = ["DataFlaws", "FLAW_KINDS", "mixed_subject", "drawn_scene", "miscaptioned", "flawed_targets", "flaw_rates"]
+__all__ = ["DataFlaws", "FLAW_KINDS", "mixing_options", "mixed_subject", "failure_modes", "drawn_scene", "miscaptioned", "flawed_targets", "flaw_rates"]

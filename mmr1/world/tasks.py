@@ -19,7 +19,7 @@ from ..rewards import RewardSet, format_reward
 from ..rewards.self_reward import generation_self_reward
 from ..rollout import Rollout, XCoTFormat, xcot_rollout
 from .identity import IdentityJudge, judge_text
-from .pipeline import DataFlaws, flawed_targets
+from .pipeline import DataFlaws, failure_modes, flawed_targets
 from .scene import GRID, PairScene, all_subjects, pick, random_pair_scene, random_scene, subject_view
 from .tokens import WorldTokens
 
@@ -169,6 +169,10 @@ def identity_rows(world: WorldTokens, judge: IdentityJudge, fmt: XCoTFormat, ro:
         rows.setdefault("layout", []).append(final.pop("layout"))
         add("final", final)
         rows.setdefault("format", []).append(float(fmt_ok[i]))
+        # the data pipeline's failure modes in the final image (pairs; NaN for one subject: not applicable)
+        modes = failure_modes(judge.read(ro.final_codes[i], True), scene) if isinstance(scene, PairScene) \
+            else dict.fromkeys(("mixing", "swapped", "dropped_pattern"), float("nan"))
+        add("flaw", modes)
     return {k: torch.tensor(v) for k, v in rows.items()}
 
 
@@ -194,8 +198,8 @@ def evaluate(model: Transformer, world: WorldTokens, judge: IdentityJudge, fmt: 
     pair = torch.tensor([isinstance(p["scene"], PairScene) for p in prompts])
     table, raw = {}, {}
     for split, sel in (("one subject", ~pair), ("two subjects", pair)):
-        if bool(sel.any()):
-            raw[split] = {k: v[sel] for k, v in values.items()}
+        if bool(sel.any()):  # a metric that does not apply to the split (NaN throughout) is left out of it
+            raw[split] = {k: v[sel] for k, v in values.items() if not bool(torch.isnan(v[sel]).all())}
             table[split] = {k: mean_ci(v) for k, v in raw[split].items()}
     return table, raw, [ro for _, ro in ros]
 
