@@ -73,6 +73,25 @@ def _generate(args) -> None:
     print(f"wrote {out} (reference(s) | subject image | final image)")
 
 
+MODES = {
+    "sft": ("Two modes. Without --model: the synthetic world's cold start (the demo's tiny model; what `make "
+            "cold-start` ships) with the options below. With --model: SFT of a real Chameleon / Lumina-mGPT "
+            "checkpoint on a JSONL dataset, under torchrun for several processes -- its options follow."),
+    "grpo": ("Two modes. Without --model: GRPO of the synthetic world's cold start with before/after evaluation "
+             "(the options below). With --model: GRPO of a real Chameleon / Lumina-mGPT checkpoint with CLIP / DINO "
+             "rewards, under torchrun for several processes -- its options follow."),
+}
+
+
+def _real_help(cmd: str) -> str:
+    """The real-checkpoint parser's help, shown under the synthetic one (`mmr1 sft|grpo --help`)."""
+    from . import recipe
+
+    parser = recipe.real_sft_parser() if cmd == "sft" else recipe.real_grpo_parser()
+    parser.prog = f"mmr1 {cmd}"
+    return f"with --model (real checkpoints):\n\n{parser.format_help()}"
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["sft"], ["grpo"]) and any(a == "--model" or a.startswith("--model=") for a in argv[1:]):
@@ -97,7 +116,14 @@ def main(argv=None) -> None:
     g.add_argument("--cfg", type=float, default=2.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="xcot.png")
-    s_ = sub.add_parser("sft", help="the synthetic world + cold-start SFT of the tiny model")
+    wants_help = any(a in ("-h", "--help") for a in argv[1:])
+
+    def modes(cmd):  # description and (only when --help is asked: it imports the recipe) the real mode's options
+        return dict(description=MODES[cmd], formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=_real_help(cmd) if argv[:1] == [cmd] and wants_help else None)
+
+    s_ = sub.add_parser("sft", help="cold-start SFT: the synthetic world's tiny model, or a real checkpoint (--model)",
+                        **modes("sft"))
     s_.add_argument("--out-dir", default="runs/sft")
     s_.add_argument("--steps", type=int, default=None, help="SFT steps (default: the demo's)")
     s_.add_argument("--seed", type=int, default=0)
@@ -106,7 +132,8 @@ def main(argv=None) -> None:
     s_.add_argument("--clean-data", action="store_true",
                     help="train on a perfect data pipeline (no identity mixing, wrong sides, dropped patterns or "
                          "caption errors; see mmr1/world/pipeline.py)")
-    r = sub.add_parser("grpo", help="GRPO from a cold-start model, with before/after evaluation")
+    r = sub.add_parser("grpo", help="GRPO: the synthetic world's cold start, or a real checkpoint (--model)",
+                       **modes("grpo"))
     r.add_argument("--cold-start", required=True, help="a model directory written by `mmr1 sft` or `mmr1 demo`")
     r.add_argument("--out-dir", default="runs/grpo")
     r.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the demo's)")

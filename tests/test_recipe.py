@@ -311,3 +311,24 @@ def test_end_to_end_real_parts_torchrun(tmp_path):
     direct.load_state_dict(state)
     tokens = torch.randint(0, vocab_size, (2, 11))
     torch.testing.assert_close(exported(tokens), direct(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cmd", ["sft", "grpo"])
+def test_help_shows_both_modes(cmd, capsys):
+    """`mmr1 sft|grpo --help` without --model: the synthetic world's options, then the real-checkpoint ones."""
+    from mmr1.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([cmd, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "Two modes" in text and "--cold-start" in text or "--out-dir" in text
+    real = text.split("with --model (real checkpoints):")
+    assert len(real) == 2, text[:2000]
+    for flag in ("--model", "--vqgan", "--tokenizer", "--parallel", "--config", "--lr"):
+        assert flag in real[1], flag
+    if cmd == "grpo":
+        for flag in ("--prompts", "--clip", "--dino", "--rewards", "--dynamic-sampling", "--attention"):
+            assert flag in real[1], flag
+    else:
+        assert "--data" in real[1]

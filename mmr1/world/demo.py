@@ -60,6 +60,14 @@ class DemoConfig:
     self_reward_weight: float = 0.2  # the generation-direction dual self-reward in GRPO (0 = off)
     consistency_weight: float = 0.0  # reasoning-image consistency reward in GRPO (X-CoT only; 0 = off)
     grpo_pair_frac: float = 0.5  # two-subject prompts among GRPO prompts (the one-subject split is at ceiling)
+    # DAPO's dynamic sampling in GRPO: drop groups without reward spread, draw more prompts (mmr1.grpo)
+    dynamic_sampling: bool = False
+    dynamic_sampling_rounds: int = 3
+    grpo_beta: float = 0.04
+    # held-out identity during GRPO: every grpo_eval_every steps (and before the first), on a fixed small set of
+    # held-out prompts (grpo_eval_prompts one- and as many two-subject prompts, other seeds than the final table's)
+    grpo_eval_every: int = 10
+    grpo_eval_prompts: int = 32
     eval_prompts: int = 200  # one-subject held-out prompts
     eval_pair_prompts: int = 100  # two-subject held-out prompts
     compare_steps: int = 2  # GRPO steps timed per backend for the fused-vs-reference throughput table
@@ -142,10 +150,25 @@ def grpo_trainer(model: Transformer, world: WorldTokens, judge: IdentityJudge, c
     fmt = xcot_format(world, cfg.direct)
     prompts = make_prompts(world, train_subjects, 512, seed=cfg.seed + 3, pair_frac=cfg.grpo_pair_frac)
     gcfg = GRPOConfig(group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step, steps=cfg.grpo_steps,
-                      lr=cfg.grpo_lr, beta=0.04, cfg_scale=2.0, top_k=0, text_top_k=0, seed=cfg.seed,
-                      log_path=log_path, skip_zero_signal_steps=True, decode=cfg.decode, jacobi_window=cfg.jacobi_window)
+                      lr=cfg.grpo_lr, beta=cfg.grpo_beta, cfg_scale=2.0, top_k=0, text_top_k=0, seed=cfg.seed,
+                      log_path=log_path, skip_zero_signal_steps=True, decode=cfg.decode, jacobi_window=cfg.jacobi_window,
+                      dynamic_sampling=cfg.dynamic_sampling, dynamic_sampling_rounds=cfg.dynamic_sampling_rounds)
     rewards = world_rewards(world, fmt, judge, model, cfg.self_reward_weight, cfg.consistency_weight)
     return GRPOTrainer(model, world.image, fmt, rewards, prompts, gcfg)
+
+
+def held_out_monitor(world: WorldTokens, judge: IdentityJudge, fmt, held_out, cfg: DemoConfig):
+    """eval_fn for GRPOTrainer.train: final-image identity on a fixed small set of held-out prompts (subjects never
+    trained on; other prompts than the final table's), one and two subjects, one sample each as the evaluation."""
+    prompts = (make_prompts(world, held_out, cfg.grpo_eval_prompts, seed=cfg.seed + 21)
+               + make_prompts(world, held_out, cfg.grpo_eval_prompts, seed=cfg.seed + 22, pair_frac=1.0))
+
+    def fn(trainer) -> Dict[str, float]:
+        table, _, _ = evaluate(trainer.policy, world, judge, fmt, prompts, seed=cfg.seed + 23, decode=cfg.decode,
+                               jacobi_window=cfg.jacobi_window)
+        return {f"held_out/{split.replace(' ', '_')}/final_whole": t["final/whole"][0] for split, t in table.items()}
+
+    return fn
 
 
 def eval_prompts(world: WorldTokens, held_out, cfg: DemoConfig) -> List[dict]:
@@ -214,36 +237,46 @@ def save_grid(path: Path, before, after, prompts: List[dict], world: WorldTokens
     plt.close(fig)
 
 
-def grid_choice(before, prompts: List[dict], judge: IdentityJudge, cfg: DemoConfig) -> List[int]:
-    """The grid's rows: 4 one-subject prompts, then two-subject prompts -- the first 2 the cold start got wrong (what
-    the demo cannot do yet belongs in the picture) and the first 2 it got right."""
-    one = list(range(min(cfg.eval_prompts, 4)))
+def grid_choice(before, after, prompts: List[dict], judge: IdentityJudge, cfg: DemoConfig) -> List[int]:
+    """The grid's rows: 2 one-subject prompts, then two-subject prompts -- up to 3 the cold start got wrong and GRPO
+    fixed, 1 GRPO broke (right before, wrong after) if any, the rest wrong both times (what is still not done)."""
+    one = list(range(min(cfg.eval_prompts, 2)))
     pairs = range(cfg.eval_prompts, cfg.eval_prompts + cfg.eval_pair_prompts)
-    ok = {r: judge.judge_image(before.final_codes[r], prompts[r]["scene"])["whole"] == 1.0 for r in pairs}
-    wrong = [r for r in pairs if not ok[r]][:2]
-    right = [r for r in pairs if ok[r]][:4 - len(wrong)]
-    return one + sorted(wrong + right)
+    ok = lambda ro, r: judge.judge_image(ro.final_codes[r], prompts[r]["scene"])["whole"] == 1.0  # noqa: E731
+    fixed = [r for r in pairs if not ok(before, r) and ok(after, r)][:3]
+    broken = [r for r in pairs if ok(before, r) and not ok(after, r)][:1]
+    still = [r for r in pairs if not ok(before, r) and not ok(after, r)][:6 - len(fixed) - len(broken)]
+    return one + sorted(fixed + broken + still)
 
 
-def save_curve(path: Path, history: List[Dict[str, float]]) -> None:
+def save_curve(path: Path, history: List[Dict[str, float]], evals: Sequence[Dict[str, float]] = ()) -> None:
+    """Training rollouts' rewards and final-image identity (moving averages) and, as markers, the held-out identity
+    measured during GRPO (subjects never trained on)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    k = 20
-    for key, label in (("reward/identity", "identity reward"), ("identity/whole_frac", "identity accuracy (final)"),
+    k = 10
+    for key, label in (("reward/identity", "identity reward (training rollouts)"),
+                       ("identity/whole_frac", "final identity (training rollouts)"),
                        ("reward/layout", "layout reward"), ("reward/format", "format")):
         if key not in history[0]:
             continue
         ys = [h[key] for h in history]
         smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
-        ax.plot(smooth, label=label)
+        ax.plot(range(1, len(ys) + 1), smooth, label=label, alpha=0.8)
+    for key, label, marker in (("held_out/one_subject/final_whole", "held-out one subject", "o"),
+                               ("held_out/two_subjects/final_whole", "held-out two subjects", "s")):
+        pts = [(e["step"], e[key]) for e in evals if key in e]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="--", color="black",
+                    markerfacecolor="white" if marker == "o" else "black", label=f"{label} (final identity)")
     ax.set_xlabel("GRPO step")
-    ax.set_ylabel(f"training rollouts, {k}-step moving average")
+    ax.set_ylabel(f"training: {k}-step moving average; held-out: markers")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -389,16 +422,17 @@ def run(cfg: DemoConfig, cold_start: Optional[str] = None) -> Dict:
     trainer = grpo_trainer(model, world, judge, cfg, train_subjects, str(out / "grpo.jsonl"))
     (out / "grpo.jsonl").write_text("")
     t_grpo = time.perf_counter()
-    history = trainer.train()
+    monitor = held_out_monitor(world, judge, fmt, held_out, cfg) if cfg.grpo_eval_every > 0 else None
+    history = trainer.train(eval_fn=monitor, eval_every=cfg.grpo_eval_every)
     t_grpo = time.perf_counter() - t_grpo
     after, _, ro_after = evaluate(model, world, judge, fmt, prompts, seed=cfg.seed + 11)
     save_transformer(model, out / "grpo")
     speed = compare_backends(trainer, cfg.compare_steps) if cfg.compare_steps > 0 else {}
     ro_b, ro_a = _joined(ro_before), _joined(ro_after)
-    grid_rows = grid_choice(ro_b, prompts, judge, cfg)
+    grid_rows = grid_choice(ro_b, ro_a, prompts, judge, cfg)
     save_grid(out / "grid.png", ro_b, ro_a, prompts, world, judge, grid_rows)
     if history:
-        save_curve(out / "reward_curve.png", history)
+        save_curve(out / "reward_curve.png", history, trainer.evals)
     seconds = time.perf_counter() - t0
     print("\n" + identity_table(before, after, counts))
     print(f"GRPO: {len(history)} steps of {cfg.prompts_per_step} prompts x {cfg.group_size} samples in {t_grpo:.0f} s;"
