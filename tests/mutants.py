@@ -37,6 +37,9 @@ ORACLE = "tests/test_reference_oracle.py"
 FALLBACK = "tests/test_fallback.py"
 WORLD = "tests/test_world.py"
 DIST = "tests/test_trainer.py::test_torchrun_two_processes_equal_single_process"
+ATTN = "tests/test_decode_attention.py"
+GEN = "tests/test_generate.py"
+TRL_RUN = "tests/test_trl_use_kernels.py"
 
 MUTANTS: List[Mutant] = [
     Mutant("trainer: negated advantages", "mmr1/grpo.py",
@@ -56,8 +59,9 @@ MUTANTS: List[Mutant] = [
            '                ("text", m_txt, self.fmt.text_range, self.cfg.text_temperature))',
            '(("image", m_img, self.vocab.window, self.cfg.text_temperature),\n'
            '                ("text", m_txt, self.fmt.text_range, self.cfg.temperature))', (TRAINER,)),
-    Mutant("trainer: reward weights ignored", "mmr1/grpo.py", "group_size=G, weights=weights, mode=cfg.adv_mode",
-           "group_size=G, weights=None, mode=cfg.adv_mode", (TRAINER,)),
+    Mutant("trainer: reward weights ignored", "mmr1/grpo.py",
+           "adv, st = K.group_advantages(rewards, group_size=G, weights=weights,",
+           "adv, st = K.group_advantages(rewards, group_size=G, weights=None,", (TRAINER,)),
     Mutant("trainer: gradients summed instead of averaged across ranks", "mmr1/grpo.py",
            "                    loss.backward()\n",
            "                    loss.backward()\n                    [p.grad.mul_(self.world) for p in "
@@ -168,8 +172,45 @@ MUTANTS: List[Mutant] = [
     Mutant("model: activation checkpointing never recomputes", "mmr1/model.py",
            "recompute = self.activation_checkpointing and torch.is_grad_enabled() and not S",
            "recompute = False", ("tests/test_trainer.py::test_activation_checkpointing_changes_memory_not_the_update",)),
+    # decode attention (issue 20): the spec, the Triton kernel, the decoder's layout
+    Mutant("attention: reference window not causal (sees one slot less)", "mmr1_kernels/reference.py",
+           "limit = lengths.long()[:, None] + torch.arange(W, device=dev)[None] + 1",
+           "limit = lengths.long()[:, None] + torch.arange(W, device=dev)[None]", (ATTN,)),
+    Mutant("attention: Triton combine drops the prefix's partial states", "mmr1_kernels/gpu/attention.py",
+           "        use = use & ((s >= NS_PREFIX) | has)", "        use = use & (s >= NS_PREFIX)", (ATTN,)),
+    Mutant("attention: Triton window off by one", "mmr1_kernels/gpu/attention.py",
+           "limit = tl.minimum(base + w + 1, S)  # causal inside the window",
+           "limit = tl.minimum(base + w, S)  # causal inside the window", (ATTN,)),
+    Mutant("decoder: a prompt's rows point at the wrong prompts", "mmr1/model.py",
+           "ids = torch.arange(first, first + lengths.numel(), device=lengths.device).repeat_interleave(repeats)",
+           "ids = torch.arange(first, first + lengths.numel(), device=lengths.device).repeat(repeats)", (GEN,)),
+    Mutant("decoder: rows' own slots start at position 0 (no prefix offset)", "mmr1/model.py",
+           "        self.offset[lo:hi] = lengths.repeat_interleave(repeats)",
+           "        self.offset[lo:hi] = 0", (GEN,)),
+    Mutant("decoder: writes past a row's own slots not refused", "mmr1/generate.py",
+           "            if h - self.offset[r] > self.capacity:", "            if False:", (GEN,)),
+    # dynamic sampling, the data pipeline (issue 21)
+    Mutant("dynamic sampling keeps the groups without spread", "mmr1/grpo.py",
+           "(spare if z else kept).append(", "(kept if z else spare).append(", (TRAINER,)),
+    Mutant("pipeline: identity mixing into the first subject", "mmr1/world/pipeline.py",
+           "            second, applied = m, applied + [\"identity_mixing\"]",
+           "            first, applied = m, applied + [\"identity_mixing\"]", (WORLD,)),
+    Mutant("pipeline: flaws drawn from the task stream", "mmr1/world/tasks.py",
+           "flawed_targets(scene, mix.flaws, g if flaw_g is None else flaw_g, xcot=not mix.direct)",
+           "flawed_targets(scene, mix.flaws, g, xcot=not mix.direct)", (WORLD,)),
+    Mutant("pipeline: swapped sides read from one side only", "mmr1/world/pipeline.py",
+           '"swapped": float(at_first == second and at_second == first)', '"swapped": float(at_first == second)',
+           (WORLD,)),
+    # TRL integration (issue 22)
+    Mutant("trl: loss not divided by gradient accumulation", "mmr1_kernels/trl.py",
+           "    gas = self.current_gradient_accumulation_steps if mode == \"train\" else 1",
+           "    gas = 1", (TRL_RUN,)),
+    Mutant("trl: fused head without the temperature", "mmr1_kernels/trl.py",
+           "res = fused_linear_logprobs(h, weight, labels[mask], temperature, chunk_size=chunk_size,",
+           "res = fused_linear_logprobs(h, weight, labels[mask], 1.0, chunk_size=chunk_size,", (TRL_RUN,)),
+    Mutant("policy_loss: a given entropy mask ignored", "mmr1_kernels/policy.py",
+           "        ent_mask = entropy_mask.bool() & mask.bool()", "        ent_mask = None", (TRL_RUN,)),
 ]
-
 
 def _copy_tree(dst: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "assets")
