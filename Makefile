@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 # TRL is pinned: tests/test_trl_parity.py checks mmr1_kernels.policy_loss against this release's GRPOTrainer code
 TRL_SPEC ?= trl>=1.16,<1.17
-DEPS := triton transformers safetensors tokenizers tqdm numpy pillow pytest pytest-benchmark hypothesis ninja cmake matplotlib "$(TRL_SPEC)"
+DEPS := triton transformers safetensors tokenizers tqdm numpy pillow pytest pytest-benchmark pytest-xdist hypothesis ninja cmake matplotlib "$(TRL_SPEC)"
 BENCH_DEPS := liger-kernel "$(TRL_SPEC)"
 
 .PHONY: venv build test test-fast demo cold-start ablation mutants bench bench-quick bench-pytest gpu-check clean
@@ -43,14 +43,18 @@ mutants: build
 	MMR1_REQUIRE_CPP=1 $(PY) tests/mutants.py
 
 # X-CoT vs direct (same model, cold-start and GRPO budgets); writes docs/ablation.{md,png,json}
+ABLATION_ARGS ?=
 ablation: build
-	$(PY) -m mmr1.world.ablation
+	$(PY) -m mmr1.world.ablation $(ABLATION_ARGS)
 
+# two workers (pytest-xdist), one per core, each on one thread (tests/conftest.py); the tolerance report needs a
+# single process: MMR1_TOLERANCE_REPORT=1 $(PY) -m pytest -q tests
+TEST_WORKERS ?= 2
 test: build
-	MMR1_REQUIRE_CPP=1 $(PY) -m pytest -q tests
+	MMR1_REQUIRE_CPP=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 test-fast: build
-	MMR1_REQUIRE_CPP=1 $(PY) -m pytest -q -m "not slow" tests
+	MMR1_REQUIRE_CPP=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
 
 bench: build $(VENV)/.peers
 	$(PY) -m bench

@@ -61,7 +61,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers", "transformers", "tqdm"],
     extras_require={
         "gpu": ["triton", "flash-attn"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "triton"],
         "bench": ["liger-kernel", "trl", "matplotlib"],
     },
 )

@@ -129,6 +129,9 @@ def main(argv=None) -> None:
     s_.add_argument("--seed", type=int, default=0)
     s_.add_argument("--eval-every", type=int, default=0,
                     help="log held-out identity every N steps (64 + 32 prompts, ~10 s each; 0 = never)")
+    s_.add_argument("--direct", action="store_true",
+                    help="the ablation's direct policy (references + prompt -> final image; `make ablation` uses it "
+                         "with --direct-cold-start)")
     s_.add_argument("--clean-data", action="store_true",
                     help="train on a perfect data pipeline (no identity mixing, wrong sides, dropped patterns or "
                          "caption errors; see mmr1/world/pipeline.py)")
@@ -187,8 +190,8 @@ def main(argv=None) -> None:
         from .world.pipeline import DataFlaws
 
         flaws = DataFlaws.clean() if args.clean_data else DataFlaws()
-        run_sft_only(DemoConfig(out_dir=args.out_dir, sft_steps=steps, seed=args.seed, flaws=flaws),
-                     eval_every=args.eval_every)
+        run_sft_only(DemoConfig(out_dir=args.out_dir, sft_steps=steps, seed=args.seed, flaws=flaws,
+                                direct=args.direct), eval_every=args.eval_every)
     elif args.cmd == "grpo":
         from .world.demo import DemoConfig, run
 

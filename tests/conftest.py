@@ -17,6 +17,11 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test` runs `-n 2`: one worker per core) each worker computes on one thread: two workers
+# with two threads each would contend for the two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 import mmr1_kernels  # noqa: E402,F401  (registers the ops)
 from mmr1_kernels._library import HAS_CPP, HAS_TRITON  # noqa: E402
 

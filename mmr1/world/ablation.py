@@ -16,12 +16,12 @@ import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 from ..model import save_transformer
-from .demo import DemoConfig, eval_prompts, grpo_trainer, load_or_train
+from .demo import DemoConfig, cold_start_key, eval_prompts, grpo_trainer, load_or_train
 from .identity import IdentityJudge
 from .tasks import evaluate, split_subjects, xcot_format
 
@@ -30,11 +30,19 @@ COLUMNS = (("final/whole", "final image shows the subject(s)"), ("layout", "layo
            ("text/whole", "reasoning names the subject(s)"))
 
 
-def run_policy(cfg: DemoConfig, out: Path) -> Dict:
-    """Cold start (shipped, or trained here) -> evaluation -> GRPO -> evaluation, for one policy."""
+def run_policy(cfg: DemoConfig, out: Path, cold_start: Optional[Path] = None) -> Dict:
+    """Cold start (shipped, given, or trained here) -> evaluation -> GRPO -> evaluation, for one policy.
+    ``cold_start``: a directory `mmr1 sft` wrote (world, cold_start, manifest.json) for this very config."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    world, model, source = load_or_train(cfg, out, None, lambda rec: None)
+    model_dir = None
+    if cold_start is not None:
+        made_with = json.loads((cold_start / "manifest.json").read_text())["config"]
+        if made_with != json.loads(json.dumps(cold_start_key(cfg))):
+            raise SystemExit(f"error: {cold_start} was trained with another config than this ablation's "
+                             f"{'direct' if cfg.direct else 'X-CoT'} policy")
+        model_dir = str(cold_start / "cold_start")
+    world, model, source = load_or_train(cfg, out, model_dir, lambda rec: None)
     t_sft = time.perf_counter() - t0
     judge = IdentityJudge(world.vq)
     fmt = xcot_format(world, cfg.direct)
@@ -112,6 +120,9 @@ def main(argv=None) -> Dict:
     ap.add_argument("--out-dir", default="runs/ablation")
     ap.add_argument("--docs", default="docs", help="where ablation.md / .png / .json go")
     ap.add_argument("--train-cold-start", action="store_true", help="train the X-CoT cold start too (no shipped)")
+    ap.add_argument("--direct-cold-start", default=None,
+                    help="a directory `mmr1 sft --direct --out-dir DIR` wrote (else the direct cold start is trained "
+                         "here, about an hour)")
     ap.add_argument("--sft-steps", type=int, default=DemoConfig.sft_steps)
     ap.add_argument("--grpo-steps", type=int, default=DemoConfig.grpo_steps)
     ap.add_argument("--eval-prompts", type=int, default=DemoConfig.eval_prompts)
@@ -126,7 +137,8 @@ def main(argv=None) -> Dict:
         cfg = replace(base, direct=policy == "direct", out_dir=str(out / policy.lower()))
         torch.manual_seed(cfg.seed)
         print(f"== {policy}")
-        results[policy] = run_policy(cfg, out / policy.lower())
+        given = Path(args.direct_cold_start) if policy == "direct" and args.direct_cold_start else None
+        results[policy] = run_policy(cfg, out / policy.lower(), given)
     text = markdown(results, base)
     print(text)
     (docs / "ablation.md").write_text(text)
