@@ -199,7 +199,7 @@ MUTANTS: List[Mutant] = [
            "flawed_targets(scene, mix.flaws, g if flaw_g is None else flaw_g, xcot=not mix.direct)",
            "flawed_targets(scene, mix.flaws, g, xcot=not mix.direct)", (WORLD,)),
     Mutant("pipeline: swapped sides read from one side only", "mmr1/world/pipeline.py",
-           '"swapped": float(at_first == second and at_second == first)', '"swapped": float(at_first == second)',
+           "    swapped = at_first == second and at_second == first", "    swapped = at_first == second",
            (WORLD,)),
     # TRL integration (issue 22)
     Mutant("trl: loss not divided by gradient accumulation", "mmr1_kernels/trl.py",

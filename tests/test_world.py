@@ -366,3 +366,7 @@ def test_failure_modes_read_from_images():
     assert failure_modes(read(PairScene(first, second, "sky", "right")), scene)["swapped"] == 1.0
     plain = PairScene(first, Subject("ring", "green"), "sky", "left")
     assert failure_modes(read(plain), scene)["dropped_pattern"] == 1.0
+    bled = PairScene(Subject("cross", "red", "checker", "yellow"), second, "sky", "left")  # the first takes the
+    assert failure_modes(read(bled), scene)["mixing"] == 1.0  # second's pattern: mixing in the other direction
+    other = PairScene(first, Subject("ring", "purple", "checker", "blue"), "sky", "left")  # wrong, not the first's
+    assert failure_modes(read(other), scene) == {"mixing": 0.0, "swapped": 0.0, "dropped_pattern": 0.0}

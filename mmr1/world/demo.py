@@ -288,8 +288,8 @@ ROWS = (("text/whole", "reasoning names the subject(s)"), ("subject_image/whole"
         ("final/whole", "final image shows them (right sides)"), ("final/shape", "  final: shape"),
         ("final/color", "  final: color"), ("final/pattern", "  final: pattern"),
         ("final/pattern_color", "  final: pattern color"), ("layout", "layout as asked"), ("format", "valid format"),
-        ("flaw/mixing", "  pipeline flaw: identity mixing"), ("flaw/swapped", "  pipeline flaw: subjects swapped"),
-        ("flaw/dropped_pattern", "  pipeline flaw: pattern dropped"))
+        ("flaw/mixing", "  failure: attributes mixed between subjects"), ("flaw/swapped", "  failure: subjects swapped"),
+        ("flaw/dropped_pattern", "  failure: a pattern dropped"))
 
 
 def identity_table(before: Dict, after: Optional[Dict], counts: Dict[str, int]) -> str:

@@ -95,15 +95,25 @@ def mixed_subject(first: Subject, second: Subject, g: torch.Generator) -> Option
     return options[int(torch.randint(len(options), (1,), generator=g))]
 
 
+def _bleeds(drawn: Optional[Subject], mine: Subject, other: Subject) -> bool:
+    """A subject drawn with at least one wrong attribute that is the other subject's."""
+    if drawn is None or drawn == mine:
+        return False
+    return any(getattr(drawn, a) != getattr(mine, a) and getattr(drawn, a) == getattr(other, a)
+               for a in ("shape", "color", "pattern", "pattern_color"))
+
+
 def failure_modes(read: Dict[str, Optional[Subject]], scene: PairScene) -> Dict[str, float]:
-    """Which of the pipeline's flaws a generated pair image shows, from the subjects the judge read on each side
-    (IdentityJudge.read): "mixing" (the second subject drawn with an attribute of the first), "swapped" (the two
-    subjects on each other's sides), "dropped_pattern" (a patterned subject drawn plain)."""
+    """Which of the pipeline's failure kinds a generated pair image shows, from the subjects the judge read on each
+    side (IdentityJudge.read): "mixing" (a subject drawn with an attribute of the other one -- the pipeline's
+    single-attribute mixing, or any bleeding of attributes between the two, in either direction), "swapped" (the
+    two subjects on each other's sides), "dropped_pattern" (a patterned subject drawn plain)."""
     first, second = scene.first, scene.second
     at_first, at_second = read[scene.first_position], read[scene.second_position]
     plain = [Subject(s.shape, s.color) for s in (first, second) if s.pattern != "solid"]
-    return {"mixing": float(at_second in mixing_options(first, second)),
-            "swapped": float(at_first == second and at_second == first),
+    swapped = at_first == second and at_second == first
+    return {"mixing": float(not swapped and (_bleeds(at_first, first, second) or _bleeds(at_second, second, first))),
+            "swapped": float(swapped),
             "dropped_pattern": float(any(x is not None and x in plain for x in (at_first, at_second)))}
 
 
