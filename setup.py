@@ -31,7 +31,10 @@ class CMakeBuild(build_ext):
 
         out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         out_dir = out_path.parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # a persistent build directory per torch build and Python (pip builds in a fresh temporary directory each
+        # time): an unchanged tree rebuilds nothing -- `make demo` / `make test` re-run this install every time
+        tag = f"{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}".replace("+", "_")
+        build_dir = ROOT / "build" / f"cmake-{tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake_args = [
             "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
