@@ -114,9 +114,11 @@ def main(argv=None) -> List[Row]:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--lumina7b", action="store_true",
                     help="Lumina-mGPT-7B width: d 4096, 32 heads, 2 layers, bf16 on CUDA (fp32 on CPU)")
+    ap.add_argument("--smoke", action="store_true", help="implies --quick: the smallest shapes, one repeat -- that the suite runs end to end (the GPU check's dry run); its figures mean nothing")
     args = ap.parse_args(argv)
-    repeats = args.repeats or (2 if args.quick else 3)
-    hw = (8, 8) if args.quick else (32, 32)
+    args.quick |= args.smoke
+    repeats = args.repeats or (1 if args.smoke else 2 if args.quick else 3)
+    hw = (4, 4) if args.smoke else (8, 8) if args.quick else (32, 32)
     if args.lumina7b:
         model = lumina_shaped_model(layers=2, hidden=4096, heads=32,
                                     dtype=torch.bfloat16 if DEVICE.type == "cuda" else torch.float32)
@@ -129,7 +131,7 @@ def main(argv=None) -> List[Row]:
     print("machine:", meta)
     rows: List[Row] = []
     scfg = SamplingConfig(cfg_scale=3.0, top_k=2000, seed=0)
-    for B in (1, 8):
+    for B in (1, 2) if args.smoke else (1, 8):
         prompts = [[1] + list(range(9000, 9020)) for _ in range(B)]
         L = vocab.block_length(*hw)
         codes = B * hw[0] * hw[1]

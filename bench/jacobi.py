@@ -124,15 +124,17 @@ def main(argv=None) -> List[Row]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="B = 1, 8; W = 4, 8; one repeat")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--smoke", action="store_true", help="implies --quick: the smallest shapes, one repeat -- that the suite runs end to end (the GPU check's dry run); its figures mean nothing")
     args = ap.parse_args(argv)
+    args.quick |= args.smoke
     repeats = args.repeats or (1 if args.quick else 2)
-    Bs = (1, 8) if args.quick else (1, 8, 32)
-    windows = (4, 8) if args.quick else WINDOWS
+    Bs = (1,) if args.smoke else (1, 8) if args.quick else (1, 8, 32)
+    windows = (4,) if args.smoke else (4, 8) if args.quick else WINDOWS
     meta = {**machine_info(), "windows": list(windows)}
     print("machine:", meta)
     rows: List[Row] = []
     demo_model_rows(Bs, repeats, rows, windows)
-    random_model_rows((1, 8), repeats, (8, 8), rows, windows)
+    random_model_rows((1,) if args.smoke else (1, 8), repeats, (4, 4) if args.smoke else (8, 8), rows, windows)
     print(format_table(rows))
     path = save_rows("jacobi" + ("_quick" if args.quick else ""), rows, meta)
     print(f"\nwrote {path}")

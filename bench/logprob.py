@@ -241,13 +241,19 @@ def main(argv=None) -> List[Row]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (< 1 minute)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--smoke", action="store_true", help="implies --quick: the smallest shapes, one repeat -- that the suite runs end to end (the GPU check's dry run); its figures mean nothing")
     args = ap.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 7)
+    args.quick |= args.smoke
+    repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 7)
     bw = copy_bandwidth_gbs()
     meta = {**machine_info(), "copy_bandwidth_GBps": round(bw, 1), "backend": K.backend_for(DEVICE)}
     print("machine:", meta)
     rows: List[Row] = []
-    if args.quick:
+    if args.smoke:
+        plan = [(128, torch.bfloat16)]
+        fl = [(64, 32)]
+        adv_n = 512
+    elif args.quick:
         plan = [(1024, torch.bfloat16)]
         fl = [(512, 256)]
         adv_n = 4096
@@ -260,8 +266,8 @@ def main(argv=None) -> List[Row]:
     for N, d in fl:
         rows += bench_fused_linear(N, d, max(3, repeats // 2))
     rows += bench_advantages(adv_n, repeats)
-    rows += bench_memory_vs_vocab(512 if args.quick else 2048, 256 if args.quick else 512,
-                                  (8192, 32768) if args.quick else (8192, 32768, 65536, 131072))
+    rows += bench_memory_vs_vocab(*((64, 32, (8192,)) if args.smoke else (512, 256, (8192, 32768)) if args.quick
+                                    else (2048, 512, (8192, 32768, 65536, 131072))))
     table = format_table(rows)
     print(table)
     path = save_rows("logprob" + ("_quick" if args.quick else ""), rows, meta)

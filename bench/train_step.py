@@ -163,11 +163,16 @@ def main(argv=None) -> List[Row]:
         ensure_bench_env("bench.train_step")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="implies --quick: the smallest shapes, one repeat -- that the suite runs end to end (the GPU check's dry run); its figures mean nothing")
     args = ap.parse_args(argv)
+    args.quick |= args.smoke
     meta = {**machine_info(), "model": "4L d512 V65536"}
     print("machine:", meta)
-    rows = bench_grpo_step(8 if args.quick else 16, 2 if args.quick else 3)
-    rows += bench_sft_step(2 if args.quick else 3, T=128 if args.quick else 512)
+    if args.smoke:
+        rows = bench_grpo_step(2, 1) + bench_sft_step(1, B=2, T=32)
+    else:
+        rows = bench_grpo_step(8 if args.quick else 16, 2 if args.quick else 3)
+        rows += bench_sft_step(2 if args.quick else 3, T=128 if args.quick else 512)
     print(format_table(rows))
     path = save_rows("train_step" + ("_quick" if args.quick else ""), rows, meta)
     print(f"\nwrote {path}")

@@ -3,8 +3,9 @@
     python -m bench.trl_trainer [--quick] [--repeats N]
 
 A Qwen2-shaped causal LM with a small backbone (2 layers, d 256) and a real vocabulary -- 151,936 (Qwen2) and
-65,536 (Chameleon / Lumina) -- so that the LM head and its [B, T, V] logits are what costs: B x T = 8 x 1024
-completion tokens (the logits alone would be 8192 x 151,936 x 4 B = 5.0 GB in fp32). Two trainers from the same
+65,536 (Chameleon / Lumina) -- so that the LM head and its [B, T, V] logits are what costs: B x T = 4 x 512
+completion tokens (the logits alone would be 2048 x 151,936 x 4 B = 1.24 GB in fp32; sized so that the full run
+takes ~30 min on 2 CPU cores -- TRL's path takes ~10 s per loss + backward there). Two trainers from the same
 checkpoint and seed, TRL's own (its fused chunked log-prob head, ``_ChunkedLogProbFunction``, and its
 ``_compute_loss``) and the same trainer after ``use_mmr1_kernels`` (``fused_linear_logprobs`` + ``policy_loss``):
 
@@ -12,7 +13,7 @@ checkpoint and seed, TRL's own (its fused chunked log-prob head, ``_ChunkedLogPr
    prepared batch (the policy's log-probs and entropies,
    the loss with beta 0.04 against given reference log-probs, the backward) -- median time and peak extra memory;
 2. the reference model's log-probs for the batch (no grad), as TRL computes them before the update;
-3. (full run, fp32) one whole ``trainer.train()`` step: generation of the 8 x 1024 tokens by TRL, rewards, the
+3. (full run, fp32) one whole ``trainer.train()`` step: generation of the 4 x 512 tokens by TRL, rewards, the
    reference pass and the update.
 fp32 and bf16 weights; TRL's default loss (dapo); the two losses are checked equal on every batch.
 """
@@ -163,8 +164,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args(argv)
-    repeats = args.repeats or (2 if args.quick else 5)
-    B, T = (2, 128) if args.quick else (8, 1024)
+    repeats = args.repeats or (2 if args.quick else 3)
+    B, T = (2, 128) if args.quick else (4, 512)
     rows: List[Row] = []
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)

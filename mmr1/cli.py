@@ -141,6 +141,16 @@ def main(argv=None) -> None:
     r.add_argument("--out-dir", default="runs/grpo")
     r.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the demo's)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--eval-prompts", type=int, default=None,
+                   help="held-out one-subject prompts evaluated before and after (default: the demo's 200)")
+    r.add_argument("--eval-pair-prompts", type=int, default=None,
+                   help="held-out two-subject prompts evaluated before and after (default: the demo's 100)")
+    r.add_argument("--eval-every", type=int, default=None,
+                   help="held-out identity during GRPO every N steps (default: the demo's 8; 0 = never)")
+    r.add_argument("--monitor-prompts", type=int, default=None,
+                   help="prompts of each kind in that during-training check (default: the demo's 32)")
+    r.add_argument("--compare-steps", type=int, default=None,
+                   help="GRPO steps timed per path for the fused-vs-reference table (default: the demo's 2; 0 = skip)")
     e = sub.add_parser("eval", help="DreamBench DINO / CLIP-I / CLIP-T of generated images (local model dirs)")
     e.add_argument("--dreambench", required=True, help="the benchmark directory (subject folders + prompts)")
     e.add_argument("--generated", required=True, help="<dir>/<subject>/<prompt index>_*.png")
@@ -197,8 +207,17 @@ def main(argv=None) -> None:
 
         if not (Path(args.cold_start) / "config.json").exists():
             raise SystemExit(f"error: no model at {args.cold_start} (expected config.json + model.safetensors)")
-        steps = DemoConfig.grpo_steps if args.steps is None else args.steps
-        run(DemoConfig(out_dir=args.out_dir, grpo_steps=steps, seed=args.seed), args.cold_start)
+        given = {"grpo_steps": ("--steps", args.steps), "eval_prompts": ("--eval-prompts", args.eval_prompts),
+                 "eval_pair_prompts": ("--eval-pair-prompts", args.eval_pair_prompts),
+                 "grpo_eval_every": ("--eval-every", args.eval_every),
+                 "grpo_eval_prompts": ("--monitor-prompts", args.monitor_prompts),
+                 "compare_steps": ("--compare-steps", args.compare_steps)}
+        for flag, value in given.values():
+            if value is not None and value < 0:
+                raise SystemExit(f"error: {flag} must be >= 0, got {value}")
+        run(DemoConfig(out_dir=args.out_dir, seed=args.seed,
+                       **{k: v for k, (_, v) in given.items() if v is not None}),
+            args.cold_start)
     elif args.cmd == "eval":
         import json
 

@@ -15,7 +15,7 @@ def test_demo_pipeline_and_cli_generate(tmp_path):
 
     out = tmp_path / "demo"
     summary = run(DemoConfig(out_dir=str(out), sft_steps=20, grpo_steps=3, eval_prompts=6, eval_pair_prompts=4,
-                             sft_batch=4, compare_steps=1, use_shipped=False))
+                             sft_batch=4, compare_steps=1, use_shipped=False, grpo_eval_prompts=3))
     assert set(summary["before"]) == {"one subject", "two subjects"}
     for split in summary["before"].values():
         for k in ("format", "layout", "text/whole", "subject_image/whole", "final/whole", "final/shape", "text/color"):
@@ -23,8 +23,13 @@ def test_demo_pipeline_and_cli_generate(tmp_path):
             assert 0.0 <= mean <= 1.0 and half >= 0.0
     for name in ("grid.png", "reward_curve.png", "log.jsonl", "grpo.jsonl", "summary.json"):
         assert (out / name).stat().st_size > 0, name
-    steps = [json.loads(line) for line in (out / "grpo.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "grpo.jsonl").read_text().splitlines()]
+    steps = [m for m in records if m.get("phase") != "eval"]
     assert len(steps) == 3 and all("reward/self" in m and "identity/whole_frac" in m for m in steps)
+    # the held-out monitor: before the first step and after the last (grpo_eval_every=8 > 3 steps)
+    evals = [m for m in records if m.get("phase") == "eval"]
+    assert [m["step"] for m in evals] == [0, 3]
+    assert all(0.0 <= m["held_out/two_subjects/final_whole"] <= 1.0 for m in evals)
     saved = json.loads((out / "summary.json").read_text())
     assert saved["rollout_tok_s"] > 0
     speed = saved["fused_vs_reference"]
@@ -142,10 +147,17 @@ def test_cli_sft_then_grpo(tmp_path):
     cli(["sft", "--out-dir", str(tmp_path / "sft"), "--steps", "3"])
     assert (tmp_path / "sft" / "cold_start" / "model.safetensors").exists()
     cli(["grpo", "--cold-start", str(tmp_path / "sft" / "cold_start"), "--out-dir", str(tmp_path / "grpo"),
-         "--steps", "2"])
-    assert len((tmp_path / "grpo" / "grpo.jsonl").read_text().splitlines()) == 2
+         "--steps", "2", "--eval-prompts", "4", "--eval-pair-prompts", "2", "--monitor-prompts", "2",
+         "--compare-steps", "0"])
+    summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
+    assert summary["counts"] == {"one subject": 4, "two subjects": 2}
+    records = [json.loads(line) for line in (tmp_path / "grpo" / "grpo.jsonl").read_text().splitlines()]
+    assert [m.get("phase", "train") for m in records].count("train") == 2
+    assert [m["step"] for m in records if m.get("phase") == "eval"] == [0, 2]
     with pytest.raises(SystemExit, match="no model at"):
         cli(["grpo", "--cold-start", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="--eval-prompts must be >= 0"):
+        cli(["grpo", "--cold-start", str(tmp_path / "sft" / "cold_start"), "--eval-prompts", "-1"])
 
 
 def test_jacobi_rollouts_on_the_shipped_model_are_the_sequential_ones():
@@ -211,3 +223,17 @@ def test_shared_prefix_rollouts_on_the_shipped_model_draw_the_previous_tokens(de
         a, b = ros["sdpa"], ros["decode"]
         assert torch.equal(a.tokens, b.tokens), f"cfg {cfg_scale}: {int((a.tokens != b.tokens).sum())} tokens differ"
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=5e-5, rtol=5e-5)
+
+
+def test_demo_command_line_reaches_the_config(monkeypatch):
+    import mmr1.world.demo as demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda cfg, cold_start=None: seen.update(cfg=cfg, cold_start=cold_start))
+    demo.main(["--no-dynamic-sampling", "--beta", "0.1", "--eval-every", "0", "--grpo-steps", "80"])
+    cfg = seen["cfg"]
+    assert (cfg.dynamic_sampling, cfg.grpo_beta, cfg.grpo_eval_every, cfg.grpo_steps) == (False, 0.1, 0, 80)
+    demo.main([])
+    cfg = seen["cfg"]
+    assert (cfg.dynamic_sampling, cfg.grpo_beta, cfg.grpo_eval_every) == (True, demo.DemoConfig.grpo_beta, 8)
+    assert cfg.use_shipped and seen["cold_start"] is None

@@ -68,8 +68,14 @@ DIST_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
-@pytest.mark.parametrize("name,V,window,use_cfg,temp,k,p", DIST_CASES, ids=[c[0] for c in DIST_CASES])
+# Triton runs the cases without top-k / top-p here: the interpreter's top-k / top-p path costs 30-90 s per case, and
+# test_triton_matches_cpp_tokens shows the Triton kernel draws the C++ kernel's exact tokens with per-row top-k,
+# top-p, CFG, temperatures and a window -- so the C++ kernel's distribution tests below cover Triton's too.
+DIST_PARAMS = [pytest.param(b, *c, id=f"{c[0]}-{b}") for c in DIST_CASES for b in ("cpp", "reference", "triton")
+               if b != "triton" or (c[5] == 0 and c[6] == 1.0)]
+
+
+@pytest.mark.parametrize("backend,name,V,window,use_cfg,temp,k,p", DIST_PARAMS)
 def test_empirical_distribution_matches_kept_softmax(request, backend, name, V, window, use_cfg, temp, k, p):
     if backend == "triton":
         request.getfixturevalue("triton_kernels")

@@ -483,11 +483,18 @@ def main(argv=None) -> None:
                     help="weight of the dual self-reward in GRPO (0 = off)")
     ap.add_argument("--compare-steps", type=int, default=DemoConfig.compare_steps,
                     help="GRPO steps timed per path for the fused-vs-reference table (0 = skip)")
+    ap.add_argument("--no-dynamic-sampling", dest="dynamic_sampling", action="store_false",
+                    help="plain GRPO: keep groups with no reward spread (default: resample them, up to "
+                         f"{DemoConfig.dynamic_sampling_rounds} rounds)")
+    ap.add_argument("--beta", type=float, default=DemoConfig.grpo_beta, help="KL coefficient of GRPO")
+    ap.add_argument("--eval-every", type=int, default=DemoConfig.grpo_eval_every,
+                    help="held-out identity every that many GRPO steps (0 = off)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     run(DemoConfig(out_dir=args.out_dir, sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, grpo_lr=args.grpo_lr,
                    eval_prompts=args.eval_prompts, eval_pair_prompts=args.eval_pair_prompts,
                    self_reward_weight=args.self_reward_weight, compare_steps=args.compare_steps, seed=args.seed,
+                   dynamic_sampling=args.dynamic_sampling, grpo_beta=args.beta, grpo_eval_every=args.eval_every,
                    use_shipped=not args.train_cold_start),
         args.cold_start)
 
