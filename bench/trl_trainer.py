@@ -121,15 +121,25 @@ def bench_phase(vocab: int, dtype: torch.dtype, B: int, T: int, repeats: int, ro
     for tr in trainers.values():  # what Trainer's loop sets before each micro-batch (one here: no accumulation)
         tr.current_gradient_accumulation_steps = 1
     fns = {name: step(tr) for name, tr in trainers.items()}
+    # one warm call each first: the peak is read from the process's resident set, and a first call would count the
+    # page-in of the memory-mapped checkpoint weights (2 x V x 256 x 4 B: 297 MiB at V=151,936) and one-time
+    # allocations as the phase's memory
+    for fn in fns.values():
+        fn()
     peaks = {name: peak_extra_mib(fn) for name, fn in fns.items()}
     a, b = losses[trainers[OURS]], losses[trainers[TRL]]
     if abs(a - b) > 1e-3 * max(1.0, abs(b)):
         raise AssertionError(f"V={vocab} {dtype}: the patched trainer's loss {a} differs from TRL's {b}")
     dt = str(dtype).replace("torch.", "")
     case = f"V={vocab}, {dt}, B x T = {B} x {T}"
+    model = trainers[TRL].model  # the parameter gradients the backward allocates: the same for both trainers
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
     rows = summarize("TRL GRPOTrainer: log-prob + loss phase (compute_loss + backward)", case,
-                     time_providers(fns, repeats), OURS, peaks=peaks)
+                     time_providers(fns, repeats), OURS, peaks=peaks,
+                     notes={n: f"peak incl. {grads:.0f} MiB of parameter gradients" for n in fns})
     rfns = {name: ref(tr) for name, tr in trainers.items()}
+    for fn in rfns.values():
+        fn()
     rpeaks = {name: peak_extra_mib(fn) for name, fn in rfns.items()}
     lp = {name: fn() for name, fn in rfns.items()}
     err = float((lp[OURS] - lp[TRL]).abs().max())
@@ -163,17 +173,29 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--vocabs", type=int, nargs="+", default=None, help="default: 151936 65536 (quick: 151936)")
+    ap.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=None,
+                    help="default: float32 bfloat16 (quick: float32)")
+    ap.add_argument("--tokens", default=None, metavar="BxT",
+                    help="completions x completion length (default 4x512, quick 2x128)")
+    ap.add_argument("--no-whole-step", dest="whole_step", action="store_false",
+                    help="skip the whole trainer.train() steps (fp32; on by default without --quick)")
     args = ap.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
-    B, T = (2, 128) if args.quick else (4, 512)
+    try:
+        B, T = (int(x) for x in args.tokens.lower().split("x")) if args.tokens else (2, 128) if args.quick else (4, 512)
+    except ValueError:
+        raise SystemExit(f"--tokens: expected BxT, e.g. 4x512, got {args.tokens!r}")
+    vocabs = args.vocabs or ((151936,) if args.quick else (151936, 65536))
+    dtypes = [getattr(torch, d) for d in (args.dtypes or (("float32",) if args.quick else ("float32", "bfloat16")))]
     rows: List[Row] = []
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        for vocab in ((151936,) if args.quick else (151936, 65536)):
-            for dtype in ((torch.float32,) if args.quick else (torch.float32, torch.bfloat16)):
+        for vocab in vocabs:
+            for dtype in dtypes:
                 rows += bench_phase(vocab, dtype, B, T, repeats, root)
-        if not args.quick:
-            for vocab in (151936, 65536):
+        if not args.quick and args.whole_step:
+            for vocab in vocabs:
                 rows += bench_whole_step(vocab, B, T, root)
     import trl
 

@@ -90,7 +90,7 @@ def test_demo_on_the_shipped_cold_start(tmp_path, capsys):
     from mmr1.world.demo import DemoConfig, run
 
     summary = run(DemoConfig(out_dir=str(tmp_path), grpo_steps=2, eval_prompts=8, eval_pair_prompts=4,
-                             compare_steps=1))
+                             compare_steps=1, grpo_eval_prompts=2))
     printed = capsys.readouterr().out
     assert "cold start: shipped weights" in printed
     assert "reasoning names the subject(s)" in printed and "final image shows them" in printed
