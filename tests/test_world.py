@@ -370,3 +370,8 @@ def test_failure_modes_read_from_images():
     assert failure_modes(read(bled), scene)["mixing"] == 1.0  # second's pattern: mixing in the other direction
     other = PairScene(first, Subject("ring", "purple", "checker", "blue"), "sky", "left")  # wrong, not the first's
     assert failure_modes(read(other), scene) == {"mixing": 0.0, "swapped": 0.0, "dropped_pattern": 0.0}
+    # the second subject on both sides: the first is missing, nothing is swapped
+    both_second = {**read(scene), scene.first_position: second}
+    assert failure_modes(both_second, scene)["swapped"] == 0.0
+    both_first = {**read(scene), scene.second_position: first}
+    assert failure_modes(both_first, scene)["swapped"] == 0.0
