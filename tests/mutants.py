@@ -210,6 +210,15 @@ MUTANTS: List[Mutant] = [
            "res = fused_linear_logprobs(h, weight, labels[mask], 1.0, chunk_size=chunk_size,", (TRL_RUN,)),
     Mutant("policy_loss: a given entropy mask ignored", "mmr1_kernels/policy.py",
            "        ent_mask = entropy_mask.bool() & mask.bool()", "        ent_mask = None", (TRL_RUN,)),
+    # fp32-upcast 16-bit CPU GEMMs in the fused head
+    Mutant("fused head: upcast dh drops the last weight block", "mmr1_kernels/fused_linear.py",
+           "    for s in range(0, w_win.shape[0], _UPCAST_BLOCK):\n        acc.addmm_(",
+           "    for s in range(0, w_win.shape[0] - _UPCAST_BLOCK, _UPCAST_BLOCK):\n        acc.addmm_(",
+           ("tests/test_fused_linear.py",)),
+    Mutant("fused head: upcast weight grad not accumulated across chunks", "mmr1_kernels/fused_linear.py",
+           "                self.win[s:s + _UPCAST_BLOCK].addmm_(dz[:, s:s + _UPCAST_BLOCK].t().float(), hf)",
+           "                self.win[s:s + _UPCAST_BLOCK].copy_(dz[:, s:s + _UPCAST_BLOCK].t().float() @ hf)",
+           ("tests/test_fused_linear.py",)),
 ]
 
 def _copy_tree(dst: Path) -> None:
