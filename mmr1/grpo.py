@@ -45,7 +45,7 @@ import mmr1_kernels as K
 
 from .distributed import wrap_parallel
 from .generate import SamplingConfig
-from .model import Transformer, teacher_forced_hidden
+from .model import PrefixSplit, Transformer, shared_prefix_hidden, split_shared_prefix, teacher_forced_hidden
 from .rewards import RewardSet
 from .rollout import Rollout, XCoTFormat, concat_groups, xcot_rollout
 from .sharded_checkpoint import load_sharded, save_sharded
@@ -95,6 +95,11 @@ class GRPOConfig:
     # mmr1_kernels.decode_attention), "sdpa" (the previous path: prompts copied G times, masked SDPA) or
     # "flash_attn" (that layout through flash-attn; CUDA fp16/bf16) -- the same tokens (SamplingConfig.attention)
     attention: str = "decode"
+    # the teacher-forced passes of the update and the reference log-probs: "shared" runs each prompt once for its
+    # group's G completions (mmr1_kernels.shared_prefix_attention; the same loss and gradients to rounding), "per_row"
+    # runs every sequence whole (the prompt G times). "shared" needs groups of identical prompts in consecutive rows
+    # (GRPO's batches; micro-batches of a multiple of G) and falls back to "per_row" where they are not.
+    update_prefix: str = "shared"
     # sequences per forward/backward of the policy update (0: the whole batch at once): activations of one
     # micro-batch at a time, the same gradient (the loss weights are the whole batch's)
     micro_batch_size: int = 0
@@ -113,6 +118,8 @@ class GRPOConfig:
         if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) \
                 or self.micro_batch_size < 0:
             raise ValueError(f"micro_batch_size must be an int >= 0 (0: the whole batch), got {self.micro_batch_size!r}")
+        if self.update_prefix not in ("shared", "per_row"):
+            raise ValueError(f"update_prefix must be 'shared' or 'per_row', got {self.update_prefix!r}")
         if self.backend not in ("kernels", "reference"):
             raise ValueError(f"backend must be 'kernels' or 'reference', got {self.backend!r}")
         if isinstance(self.dynamic_sampling_rounds, bool) or not isinstance(self.dynamic_sampling_rounds, int) \
@@ -185,6 +192,7 @@ class GRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step_idx = 0
         self.history: List[Dict[str, float]] = []
+        self._passes = [0, 0]  # teacher-forced passes of the step: [per row, shared prefix]
 
     # ------------------------------------------------------------------ batch
     def batch_for(self, step: int, round_: int = 0) -> List[dict]:
@@ -200,8 +208,25 @@ class GRPOTrainer:
                             num_samples=num_samples, row_ids=row_ids, vq_decode=getattr(self.rewards, "vq_decode", None))
 
     # ------------------------------------------------------------------ losses
-    def _hidden(self, model, ro: Rollout) -> torch.Tensor:
-        return teacher_forced_hidden(model, ro.tokens, ro.lengths)
+    def _split(self, ro: Rollout, rows: slice, loss_mask: torch.Tensor) -> Optional[PrefixSplit]:
+        """The rows' shared prompts and completions (cfg.update_prefix "shared"), or None: per-row passes. None too
+        where a loss position lies inside a prompt (a custom rollout_fn's): the split only predicts completions."""
+        if self.cfg.update_prefix != "shared":
+            return None
+        split = split_shared_prefix(ro.tokens[rows], ro.lengths[rows], ro.prompt_lengths[rows])
+        if split is None:
+            return None
+        covered = split.scatter(split.valid, ro.tokens.shape[1]).to(loss_mask.device)
+        return None if bool((loss_mask & ~covered).any()) else split
+
+    def _hidden(self, model, ro: Rollout, rows: slice, loss_mask: torch.Tensor):
+        """(hidden states, split): [n, Tc, d] over the completions when the rows split into shared prompts
+        (split not None: per-target tensors must go through split.gather), else [n, T-1, d] per row."""
+        split = self._split(ro, rows, loss_mask)
+        self._passes[split is not None] += 1
+        if split is not None:
+            return shared_prefix_hidden(model, split), split
+        return teacher_forced_hidden(model, ro.tokens[rows], ro.lengths[rows]), None
 
     def _masks(self, ro: Rollout):
         dev = self.policy.lm_head.weight.device
@@ -215,7 +240,9 @@ class GRPOTrainer:
     @torch.no_grad()
     def ref_logprobs(self, ro: Rollout) -> torch.Tensor:
         targets, m_img, m_txt = self._masks(ro)
-        h = self._hidden(self.ref, ro)
+        h, split = self._hidden(self.ref, ro, slice(None), m_img | m_txt)
+        if split is not None:
+            targets, m_img, m_txt = split.gather(targets), split.gather(m_img), split.gather(m_txt)
         w = self.ref.lm_head.weight
         logits = self.ref.logits(h) if self.cfg.backend == "reference" else None  # once, for both windows
         out = []
@@ -225,7 +252,8 @@ class GRPOTrainer:
             else:
                 lp = K.fused_linear_logprobs(h, w, targets, temp, window, mask=mask)
             out.append(lp)
-        return torch.where(m_img, out[0], out[1])
+        lp = torch.where(m_img, out[0], out[1])
+        return lp if split is None else split.scatter(lp, ro.tokens.shape[1])
 
     def loss(self, ro: Rollout, advantages: torch.Tensor, old: Optional[torch.Tensor],
              ref: Optional[torch.Tensor], rows: Optional[slice] = None, w_all: Optional[torch.Tensor] = None):
@@ -239,11 +267,15 @@ class GRPOTrainer:
             w_all = K.reference.loss_weights(m_img | m_txt, self.cfg.loss_type)
         rows = slice(None) if rows is None else rows
         targets, m_img, m_txt, w_all = targets[rows], m_img[rows], m_txt[rows], w_all[rows]
-        h = teacher_forced_hidden(self.model, ro.tokens[rows], ro.lengths[rows])
-        kw = dict(eps_low=self.cfg.eps_low, eps_high=self.cfg.eps_high, beta=self.cfg.beta, loss_weights=w_all)
-        adv = advantages.to(h.device)[rows]
         old = None if old is None else old[rows]
         ref = None if ref is None else ref[rows]
+        h, split = self._hidden(self.model, ro, rows, m_img | m_txt)
+        if split is not None:  # per-target tensors in the completions' coordinates
+            targets, m_img, m_txt, w_all = (split.gather(t) for t in (targets, m_img, m_txt, w_all))
+            old = None if old is None else split.gather(old)
+            ref = None if ref is None else split.gather(ref)
+        kw = dict(eps_low=self.cfg.eps_low, eps_high=self.cfg.eps_high, beta=self.cfg.beta, loss_weights=w_all)
+        adv = advantages.to(h.device)[rows]
         weight = self.policy.lm_head.weight
         logits = self.policy.logits(h) if self.cfg.backend == "reference" else None  # [N, T, V]: the cost avoided
         loss = h.new_zeros((), dtype=torch.float32)
@@ -391,6 +423,7 @@ class GRPOTrainer:
         else:
             batch, ro, rewards, weights, rmetrics, t_roll = self._round(step, 0)
         adv, st = K.group_advantages(rewards, group_size=G, weights=weights, mode=cfg.adv_mode)
+        self._passes = [0, 0]
         ref = self.ref_logprobs(ro) if self.ref is not None else None
         old = ro.logprobs[:, 1:].to(self.policy.lm_head.weight.device) if cfg.mu > 1 else None
         t1 = time.perf_counter()
@@ -428,6 +461,8 @@ class GRPOTrainer:
             "throughput/rollout_tok_s": gen_tokens / max(t_roll, 1e-9),
             "throughput/train_tok_s": float(ro.lengths.sum()) * cfg.mu / max(t_train, 1e-9),
             "time/rollout_s": t_roll, "time/train_s": t_train, "memory/peak_mib": _peak_mib(),
+            # the share of the step's teacher-forced passes (reference, update) that ran each prompt once per group
+            "update/shared_prefix_frac": self._passes[1] / max(sum(self._passes), 1),
             **dyn,  # dynamic sampling: reward/total_mean is round 0's (the policy's unfiltered draw)
         }
         if self.world > 1:

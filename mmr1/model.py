@@ -23,6 +23,10 @@ Decoding uses a static, preallocated KV cache (``setup_cache``) in one of three 
 - ``"flash_attn"``: the sdpa layout read by flash-attn's flash_attn_with_kvcache (CUDA, fp16/bf16).
 Rows may be at different positions (prompts of different lengths, CFG rows with their own context), and a decode
 step needs no host synchronization.
+
+Training passes (no cache) take the same shape through ``forward(completions, shared_prefix=SharedPrefix(...))``:
+each prompt runs once for its group of G completions, which attend to it through
+mmr1_kernels.shared_prefix_attention; the backward sums the G completions' gradients into the one prompt pass.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from mmr1_kernels import decode_attention
+from mmr1_kernels import decode_attention, shared_prefix_attention
 
 
 @dataclass
@@ -217,6 +221,27 @@ class CacheCall:
     mask: Optional[torch.Tensor] = None  # "sdpa": [B, 1, T, S] visibility of the first S slots
 
 
+@dataclass
+class SharedPrefix:
+    """Prompts shared by groups of rows in a training pass: ``tokens`` [P, Tp] right-padded, ``lengths`` [P]. The
+    batch's N = P * G rows continue them, G consecutive rows per prompt (GRPO's groups)."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+
+
+@dataclass
+class PrefixCall:
+    """One training pass over prompts packed before their completions (built by Transformer.forward): the first
+    P * Tp tokens are the prompts [P, Tp], the next N * T the completions [N, T]."""
+
+    P: int
+    Tp: int
+    N: int
+    T: int
+    lengths: torch.Tensor  # [P]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -231,6 +256,8 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
 
     def forward(self, x, cos, sin, positions, mask, call: Optional[CacheCall] = None):
+        if isinstance(call, PrefixCall):
+            return self._shared_prefix(x, cos, sin, call)
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
@@ -260,6 +287,21 @@ class Attention(nn.Module):
             mask = call.mask
             k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         return self.o_proj(self._sdpa(q, k, v, mask, T).transpose(1, 2).reshape(B, T, -1))
+
+    def _shared_prefix(self, x, cos, sin, call: PrefixCall):
+        """Prompts causal among themselves; completions causal among themselves and over their prompt's keys."""
+        M, H, Hkv, D = x.shape[1], self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_norm(self.q_proj(x).view(1, M, H, D)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(1, M, Hkv, D)).transpose(1, 2)
+        v = self.v_proj(x).view(1, M, Hkv, D)
+        q, k = apply_rope(q, cos, sin)[0].transpose(0, 1), apply_rope(k, cos, sin)[0].transpose(0, 1)  # [M, H, D]
+        v = v[0]
+        n, (P, Tp, N, T) = call.P * call.Tp, (call.P, call.Tp, call.N, call.T)
+        qp, kp, vp = q[:n].reshape(P, Tp, H, D), k[:n].reshape(P, Tp, Hkv, D), v[:n].reshape(P, Tp, Hkv, D)
+        yp = self._sdpa(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), None, Tp).transpose(1, 2)
+        yc = shared_prefix_attention(q[n:].reshape(N, T, H, D), k[n:].reshape(N, T, Hkv, D),
+                                     v[n:].reshape(N, T, Hkv, D), kp, vp, call.lengths, check=False)
+        return self.o_proj(torch.cat([yp.reshape(n, H * D), yc.reshape(N * T, H * D)])[None])
 
     def _sdpa(self, q, k, v, mask, T):
         if self.num_kv_heads != self.num_heads:
@@ -351,7 +393,8 @@ class Transformer(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
-                rows: Optional[Tuple[int, int]] = None, fill_prefix: bool = False) -> torch.Tensor:
+                rows: Optional[Tuple[int, int]] = None, fill_prefix: bool = False,
+                shared_prefix: Optional[SharedPrefix] = None):
         """Final hidden states [B, T, d] (after the last norm) for tokens [B, T].
 
         With a cache (setup_cache): ``positions`` [B, T] are the tokens' positions (per row, consecutive within
@@ -361,8 +404,12 @@ class Transformer(nn.Module):
         rows at them: CacheLayout.add_prefixes). ``kv_len`` ("sdpa" layout): an upper bound on every position + 1;
         attention then reads only the first kv_len slots of the cache instead of all of them.
         Without a cache: a causal pass over the whole sequence; ``attention_mask`` [B, T] (1 = real token) masks
-        padding keys.
+        padding keys. ``shared_prefix`` (no cache): ``tokens`` [N, T] are right-padded completions of the prompts
+        shared_prefix [P, Tp], G = N / P consecutive rows per prompt; returns the hidden states of the prompts
+        [P, Tp, d] and of the completions [N, T, d], each prompt run once (see SharedPrefix).
         """
+        if shared_prefix is not None:
+            return self._forward_shared_prefix(tokens, shared_prefix)
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -393,10 +440,38 @@ class Transformer(nn.Module):
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and not S
         for layer in self.model.layers:
             if recompute:  # keeps only the block's input; the backward runs the block again
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, mask, call, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, positions, mask, call)
         return self.model.norm(x)
+
+    def _forward_shared_prefix(self, tokens: torch.Tensor, sp: SharedPrefix):
+        if self.cache_len:
+            raise ValueError("shared_prefix is a training pass: clear the KV cache first (clear_cache)")
+        if sp.tokens.dim() != 2 or tokens.dim() != 2:
+            raise ValueError(f"shared_prefix.tokens and tokens must be [P, Tp] and [N, T], got "
+                             f"{tuple(sp.tokens.shape)} and {tuple(tokens.shape)}")
+        (P, Tp), (N, T) = sp.tokens.shape, tokens.shape
+        if P < 1 or N % P:
+            raise ValueError(f"tokens' rows ({N}) must be a positive multiple of the shared prompts ({P})")
+        if tuple(sp.lengths.shape) != (P,):
+            raise ValueError(f"shared_prefix.lengths must have shape ({P},), got {tuple(sp.lengths.shape)}")
+        dev = tokens.device
+        plen = sp.lengths.to(dev)
+        # completion position t of a row of prompt p sits at plen[p] + t: RoPE sees the positions of the full row
+        positions = torch.cat([torch.arange(Tp, device=dev).repeat(P),
+                               (plen.repeat_interleave(N // P)[:, None] + torch.arange(T, device=dev)).reshape(-1)])[None]
+        x = self.model.embed_tokens(torch.cat([sp.tokens.to(dev).reshape(-1), tokens.reshape(-1)])[None])
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        call = PrefixCall(P, Tp, N, T, plen)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, None, call, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, positions, None, call)
+        x = self.model.norm(x)[0]
+        return x[:P * Tp].view(P, Tp, -1), x[P * Tp:].view(N, T, -1)
 
     def logits(self, hidden: torch.Tensor, vocab_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """lm_head over hidden [..., d]; with vocab_range only the window's rows of the head are used."""
@@ -413,6 +488,84 @@ def teacher_forced_hidden(model: nn.Module, tokens: torch.Tensor, lengths: torch
     tokens, lengths = tokens.to(dev), lengths.to(dev)
     attn = torch.arange(tokens.shape[1], device=dev)[None] < lengths[:, None]
     return model(tokens, attention_mask=attn)[:, :-1]
+
+
+@dataclass
+class PrefixSplit:
+    """Right-padded rows [N, T] in groups of G consecutive rows that share a prompt, split into each prompt once and
+    the completions, with the map between the two coordinates of a next-token target: target u of the rows
+    (tokens[:, u + 1], predicted by hidden u) is completion target j of the row (completions[:, j]) for
+    u = prompt_length - 1 + j. Made by split_shared_prefix."""
+
+    prefix: SharedPrefix  # prompts [P, Tp], lengths [P]
+    completions: torch.Tensor  # [N, Tc] right-padded
+    index: torch.Tensor  # [N, Tc] long: u of each completion target (clamped into range where not valid)
+    valid: torch.Tensor  # [N, Tc] bool: j < the row's completion length
+
+    @property
+    def group_size(self) -> int:
+        return self.completions.shape[0] // self.prefix.tokens.shape[0]
+
+    def _expand(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return idx.to(t.device).reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[N, T - 1, ...] per-target values -> [N, Tc, ...] (0 / False past a completion's end)."""
+        out = t.gather(1, self._expand(t, self.index))
+        valid = self._expand(t, self.valid)
+        return torch.where(valid, out, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    def scatter(self, t: torch.Tensor, T: int) -> torch.Tensor:
+        """[N, Tc, ...] -> [N, T - 1, ...] (0 at the prompt's targets and the padding)."""
+        out = t.new_zeros(t.shape[0], T, *t.shape[2:])  # slot T - 1 takes what is not valid: no real target hit
+        idx = torch.where(self.valid, self.index, T - 1)
+        out.scatter_(1, self._expand(t, idx), t)
+        return out[:, :T - 1]
+
+
+def split_shared_prefix(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor,
+                        min_group: int = 2) -> Optional[PrefixSplit]:
+    """Split rows [N, T] (right-padded, of ``lengths``, each starting with a prompt of ``prompt_lengths``) into
+    shared prompts and completions when they come in equal groups of >= ``min_group`` consecutive rows with
+    identical prompts (a GRPO batch); None when they do not (the caller then runs every row whole)."""
+    N, T = tokens.shape
+    if N == 0 or T < 2:
+        return None
+    pl, ln = prompt_lengths.tolist(), lengths.tolist()
+    if any(p < 1 or p > n for p, n in zip(pl, ln)):
+        return None
+    runs, start = [], 0
+    for r in range(1, N + 1):
+        if r == N or pl[r] != pl[start] or not torch.equal(tokens[r, :pl[r]], tokens[start, :pl[start]]):
+            runs.append(r - start)
+            start = r
+    G = runs[0]
+    if G < min_group or any(g != G for g in runs):
+        return None
+    plen_rows, len_rows = torch.tensor(pl), torch.tensor(ln)
+    Tc = int((len_rows - plen_rows).max())
+    if Tc < 1:
+        return None
+    plen = plen_rows[::G].clone()
+    Tp = int(plen.max())
+    firsts = torch.arange(0, N, G)
+    prompts = tokens[firsts, :Tp] * (torch.arange(Tp)[None] < plen[:, None]).to(tokens.device)
+    j = torch.arange(Tc)[None]
+    index = (plen_rows[:, None] - 1 + j).clamp(max=T - 2)
+    valid = j < (len_rows - plen_rows)[:, None]
+    completions = tokens.gather(1, (index + 1).to(tokens.device)) * valid.to(tokens.device)
+    return PrefixSplit(SharedPrefix(prompts, plen), completions, index, valid)
+
+
+def shared_prefix_hidden(model: nn.Module, split: PrefixSplit) -> torch.Tensor:
+    """Hidden states [N, Tc, d] predicting split.completions (teacher forcing), each prompt run once per group: the
+    prompt's last hidden state predicts completion token 0 for all G rows, the completion's own hidden states the
+    rest. ``model`` may be wrapped (DDP / FSDP): it is called, never inspected."""
+    dev = next(model.parameters()).device
+    prefix = SharedPrefix(split.prefix.tokens.to(dev), split.prefix.lengths.to(dev))
+    hp, hc = model(split.completions[:, :-1].to(dev), shared_prefix=prefix)
+    last = hp[torch.arange(hp.shape[0], device=dev), prefix.lengths - 1]  # [P, d]
+    return torch.cat([last.repeat_interleave(split.group_size, 0)[:, None], hc], 1)
 
 
 def target_span_mask(T: int, starts, ends, device) -> torch.Tensor:

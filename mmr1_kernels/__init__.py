@@ -19,7 +19,7 @@ from .fused_linear import fused_linear_grpo_loss, fused_linear_logprobs
 from .advantages import group_advantages
 from .policy import PolicyLossConfig, importance_sampling_ratio, policy_loss
 from .sampler import cfg_sample
-from .attention import decode_attention
+from .attention import decode_attention, shared_prefix_attention
 from . import reference
 
 __all__ = [

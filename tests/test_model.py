@@ -133,3 +133,98 @@ def test_config_validation():
         ModelConfig(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         ModelConfig(hidden_size=32, num_heads=4, num_kv_heads=3)
+
+
+# --------------------------------------------------------------------------- shared-prefix training passes
+
+def _grouped_rows(prompt_lens, completion_lens, G, seed=0, vocab=90):
+    """Right-padded rows [N, T]: prompt p (of prompt_lens[p] tokens) continued by G completions of the given
+    lengths (completion_lens[p][g])."""
+    g = torch.Generator().manual_seed(seed)
+    rows, plens = [], []
+    for p, L in enumerate(prompt_lens):
+        prompt = torch.randint(3, vocab, (L,), generator=g).tolist()
+        for i in range(G):
+            rows.append(prompt + torch.randint(3, vocab, (completion_lens[p][i],), generator=g).tolist())
+            plens.append(L)
+    tokens, lengths = pad_sequences(rows)
+    return tokens, lengths, torch.tensor(plens)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prefix_pass_equals_the_per_row_pass(checkpointing):
+    """Each prompt run once for its G completions gives every completion target the hidden state of the whole-row
+    pass, and the same gradients, to fp32 rounding: prompts of 1 (the prompt's last hidden state is position 0),
+    3 and 6 tokens, completions of 1 to 7 tokens, GQA, blocks recomputed in the backward or not."""
+    from mmr1.model import shared_prefix_hidden, split_shared_prefix, teacher_forced_hidden
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_seq_len=64)
+    model = init_weights(Transformer(cfg), std=0.3, seed=3)
+    model.activation_checkpointing = checkpointing
+    tokens, lengths, plens = _grouped_rows([1, 6, 3], [[4, 1, 7], [2, 5, 5], [7, 7, 3]], G=3)
+    split = split_shared_prefix(tokens, lengths, plens)
+    assert split.group_size == 3 and split.prefix.tokens.shape == (3, 6) and split.completions.shape == (9, 7)
+    assert split.prefix.lengths.tolist() == [1, 6, 3]
+    T, d = tokens.shape[1], cfg.hidden_size
+    h = shared_prefix_hidden(model, split)  # [N, Tc, d]
+    full = teacher_forced_hidden(model, tokens, lengths)  # [N, T-1, d]
+    want = full.gather(1, split.index[..., None].expand(-1, -1, d))
+    valid = split.valid
+    assert int(valid.sum()) == int((lengths - plens).sum())
+    # the targets themselves: completion j of a row is its token at prompt_length + j
+    assert torch.equal(split.completions[valid], split.gather(tokens[:, 1:])[valid])
+    torch.testing.assert_close(h[valid], want[valid], atol=2e-5, rtol=1e-5)
+    # gradients of one functional of the completion positions, through both passes
+    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)) * valid[..., None]
+    grads = []
+    for out, weight in ((h, w), (full, split.scatter(w, T))):
+        model.zero_grad()
+        (out * weight).sum().backward(retain_graph=False)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == len(list(model.parameters())) - 1  # all but the head
+    for n in grads[0]:
+        scale = float(grads[1][n].abs().max())
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5 * scale + 1e-8, rtol=0, msg=n)  # seen: 1.2e-6
+
+
+def test_split_shared_prefix_finds_only_equal_groups_and_maps_targets_both_ways():
+    from mmr1.model import split_shared_prefix
+
+    tokens, lengths, plens = _grouped_rows([2, 4], [[3, 1], [2, 6]], G=2)
+    split = split_shared_prefix(tokens, lengths, plens)
+    assert split is not None and split.group_size == 2
+    # gather then scatter is the identity on the completion targets, 0 on the prompts' and the padding
+    x = torch.randn(tokens.shape[0], tokens.shape[1] - 1)
+    back = split.scatter(split.gather(x), tokens.shape[1])
+    assert torch.equal(split.scatter(split.gather(x[..., None].expand(-1, -1, 3)), tokens.shape[1]),
+                       back[..., None].expand(-1, -1, 3))  # trailing dims (hidden states) alike
+    target = torch.arange(1, tokens.shape[1])[None]
+    completion = (target >= plens[:, None]) & (target < lengths[:, None])
+    assert torch.equal(back[completion], x[completion]) and torch.count_nonzero(back[~completion]) == 0
+    # a prompt of one token: its target u = 0 is real, and the padding must not overwrite it
+    one = split_shared_prefix(*_grouped_rows([1, 1], [[3, 1], [1, 1]], G=2))
+    assert torch.equal(one.scatter(torch.ones(4, 3), 4)[:, 0], torch.ones(4))
+    # not GRPO-shaped: rows of one group differ, unequal groups, groups of 1, a prompt longer than its row
+    other = tokens.clone()
+    other[1, 1] = (other[1, 1] + 1) % 90 + 3
+    assert split_shared_prefix(other, lengths, plens) is None
+    t3, l3, p3 = _grouped_rows([2, 4], [[3, 1], [2, 6]], G=2)
+    assert split_shared_prefix(t3[:3], l3[:3], p3[:3]) is None
+    assert split_shared_prefix(tokens, lengths, plens, min_group=3) is None
+    assert split_shared_prefix(tokens, lengths, lengths + 1) is None
+
+
+def test_shared_prefix_forward_errors():
+    from mmr1.model import SharedPrefix
+
+    model = init_weights(Transformer(ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=16, num_layers=1,
+                                                 num_heads=2, num_kv_heads=2, max_seq_len=32)), seed=0)
+    prompts = SharedPrefix(torch.ones(2, 3, dtype=torch.long), torch.tensor([3, 2]))
+    with pytest.raises(ValueError, match=r"rows \(3\) must be a positive multiple of the shared prompts \(2\)"):
+        model(torch.ones(3, 4, dtype=torch.long), shared_prefix=prompts)
+    with pytest.raises(ValueError, match="shared_prefix.lengths must have shape"):
+        model(torch.ones(4, 4, dtype=torch.long), shared_prefix=SharedPrefix(prompts.tokens, torch.tensor([3])))
+    model.setup_cache(4, 8)
+    with pytest.raises(ValueError, match="clear the KV cache"):
+        model(torch.ones(4, 4, dtype=torch.long), shared_prefix=prompts)

@@ -429,10 +429,11 @@ def test_trainer_bad_input():
 
 def distributed_cfg():
     """Cosine schedule with warmup and mu=2, so a resume that forgot the scheduler or AdamW's moments differs;
-    micro-batches of 3 sequences (DDP syncs only on the last one, FSDP reduces every backward), blocks recomputed
-    in the backward (activation checkpointing inside DDP / FSDP2)."""
+    micro-batches of one group of 4 sequences (DDP syncs only on the last one, FSDP reduces every backward; each
+    runs its prompt once: update_prefix "shared"), blocks recomputed in the backward (activation checkpointing
+    inside DDP / FSDP2)."""
     return grpo_cfg(steps=4, mu=2, lr=3e-3, lr_schedule="cosine", warmup_steps=1, prompts_per_step=4,
-                    micro_batch_size=3, activation_checkpointing=True)
+                    micro_batch_size=4, activation_checkpointing=True)
 
 
 @pytest.mark.slow
@@ -461,6 +462,7 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
     single = GRPOTrainer(tiny_model(11), VOCAB, FMT, reward_set(), PROMPTS, distributed_cfg())
     single.train(4, progress=False)
     assert len(multi) == len(single.history) == 4
+    assert all(m["update/shared_prefix_frac"] == 1.0 for m in multi + single.history)
     for step, (m, s) in enumerate(zip(multi, single.history)):
         for key in ("loss", "grad_norm", "lr", "reward/codes", "reward/format", "adv/mean_abs", "image/kl_mean",
                     "image/ratio_mean", "image/clip_low_frac", "image/clip_high_frac", "image/logp_mean",
@@ -532,6 +534,60 @@ def test_activation_checkpointing_changes_memory_not_the_update():
     a, b = (t.step(seqs, plens) for t in sft)
     assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
     assert calls == [1, 2]
+
+
+@pytest.mark.parametrize("backend", ["kernels", "reference"])
+def test_shared_prefix_update_equals_the_per_row_update(backend):
+    """update_prefix="shared" (each prompt once per group) against "per_row" (every sequence whole) where they can
+    differ: off-policy ratios with clipping on both sides, beta > 0 against another reference model, asymmetric
+    advantages; the reference log-probs, the loss, every metric and every gradient, to fp32 rounding. Then the
+    fallbacks: a micro-batch without equal groups, and loss positions inside a prompt, run per row."""
+    policy = tiny_model(5)
+    tr = {mode: GRPOTrainer(copy.deepcopy(policy), VOCAB, FMT, reward_set(), PROMPTS,
+                            grpo_cfg(backend=backend, beta=0.3, update_prefix=mode), ref_model=tiny_model(21))
+          for mode in ("shared", "per_row")}
+    ro = xcot_rollout(policy, [PROMPTS[0]["prompt_ids"], [1, 72, 75, 76, 71, 62]], VOCAB, FMT,
+                      SamplingConfig(cfg_scale=2.0, top_k=0, text_top_k=0, seed=4), num_samples=4)
+    assert len(set(ro.lengths.tolist())) > 1  # rows of different lengths: prompts of 4 and 6 tokens (padding)
+    adv = torch.tensor([2.0, -0.5, -0.5, -1.0, 0.3, 0.3, 1.2, -1.8])
+    shift = torch.where(torch.arange(ro.tokens.shape[1] - 1) % 2 == 0, 0.6, -0.6)
+    old = ro.logprobs[:, 1:] + shift
+    out = {}
+    for mode, t in tr.items():
+        t._passes = [0, 0]
+        ref = t.ref_logprobs(ro)
+        t.policy.zero_grad()
+        loss, metrics = t.loss(ro, adv, old, ref)
+        loss.backward()
+        assert t._passes == ([0, 2] if mode == "shared" else [2, 0])
+        out[mode] = (float(loss.detach()), metrics, {k: p.grad.clone() for k, p in t.policy.named_parameters()}, ref)
+    (ls, ms, gs, rs), (lp, mp, gp, rp) = out["shared"], out["per_row"]
+    scored = ro.chosen[:, 1:]
+    torch.testing.assert_close(rs[scored], rp[scored], atol=1e-5, rtol=1e-6)
+    assert torch.count_nonzero(rs[~scored]) == 0  # the prompts' targets carry no reference log-prob
+    assert ms["image/clip_low_frac"] > 0 and ms["image/clip_high_frac"] > 0 and ms["image/kl_mean"] > 0.01
+    assert ls == pytest.approx(lp, rel=1e-5, abs=1e-7)
+    assert set(ms) == set(mp)
+    for key in ms:
+        assert ms[key] == pytest.approx(mp[key], rel=1e-5, abs=1e-7), key
+    for k in gs:
+        scale = float(gp[k].abs().max())
+        torch.testing.assert_close(gs[k], gp[k], atol=1e-5 * scale + 1e-10, rtol=0, msg=k)
+    # a micro-batch of 3 rows of one prompt is a group of 3; rows 3..5 (1 of one prompt, 2 of the next) are not
+    # equal groups: per row; a loss position inside a prompt: per row
+    shared = tr["shared"]
+    shared._passes = [0, 0]
+    shared.loss(ro, adv, old, rs, rows=slice(0, 3))
+    shared.loss(ro, adv, old, rs, rows=slice(3, 6))
+    assert shared._passes == [1, 1]
+    odd = copy.copy(ro)
+    odd.chosen = ro.chosen.clone()
+    odd.chosen[0, 2] = True
+    shared._passes = [0, 0]
+    shared.loss(odd, adv, old, rs)
+    assert shared._passes == [1, 0]
+    with pytest.raises(ValueError, match="update_prefix must be"):
+        grpo_cfg(update_prefix="once")
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])

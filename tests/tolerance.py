@@ -136,3 +136,36 @@ def attention_errors(input_dtype: torch.dtype, out: torch.Tensor, lse: torch.Ten
     lv = torch.nan_to_num(lse.detach().double().cpu().abs(), nan=0.0, posinf=0.0, neginf=0.0)
     t_lse = (D + 2) * u * mag + (n + 4) * u + u * lv
     return t_out, t_lse
+
+
+def attention_grad_errors(input_dtype: torch.dtype, q, keys, vals, seen, grad_out, scale: float, p_unit: float = 0.0):
+    """Per-element tolerances of (dq [N, T, H, D], dkeys, dvals [N, L, H, D]) of attention over each row's keys
+    [N, L, H, D] (kv heads expanded) with visibility seen [N, T, L], against the fp64 oracle's autograd.
+
+    From p_ij (fp64), each weight off by the relative e_i = 2 ((D + 2) u mag_i + 3 u) + p_unit of attention_errors,
+    and A_ij = p_ij (|dO_i|.|v_j| + |dO_i|.|O_i|) bounding |dS_ij| = |p_ij (dO_i.v_j - dO_i.O_i)|: dS carries
+    (e_i + (D + 2) u + p_unit) A_ij; a sum over n terms adds (n + 2) u of its |.|-sum. Then dV_j = sum_i p_ij dO_i,
+    dQ_i = scale sum_j dS_ij k_j, dK_j = scale sum_i dS_ij q_i. Returns those three and the |.|-sums bounding each
+    gradient (B_dq, B_dk, B_dv): the caller adds the rounding of the gradients (and of their partial sums over
+    heads or rows) to the input dtype, u_in B."""
+    u = math_unit(input_dtype) + UNIT[torch.float64]
+    q, keys, vals, g = (t.detach().double().cpu() for t in (q, keys, vals, grad_out))
+    seen = seen.cpu()
+    N, T, H, D = q.shape
+    s = torch.einsum("nthd,nlhd->nhtl", q, keys) * scale
+    s = s.masked_fill(~seen[:, None], float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)  # [N, H, T, L]
+    out = torch.einsum("nhtl,nlhd->nthd", p, vals)
+    mag = scale * torch.einsum("nthd,nlhd->nhtl", q.abs(), keys.abs()).masked_fill(~seen[:, None], 0).amax(-1)
+    e = (2 * ((D + 2) * u * mag + 3 * u) + p_unit)[..., None]  # [N, H, T, 1]
+    n_keys = seen.sum(-1).double()[:, None, :, None]  # [N, 1, T, 1]
+    n_queries = seen.sum(1).double()[:, None, None, :]  # [N, 1, 1, L]
+    ga = g.abs()
+    A = p * (torch.einsum("nthd,nlhd->nhtl", ga, vals.abs()) + (ga * out.abs()).sum(-1).transpose(1, 2)[..., None])
+    err_s = (e + (D + 2) * u + p_unit) * A
+    t_dv = torch.einsum("nhtl,nthd->nlhd", p * (e + (n_queries + 2) * u), ga)
+    t_dq = scale * torch.einsum("nhtl,nlhd->nthd", err_s + (n_keys + 2) * u * A, keys.abs())
+    t_dk = scale * torch.einsum("nhtl,nthd->nlhd", err_s + (n_queries + 2) * u * A, q.abs())
+    bounds = (scale * torch.einsum("nhtl,nlhd->nthd", A, keys.abs()), scale * torch.einsum("nhtl,nthd->nlhd", A, q.abs()),
+              torch.einsum("nhtl,nthd->nlhd", p, ga))
+    return (t_dq, t_dk, t_dv), bounds
