@@ -527,7 +527,8 @@ def split_shared_prefix(tokens: torch.Tensor, lengths: torch.Tensor, prompt_leng
                         min_group: int = 2) -> Optional[PrefixSplit]:
     """Split rows [N, T] (right-padded, of ``lengths``, each starting with a prompt of ``prompt_lengths``) into
     shared prompts and completions when they come in equal groups of >= ``min_group`` consecutive rows with
-    identical prompts (a GRPO batch); None when they do not (the caller then runs every row whole)."""
+    identical prompts (a GRPO batch; the group size is the gcd of the runs of identical prompts, so a prompt drawn
+    twice in a row still splits); None when they do not (the caller then runs every row whole)."""
     N, T = tokens.shape
     if N == 0 or T < 2:
         return None
@@ -539,8 +540,8 @@ def split_shared_prefix(tokens: torch.Tensor, lengths: torch.Tensor, prompt_leng
         if r == N or pl[r] != pl[start] or not torch.equal(tokens[r, :pl[r]], tokens[start, :pl[start]]):
             runs.append(r - start)
             start = r
-    G = runs[0]
-    if G < min_group or any(g != G for g in runs):
+    G = math.gcd(*runs)  # a prompt drawn twice in a row makes a run of 2G: it splits into two groups of G
+    if G < min_group:
         return None
     plen_rows, len_rows = torch.tensor(pl), torch.tensor(ln)
     Tc = int((len_rows - plen_rows).max())

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmr1.model import ModelConfig, Transformer, init_weights, load_transformer, save_transformer
 from mmr1.tokens import pad_sequences
@@ -205,6 +206,12 @@ def test_split_shared_prefix_finds_only_equal_groups_and_maps_targets_both_ways(
     # a prompt of one token: its target u = 0 is real, and the padding must not overwrite it
     one = split_shared_prefix(*_grouped_rows([1, 1], [[3, 1], [1, 1]], G=2))
     assert torch.equal(one.scatter(torch.ones(4, 3), 4)[:, 0], torch.ones(4))
+    # a prompt drawn twice in a row (runs of 4, 2: the groups are of 2) splits into two groups of it
+    a, la, pa = _grouped_rows([3], [[2, 1]], G=2, seed=5)
+    a = F.pad(a, (0, tokens.shape[1] - a.shape[1]))
+    twice = split_shared_prefix(torch.cat([a, a, tokens[:2]]), torch.cat([la, la, lengths[:2]]),
+                                torch.cat([pa, pa, plens[:2]]))
+    assert twice is not None and twice.group_size == 2 and twice.prefix.lengths.tolist() == [3, 3, 2]
     # not GRPO-shaped: rows of one group differ, unequal groups, groups of 1, a prompt longer than its row
     other = tokens.clone()
     other[1, 1] = (other[1, 1] + 1) % 90 + 3
