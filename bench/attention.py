@@ -21,6 +21,10 @@ slots. Four parts, every provider in one process, interleaved, medians:
 3. the demo model's X-CoT rollout at the GRPO batch, sequential and Jacobi (W = 8), previous path vs decode layout:
    wall-clock, attention time per decode step (torch.profiler), the KV cache's bytes; the tokens are checked equal.
 4. one GRPO step of the demo's trainer (rollout + rewards + update) with each layout.
+5. the GRPO update itself through the shared prefix (GRPOConfig.update_prefix): on one real rollout of the demo
+   model at its GRPO batch, the policy's forward + loss + backward and the reference model's forward, each prompt
+   run once per group (mmr1_kernels.shared_prefix_attention) vs every sequence whole; train tokens/s (the rows'
+   tokens, prompts included, per second, as the trainer logs it), the same loss checked.
 """
 from __future__ import annotations
 
@@ -258,7 +262,8 @@ def bench_grpo_step(repeats: int) -> List[Row]:
 
     world, model, _, _ = _demo_parts()
     train, _ = split_subjects(0, DemoConfig.held_out_frac)
-    base = grpo_trainer(model, world, IdentityJudge(world.vq), DemoConfig(), train, None)
+    dcfg = DemoConfig(prompts_per_step=prompts)
+    base = grpo_trainer(model, world, IdentityJudge(world.vq), dcfg, train, None)
     import copy
 
     rows = []
@@ -281,14 +286,80 @@ def bench_grpo_step(repeats: int) -> List[Row]:
     return rows
 
 
+def bench_update(repeats: int, prompts: int = 8) -> List[Row]:
+    import copy
+    import dataclasses
+
+    from mmr1.world.demo import DemoConfig, grpo_trainer
+    from mmr1.world.identity import IdentityJudge
+    from mmr1.world.tasks import split_subjects
+
+    world, model, _, _ = _demo_parts()
+    train, _ = split_subjects(0, DemoConfig.held_out_frac)
+    dcfg = DemoConfig(prompts_per_step=prompts)
+    base = grpo_trainer(model, world, IdentityJudge(world.vq), dcfg, train, None)
+    _, ro, rewards, weights, _, _ = base._round(0, 0)
+    adv, _ = K.group_advantages(rewards, group_size=base.cfg.group_size, weights=weights)
+    adv = adv + 0.1 * torch.randn(adv.shape, generator=torch.Generator().manual_seed(0))  # every row trains
+    tokens = float(ro.lengths.sum())
+    trainers = {}
+    for mode in ("shared", "per_row"):  # one policy, optimizer and reference model; no optimizer step is taken
+        t = copy.copy(base)
+        t.cfg = dataclasses.replace(base.cfg, update_prefix=mode)
+        t.policy.train()
+        trainers[mode] = t
+    ref = base.ref_logprobs(ro)
+    losses = {}
+    for mode, t in trainers.items():  # the same loss both ways, before anything is timed
+        t.optimizer.zero_grad(set_to_none=True)
+        losses[mode] = float(t._loss_and_backward(ro, adv, None, t.ref_logprobs(ro), backward=True)[0])
+    if abs(losses["shared"] - losses["per_row"]) > 1e-5 * max(1.0, abs(losses["per_row"])):
+        raise AssertionError(f"update_prefix='shared' changed the loss: {losses}")
+
+    def update(t):
+        t.optimizer.zero_grad(set_to_none=True)
+        t._loss_and_backward(ro, adv, None, ref, backward=True)
+
+    labels = {"shared": "mmr1 shared prefix (update_prefix='shared')", "per_row": "every sequence whole ('per_row')"}
+    Tc = int((ro.lengths - ro.prompt_lengths).max())
+    case = (f"demo model, GRPO update on one rollout: {prompts} prompts x G={dcfg.group_size}, "
+            f"{int(ro.prompt_lengths.min())}-"
+            f"{int(ro.prompt_lengths.max())}-token prompts, completions <= {Tc}, {int(tokens)} tokens")
+    rows = []
+    for bench, fn in (("GRPO update: policy forward + loss + backward", update),
+                      ("GRPO update: reference log-probs (forward)", lambda t: t.ref_logprobs(ro))):
+        times = time_providers({labels[m]: (lambda t=t: fn(t)) for m, t in trainers.items()}, repeats)
+        rr = summarize(bench, case, times, labels["shared"])
+        for r in rr:
+            r.extra = {"train_tok_s": tokens / (r.median_ms / 1e3)}
+            r.note = f"{tokens / (r.median_ms / 1e3):,.0f} train tok/s"
+        rows += rr
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     ensure_bench_env("bench.attention")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--layers-only", action="store_true", help="parts 1 and 2 only (the one-layer benchmarks)")
+    ap.add_argument("--update-only", action="store_true", help="part 5 only (the GRPO update through the shared prefix)")
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 15)
+    if args.update_only:  # part 5 alone, replacing its rows in the last full run's results
+        import json
+        from .common import RESULTS_DIR
+
+        rows = bench_update(args.repeats or (3 if args.quick else 9), 2 if args.quick else 8)
+        name = "attention_quick" if args.quick else "attention"
+        old = RESULTS_DIR / f"{name}.json"
+        data = json.loads(old.read_text()) if old.exists() else {"meta": machine_info(), "rows": []}
+        kept = [Row(**r) for r in data["rows"] if not r["bench"].startswith("GRPO update:")]
+        meta = {**data["meta"], "update_rows": "part 5 re-run alone (--update-only): " + time.strftime("%Y-%m-%d %H:%M")}
+        path = save_rows(name, kept + rows, meta)
+        print(format_table(rows))
+        print(f"wrote {path}")
+        return
     bw = copy_bandwidth_gbs()
     rows: List[Row] = []
     d = DEMO
@@ -312,6 +383,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not args.quick and not args.layers_only:
         rows += bench_rollout(max(3, repeats // 3))
         rows += bench_grpo_step(3)
+    if not args.layers_only:
+        rows += bench_update(args.repeats or (3 if args.quick else 9), 2 if args.quick else 8)  # quick: 2 prompts
     mem = lumina_memory()
     meta = {**machine_info(), "copy_gbs": bw, "quick": args.quick, "lumina_kv_memory": mem}
     path = save_rows("attention_quick" if args.quick else "attention", rows, meta)

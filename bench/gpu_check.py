@@ -12,7 +12,8 @@ Steps, each under its own time limit, with a progress line; a failing step is re
    backend matrices of test_logprob / test_sampler / test_advantages / test_fused_linear with Triton on the GPU;
 4. benchmarks on the device (bench.sampler, bench.logprob, bench.train_step, bench.generation and a Lumina-7B-width
    decode, bench.attention (decode_attention vs masked SDPA, flash-attn's flash_attn_with_kvcache and FlashInfer's
-   batch decode where installed), bench.trl_trainer (TRL's GRPOTrainer with its own Triton log-prob kernel vs with
+   batch decode where installed; the GRPO update through the shared prefix vs per row, which decides
+   GRPOConfig.update_prefix="auto" on GPUs), bench.trl_trainer (TRL's GRPOTrainer with its own Triton log-prob kernel vs with
    mmr1's, when TRL is importable), with every peer whose package is importable -- Liger, TRL, FlashInfer,
    transformers), each with its % of the copy bandwidth measured in the same run;
 5. results: DIR/gpu.json (every row, the step log, the environment) and DIR/GPU.md; the full run also copies
@@ -93,7 +94,9 @@ def plan(dry: bool, py: str) -> List[Dict]:
         size = ["--smoke"] if dry and suite in SMOKE_SUITES else quick
         steps.append({"name": f"bench.{suite}", "limit": limit, "cmd": [py, "-m", f"bench.{suite}", *size, *extra],
                       "suite": suite + ("_quick" if dry else "")})
-    if not dry:
+    if not dry:  # the GRPO update through the shared prefix (the "gather" path on CUDA) vs per row, into attention.json
+        steps.append({"name": "bench.attention --update-only (GRPO update: shared prefix vs per row)", "limit": 90,
+                      "cmd": [py, "-m", "bench.attention", "--update-only", "--repeats", "5"], "suite": "attention"})
         steps.append({"name": "bench.generation at Lumina-7B width (2 layers, bf16)", "limit": 150,
                       "cmd": [py, "-m", "bench.generation", "--lumina7b", "--repeats", "2"],
                       "suite": "generation_lumina7b"})

@@ -98,8 +98,10 @@ class GRPOConfig:
     # the teacher-forced passes of the update and the reference log-probs: "shared" runs each prompt once for its
     # group's G completions (mmr1_kernels.shared_prefix_attention; the same loss and gradients to rounding), "per_row"
     # runs every sequence whole (the prompt G times). "shared" needs groups of identical prompts in consecutive rows
-    # (GRPO's batches; micro-batches of a multiple of G) and falls back to "per_row" where they are not.
-    update_prefix: str = "shared"
+    # (GRPO's batches; micro-batches of a multiple of G) and falls back to "per_row" where they are not. "auto":
+    # "shared" on CPU, where it is measured faster (the demo's update 1.55x, its reference forward 1.55x:
+    # `python -m bench.attention --update-only`), "per_row" elsewhere until a GPU run measures the "gather" path.
+    update_prefix: str = "auto"
     # sequences per forward/backward of the policy update (0: the whole batch at once): activations of one
     # micro-batch at a time, the same gradient (the loss weights are the whole batch's)
     micro_batch_size: int = 0
@@ -118,8 +120,8 @@ class GRPOConfig:
         if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) \
                 or self.micro_batch_size < 0:
             raise ValueError(f"micro_batch_size must be an int >= 0 (0: the whole batch), got {self.micro_batch_size!r}")
-        if self.update_prefix not in ("shared", "per_row"):
-            raise ValueError(f"update_prefix must be 'shared' or 'per_row', got {self.update_prefix!r}")
+        if self.update_prefix not in ("auto", "shared", "per_row"):
+            raise ValueError(f"update_prefix must be 'auto', 'shared' or 'per_row', got {self.update_prefix!r}")
         if self.backend not in ("kernels", "reference"):
             raise ValueError(f"backend must be 'kernels' or 'reference', got {self.backend!r}")
         if isinstance(self.dynamic_sampling_rounds, bool) or not isinstance(self.dynamic_sampling_rounds, int) \
@@ -209,9 +211,13 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ losses
     def _split(self, ro: Rollout, rows: slice, loss_mask: torch.Tensor) -> Optional[PrefixSplit]:
-        """The rows' shared prompts and completions (cfg.update_prefix "shared"), or None: per-row passes. None too
-        where a loss position lies inside a prompt (a custom rollout_fn's): the split only predicts completions."""
-        if self.cfg.update_prefix != "shared":
+        """The rows' shared prompts and completions (cfg.update_prefix "shared", or "auto" on CPU), or None: per-row
+        passes. None too where a loss position lies inside a prompt (a custom rollout_fn's): the split only predicts
+        completions."""
+        mode = self.cfg.update_prefix
+        if mode == "auto":
+            mode = "shared" if self.policy.lm_head.weight.device.type == "cpu" else "per_row"
+        if mode != "shared":
             return None
         split = split_shared_prefix(ro.tokens[rows], ro.lengths[rows], ro.prompt_lengths[rows])
         if split is None:

@@ -219,6 +219,16 @@ MUTANTS: List[Mutant] = [
            "                self.win[s:s + _UPCAST_BLOCK].addmm_(dz[:, s:s + _UPCAST_BLOCK].t().float(), hf)",
            "                self.win[s:s + _UPCAST_BLOCK].copy_(dz[:, s:s + _UPCAST_BLOCK].t().float() @ hf)",
            ("tests/test_fused_linear.py",)),
+    # the update through the shared prefix
+    Mutant("shared prefix attention: an empty prompt's lse left at 0", "mmr1_kernels/attention.py",
+           '        l1 = l1.masked_fill(empty, float("-inf"))', "        l1 = l1",
+           ("tests/test_shared_prefix_attention.py",)),
+    Mutant("shared prefix hidden: completion 0 predicted from the prompt's first position", "mmr1/model.py",
+           "    last = hp[torch.arange(hp.shape[0], device=dev), prefix.lengths - 1]",
+           "    last = hp[torch.arange(hp.shape[0], device=dev), prefix.lengths * 0]", ("tests/test_model.py",)),
+    Mutant("split_shared_prefix: a prompt drawn twice in a row breaks the split", "mmr1/model.py",
+           "    G = math.gcd(*runs)", "    G = runs[0] if all(g == runs[0] for g in runs) else 1",
+           ("tests/test_model.py",)),
 ]
 
 def _copy_tree(dst: Path) -> None:

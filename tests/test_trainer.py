@@ -430,7 +430,7 @@ def test_trainer_bad_input():
 def distributed_cfg():
     """Cosine schedule with warmup and mu=2, so a resume that forgot the scheduler or AdamW's moments differs;
     micro-batches of one group of 4 sequences (DDP syncs only on the last one, FSDP reduces every backward; each
-    runs its prompt once: update_prefix "shared"), blocks recomputed in the backward (activation checkpointing
+    runs its prompt once: update_prefix "auto" is "shared" on CPU), blocks recomputed in the backward (activation checkpointing
     inside DDP / FSDP2)."""
     return grpo_cfg(steps=4, mu=2, lr=3e-3, lr_schedule="cosine", warmup_steps=1, prompts_per_step=4,
                     micro_batch_size=4, activation_checkpointing=True)
@@ -586,6 +586,12 @@ def test_shared_prefix_update_equals_the_per_row_update(backend):
     shared._passes = [0, 0]
     shared.loss(odd, adv, old, rs)
     assert shared._passes == [1, 0]
+    # the default, "auto", is "shared" on CPU (measured faster there: bench.attention --update-only)
+    auto = GRPOTrainer(copy.deepcopy(policy), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(backend=backend))
+    assert auto.cfg.update_prefix == "auto"
+    auto._passes = [0, 0]
+    auto.loss(ro, adv, old, rs)
+    assert auto._passes == [0, 1]
     with pytest.raises(ValueError, match="update_prefix must be"):
         grpo_cfg(update_prefix="once")
 
