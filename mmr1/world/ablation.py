@@ -116,7 +116,7 @@ def figure(results: Dict, path: Path) -> None:
 
 
 def main(argv=None) -> Dict:
-    ap = argparse.ArgumentParser(description="X-CoT vs direct on the synthetic world (about 1 hour on 2 cores)")
+    ap = argparse.ArgumentParser(description="X-CoT vs direct on the synthetic world (about 45 min on 2 cores)")
     ap.add_argument("--out-dir", default="runs/ablation")
     ap.add_argument("--docs", default="docs", help="where ablation.md / .png / .json go")
     ap.add_argument("--train-cold-start", action="store_true", help="train the X-CoT cold start too (no shipped)")
