@@ -24,7 +24,8 @@ slots. Four parts, every provider in one process, interleaved, medians:
 5. the GRPO update itself through the shared prefix (GRPOConfig.update_prefix): on one real rollout of the demo
    model at its GRPO batch, the policy's forward + loss + backward and the reference model's forward, each prompt
    run once per group (mmr1_kernels.shared_prefix_attention) vs every sequence whole; train tokens/s (the rows'
-   tokens, prompts included, per second, as the trainer logs it), the same loss checked.
+   tokens, prompts included, per second, as the trainer logs it), the peak memory one call adds (activations and
+   gradients), the same loss checked.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ import torch.nn.functional as F
 
 import mmr1_kernels as K
 
-from .common import (DEVICE, Row, copy_bandwidth_gbs, ensure_bench_env, format_table, machine_info, save_rows,
-                     summarize, time_providers)
+from .common import (DEVICE, Row, copy_bandwidth_gbs, ensure_bench_env, format_table, machine_info, peak_extra_mib,
+                     save_rows, summarize, time_providers)
 
 DEMO = dict(heads=6, head_dim=32, prompts=(140, 72, 140, 72, 140, 72, 140, 72), G=4, text=40, block=60)
 LUMINA = dict(heads=32, head_dim=128, prompts=(1060,), G=8, block=1060, completion=2200)
@@ -329,7 +330,8 @@ def bench_update(repeats: int, prompts: int = 8) -> List[Row]:
     for bench, fn in (("GRPO update: policy forward + loss + backward", update),
                       ("GRPO update: reference log-probs (forward)", lambda t: t.ref_logprobs(ro))):
         times = time_providers({labels[m]: (lambda t=t: fn(t)) for m, t in trainers.items()}, repeats)
-        rr = summarize(bench, case, times, labels["shared"])
+        peaks = {labels[m]: peak_extra_mib(lambda t=t: fn(t)) for m, t in trainers.items()}  # activations
+        rr = summarize(bench, case, times, labels["shared"], peaks=peaks)
         for r in rr:
             r.extra = {"train_tok_s": tokens / (r.median_ms / 1e3)}
             r.note = f"{tokens / (r.median_ms / 1e3):,.0f} train tok/s"
