@@ -99,7 +99,7 @@ class GRPOConfig:
     # group's G completions (mmr1_kernels.shared_prefix_attention; the same loss and gradients to rounding), "per_row"
     # runs every sequence whole (the prompt G times). "shared" needs groups of identical prompts in consecutive rows
     # (GRPO's batches; micro-batches of a multiple of G) and falls back to "per_row" where they are not. "auto":
-    # "shared" on CPU, where it is measured faster (the demo's update 1.55x, its reference forward 1.55x:
+    # "shared" on CPU, where it is measured faster (the demo's update 1.34-1.55x, its reference forward 1.44-1.55x:
     # `python -m bench.attention --update-only`), "per_row" elsewhere until a GPU run measures the "gather" path.
     update_prefix: str = "auto"
     # sequences per forward/backward of the policy update (0: the whole batch at once): activations of one
