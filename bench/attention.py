@@ -263,8 +263,7 @@ def bench_grpo_step(repeats: int) -> List[Row]:
 
     world, model, _, _ = _demo_parts()
     train, _ = split_subjects(0, DemoConfig.held_out_frac)
-    dcfg = DemoConfig(prompts_per_step=prompts)
-    base = grpo_trainer(model, world, IdentityJudge(world.vq), dcfg, train, None)
+    base = grpo_trainer(model, world, IdentityJudge(world.vq), DemoConfig(), train, None)
     import copy
 
     rows = []
