@@ -323,8 +323,8 @@ def bench_update(repeats: int, prompts: int = 8) -> List[Row]:
     labels = {"shared": "mmr1 shared prefix (update_prefix='shared')", "per_row": "every sequence whole ('per_row')"}
     Tc = int((ro.lengths - ro.prompt_lengths).max())
     case = (f"demo model, GRPO update on one rollout: {prompts} prompts x G={dcfg.group_size}, "
-            f"{int(ro.prompt_lengths.min())}-"
-            f"{int(ro.prompt_lengths.max())}-token prompts, completions <= {Tc}, {int(tokens)} tokens")
+            f"{int(ro.prompt_lengths.min())}-{int(ro.prompt_lengths.max())}-token prompts, completions <= {Tc}, "
+            f"{int(tokens)} tokens")
     rows = []
     for bench, fn in (("GRPO update: policy forward + loss + backward", update),
                       ("GRPO update: reference log-probs (forward)", lambda t: t.ref_logprobs(ro))):
@@ -332,8 +332,9 @@ def bench_update(repeats: int, prompts: int = 8) -> List[Row]:
         peaks = {labels[m]: peak_extra_mib(lambda t=t: fn(t)) for m, t in trainers.items()}  # activations
         rr = summarize(bench, case, times, labels["shared"], peaks=peaks)
         for r in rr:
-            r.extra = {"train_tok_s": tokens / (r.median_ms / 1e3)}
-            r.note = f"{tokens / (r.median_ms / 1e3):,.0f} train tok/s"
+            tok_s = tokens / (r.median_ms / 1e3)
+            r.extra = {"train_tok_s": tok_s}
+            r.note = f"{tok_s:,.0f} train tok/s"
         rows += rr
     return rows
 

@@ -13,8 +13,8 @@ Steps, each under its own time limit, with a progress line; a failing step is re
 4. benchmarks on the device (bench.sampler, bench.logprob, bench.train_step, bench.generation and a Lumina-7B-width
    decode, bench.attention (decode_attention vs masked SDPA, flash-attn's flash_attn_with_kvcache and FlashInfer's
    batch decode where installed; the GRPO update through the shared prefix vs per row, which decides
-   GRPOConfig.update_prefix="auto" on GPUs), bench.trl_trainer (TRL's GRPOTrainer with its own Triton log-prob kernel vs with
-   mmr1's, when TRL is importable), with every peer whose package is importable -- Liger, TRL, FlashInfer,
+   GRPOConfig.update_prefix="auto" on GPUs), bench.trl_trainer (TRL's GRPOTrainer with its own Triton log-prob
+   kernel vs with mmr1's, when TRL is importable), with every peer whose package is importable -- Liger, TRL, FlashInfer,
    transformers), each with its % of the copy bandwidth measured in the same run;
 5. results: DIR/gpu.json (every row, the step log, the environment) and DIR/GPU.md; the full run also copies
    gpu.json to bench/results/gpu.json, which ``python -m bench --report`` merges into BENCHMARKS.md.

@@ -430,8 +430,8 @@ def test_trainer_bad_input():
 def distributed_cfg():
     """Cosine schedule with warmup and mu=2, so a resume that forgot the scheduler or AdamW's moments differs;
     micro-batches of one group of 4 sequences (DDP syncs only on the last one, FSDP reduces every backward; each
-    runs its prompt once: update_prefix "auto" is "shared" on CPU), blocks recomputed in the backward (activation checkpointing
-    inside DDP / FSDP2)."""
+    runs its prompt once: update_prefix "auto" is "shared" on CPU), blocks recomputed in the backward (activation
+    checkpointing inside DDP / FSDP2)."""
     return grpo_cfg(steps=4, mu=2, lr=3e-3, lr_schedule="cosine", warmup_steps=1, prompts_per_step=4,
                     micro_batch_size=4, activation_checkpointing=True)
 
