@@ -215,7 +215,7 @@ def bench_rollout(repeats: int) -> List[Row]:
     rows = []
     for decode in ("sequential", "jacobi"):
         runs, cache, attn = {}, {}, {}
-        for att in ("sdpa", "decode"):
+        for att in ("sdpa", "shared_prefix"):
             scfg = SamplingConfig(cfg_scale=2.0, top_k=0, text_top_k=0, seed=5, decode=decode, jacobi_window=8,
                                   attention=att)
             runs[att] = (lambda s=scfg: xcot_rollout(model, prompts, world.image, fmt, s, num_samples=4))
@@ -235,15 +235,15 @@ def bench_rollout(repeats: int) -> List[Row]:
                                                              "aten::_scaled_dot_product_efficient_attention",
                                                              "aten::_scaled_dot_product_flash_attention")]
             attn[att] = (sum(e.self_cpu_time_total for e in ev) / 1e3, sum(e.count for e in ev))
-        a, b = runs["sdpa"](), runs["decode"]()
+        a, b = runs["sdpa"](), runs["shared_prefix"]()
         if not torch.equal(a.tokens, b.tokens):
-            raise AssertionError(f"{decode}: the decode layout drew other tokens than the previous path")
-        times = time_providers({"previous path (sdpa, prompt copies)": runs["sdpa"],
-                                "mmr1 decode layout (decode_attention)": runs["decode"]}, repeats)
+            raise AssertionError(f"{decode}: the shared_prefix layout drew other tokens than SDPA over prompt copies")
+        times = time_providers({"SDPA over prompt copies": runs["sdpa"],
+                                "mmr1 shared_prefix layout (decode_attention)": runs["shared_prefix"]}, repeats)
         case = f"demo model, X-CoT rollout, 8 prompts x G=4, CFG 2, {decode}" + (" W=8" if decode == "jacobi" else "")
-        rr = summarize("X-CoT rollout end to end", case, times, "mmr1 decode layout (decode_attention)")
+        rr = summarize("X-CoT rollout end to end", case, times, "mmr1 shared_prefix layout (decode_attention)")
         for r in rr:
-            att = "sdpa" if r.provider.startswith("previous") else "decode"
+            att = "sdpa" if r.provider.startswith("SDPA") else "shared_prefix"
             ms, calls = attn[att]
             r.extra = {"attention_ms_per_call": ms / max(calls, 1), "attention_ms_total": ms, "attention_calls": calls,
                        "kv_cache_mib": cache[att] / 2**20, "same_tokens": 1.0}
@@ -268,12 +268,12 @@ def bench_grpo_step(repeats: int) -> List[Row]:
 
     rows = []
     metrics: Dict[str, List[Dict[str, float]]] = {}
-    for att in ("sdpa", "decode"):
+    for att in ("sdpa", "shared_prefix"):
         tr = GRPOTrainer(copy.deepcopy(model), base.vocab, base.fmt, base.rewards, base.prompts,
-                         replace(base.cfg, attention=att, log_path=None), ref_model=base.ref)
-        metrics[att] = [tr.step() for _ in range(repeats)]
+                         replace(base.cfg, sampling=replace(base.cfg.sampling, attention=att), log_path=None), ref_model=base.ref)
+        metrics[att] = [tr.step().metrics for _ in range(repeats)]
     case = "demo GRPO step (8 prompts x G=4, CFG 2, Jacobi W=8 rollouts), same steps from the same weights"
-    for att, label in (("decode", "mmr1 decode layout"), ("sdpa", "previous path (sdpa)")):
+    for att, label in (("shared_prefix", "mmr1 shared_prefix layout"), ("sdpa", "SDPA over prompt copies")):
         h = metrics[att]
         for key in ("time/rollout_s", "time/train_s"):
             ms = [m[key] * 1e3 for m in h]
@@ -298,7 +298,8 @@ def bench_update(repeats: int, prompts: int = 8) -> List[Row]:
     train, _ = split_subjects(0, DemoConfig.held_out_frac)
     dcfg = DemoConfig(prompts_per_step=prompts)
     base = grpo_trainer(model, world, IdentityJudge(world.vq), dcfg, train, None)
-    _, ro, rewards, weights, _, _ = base._round(0, 0)
+    rnd = base._round(0, 0)
+    ro, rewards, weights = rnd.rollout, rnd.rewards, rnd.weights
     adv, _ = K.group_advantages(rewards, group_size=base.cfg.group_size, weights=weights)
     adv = adv + 0.1 * torch.randn(adv.shape, generator=torch.Generator().manual_seed(0))  # every row trains
     tokens = float(ro.lengths.sum())

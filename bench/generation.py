@@ -54,7 +54,7 @@ def lumina_style_generate(model: Transformer, prompts, vocab: ImageVocab, hw, cf
     allowed = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=DEVICE)
     allowed[image_ids] = True
     dec.prefill(cond_rows, prompts)
-    dec.pos[B:] = 0
+    dec.restart(B, 2 * B)
     seq: List[List[int]] = [[] for _ in range(B)]
     cond_rows, uncond_rows = cond_rows.to(DEVICE), uncond_rows.to(DEVICE)
     x = torch.full((B,), vocab.boi, dtype=torch.long, device=DEVICE)

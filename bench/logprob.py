@@ -26,7 +26,7 @@ from .common import (DEVICE, Row, copy_bandwidth_gbs, ensure_bench_env, format_t
 V = 65536
 WINDOW = (4, 8196)  # Lumina-mGPT image codes: ids 4..8195
 W = WINDOW[1] - WINDOW[0]
-KW = dict(temperature=1.0, vocab_range=WINDOW, eps_low=0.2, eps_high=0.28, beta=0.04)
+KW = dict(temperature=1.0, vocab_range=WINDOW, epsilon=0.2, epsilon_high=0.28, beta=0.04)
 
 
 def _grpo_inputs(N, dtype, T=1024):
@@ -152,7 +152,7 @@ def bench_fused_linear(N: int, d: int, repeats: int, dtype=torch.float32) -> Lis
     }
     notes = {}
     if peers.have("liger_kernel"):
-        liger = peers.LigerGrpo(KW["beta"], KW["eps_low"], KW["eps_high"], 1.0, loss_type="grpo")
+        liger = peers.LigerGrpo(KW["beta"], KW["epsilon"], KW["epsilon_high"], 1.0, loss_type="grpo")
         provs["Liger FusedLinearGRPO (window rows)"] = grads(
             lambda h, w: liger(h, w, targets - lo, mask, adv, ref, old), w_win)
         notes["Liger FusedLinearGRPO (window rows)"] = "chunked torch path, compiled=True"

@@ -19,7 +19,7 @@ def have(module: str) -> bool:
 
 
 def trl_grpo_loss(logits, targets, advantages, mask, old_logprobs, ref_logprobs, *, temperature, vocab_range,
-                  eps_low, eps_high, beta, loss_type="grpo"):
+                  epsilon, epsilon_high, beta, loss_type="grpo"):
     """TRL: selective_log_softmax on the (window of the) logits + the GRPO loss math of GRPOTrainer."""
     from trl.trainer.utils import selective_log_softmax
 
@@ -29,7 +29,7 @@ def trl_grpo_loss(logits, targets, advantages, mask, old_logprobs, ref_logprobs,
     mask = mask.float()
     old = per_token_logps.detach() if old_logprobs is None else old_logprobs
     coef_1 = torch.exp(per_token_logps - old)
-    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
     if beta != 0.0:
@@ -50,7 +50,7 @@ def trl_token_logprobs(logits, targets, *, temperature, vocab_range):
 
 
 def liger_triton_grpo_loss(logits, targets, advantages, mask, old_logprobs, ref_logprobs, *, temperature,
-                           vocab_range, eps_low, eps_high, beta, loss_type="grpo"):
+                           vocab_range, epsilon, epsilon_high, beta, loss_type="grpo"):
     """Liger-Kernel's Triton GRPO kernel (CUDA only). It has no vocab window: the window is sliced first,
     and it expects one extra position at the end of the logits (it drops the last one)."""
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -59,7 +59,7 @@ def liger_triton_grpo_loss(logits, targets, advantages, mask, old_logprobs, ref_
     z = logits[..., lo:hi]
     z = torch.cat([z, z[:, -1:]], dim=1)
     out = triton_grpo_loss(z, old_logprobs, ref_logprobs, targets - lo, advantages, mask.long(),
-                           temperature=temperature, beta=beta, eps_low=eps_low, eps_high=eps_high, inplace=False,
+                           temperature=temperature, beta=beta, eps_low=epsilon, eps_high=epsilon_high, inplace=False,
                            loss_type=loss_type, reduce=True)
     return out[0] if isinstance(out, tuple) else out
 
@@ -76,11 +76,11 @@ def flashinfer_topk_sample(cond, uncond, scale, top_k, lo, hi):
 class LigerGrpo:
     """Liger-Kernel's chunked fused-linear GRPO loss (its torch path; runs on CPU)."""
 
-    def __init__(self, beta, eps_low, eps_high, temperature, loss_type="grpo", compiled=True):
+    def __init__(self, beta, epsilon, epsilon_high, temperature, loss_type="grpo", compiled=True):
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         self.loss = LigerFusedLinearGRPOLoss(beta=beta, compiled=compiled, use_ref_model=beta != 0.0,
-                                             epsilon_low=eps_low, epsilon_high=eps_high, loss_type=loss_type,
+                                             epsilon_low=epsilon, epsilon_high=epsilon_high, loss_type=loss_type,
                                              temperature=temperature)
 
     def __call__(self, hidden, weight, targets, mask, advantages, ref_logprobs: Optional[torch.Tensor],

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import mmr1_kernels as K
+from mmr1.generate import SamplingConfig
 from mmr1.grpo import GRPOConfig, GRPOTrainer
 from mmr1.rewards import RewardSet, format_reward
 from mmr1.rewards.self_reward import generation_self_reward
@@ -59,21 +60,22 @@ def bench_grpo_step(side: int, repeats: int) -> List[Row]:
     model = lumina_shaped_model()
     fmt = _fmt(side)
     prompts = [{"prompt_ids": [1] + list(range(9200 + 10 * i, 9210 + 10 * i)) + [8710]} for i in range(4)]
-    cfg = GRPOConfig(group_size=4, prompts_per_step=2, lr=1e-5, beta=0.04, cfg_scale=3.0, top_k=2000, text_top_k=50)
+    cfg = GRPOConfig(group_size=4, prompts_per_step=2, lr=1e-5, beta=0.04,
+                     sampling=SamplingConfig(cfg_scale=3.0, top_k=2000, text_top_k=50))
     tr = GRPOTrainer(model, VOCAB, fmt, _reward_set(fmt, model), prompts, cfg)
     phases: Dict[str, List[float]] = {k: [] for k in ("rollout", "rewards", "advantages", "ref logprobs",
                                                       "update (fused)", "update (reference path)",
                                                       "rollout (jacobi W=8)")}
-    jacobi = replace(cfg, decode="jacobi", jacobi_window=8)
+    jacobi = replace(cfg, sampling=replace(cfg.sampling, decode="jacobi", jacobi_window=8))
     peaks = {}
     for rep in range(repeats):
         batch = tr.batch_for(rep)
         t0 = time.perf_counter()
         model.eval()
-        ro = tr.rollout_fn(model, batch, 4, cfg.sampling(rep), torch.arange(8))
+        ro = tr.rollout_fn(model, batch, 4, cfg.sampling_for(rep), torch.arange(8))
         t1 = time.perf_counter()
         # the same rollout by Jacobi windows, before the update changes the policy: the same tokens (checked)
-        ro_j = tr.rollout_fn(model, batch, 4, jacobi.sampling(rep), torch.arange(8))
+        ro_j = tr.rollout_fn(model, batch, 4, jacobi.sampling_for(rep), torch.arange(8))
         tj = time.perf_counter() - t1
         if (ro_j.tokens != ro.tokens).float().mean() > 1e-3:
             raise AssertionError("Jacobi rollout tokens differ from the sequential ones")
@@ -93,11 +95,12 @@ def bench_grpo_step(side: int, repeats: int) -> List[Row]:
             tr.optimizer.step()
 
         def reference_update():  # the trainer's backend="reference": full logits + the reference math
-            tr.cfg.backend = "reference"
+            kernels = tr.cfg
+            tr.cfg = replace(kernels, sampling=replace(kernels.sampling, backend="reference"))
             try:
                 loss, _ = tr.loss(ro, adv, None, ref)
             finally:
-                tr.cfg.backend = "kernels"
+                tr.cfg = kernels
             tr.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             tr.optimizer.step()

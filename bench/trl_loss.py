@@ -160,7 +160,7 @@ def bench_grpo_from_hidden(N: int, d: int, repeats: int, dtype=torch.float32) ->
         return call
 
     def ours_fused(h, w):
-        return K.fused_linear_grpo_loss(h, w, local, adv, mask, old, ref, eps_low=0.2, eps_high=0.28, beta=0.04,
+        return K.fused_linear_grpo_loss(h, w, local, adv, mask, old, ref, epsilon=0.2, epsilon_high=0.28, beta=0.04,
                                         loss_type="grpo")[0]
 
     def ours_composed(h, w, entropy):

@@ -25,12 +25,21 @@ import sys
 from pathlib import Path
 
 
+def _demo_sampling(args):
+    """The demo's sampling settings (DemoConfig.sampling), with this command's seed and CFG scale if given."""
+    from dataclasses import replace
+
+    from .world.demo import DemoConfig
+
+    base = DemoConfig().sampling
+    return replace(base, seed=args.seed, cfg_scale=base.cfg_scale if args.cfg is None else args.cfg)
+
+
 def _generate(args) -> None:
     import numpy as np
     import torch
     from PIL import Image
 
-    from .generate import SamplingConfig
     from .model import load_transformer
     from .rollout import xcot_rollout
     from .world import SIZE, load_world
@@ -61,8 +70,7 @@ def _generate(args) -> None:
         ids += world.text.encode("reference") + world.image_block(ref)
     ids += world.text.encode(args.prompt) + [world.end_of_turn]
     fmt = xcot_format(world)
-    ro = xcot_rollout(model, [ids], world.image, fmt, SamplingConfig(cfg_scale=args.cfg, top_k=0, text_top_k=0,
-                                                                     seed=args.seed))
+    ro = xcot_rollout(model, [ids], world.image, fmt, _demo_sampling(args))
     text = world.text.decode(ro.reasoning[0])
     print("reasoning:", text)
     print("names:", ", ".join(s.words() if s else "(unreadable)" for s in parse_subjects(text)) or "(nothing)")
@@ -113,7 +121,7 @@ def main(argv=None) -> None:
     g.add_argument("--reference", required=True, action="append",
                    help="reference image of the subject (any size, RGB); twice for a two-subject prompt "
                         '("my first subject at the left and my second subject at the right on sky")')
-    g.add_argument("--cfg", type=float, default=2.0)
+    g.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the demo's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="xcot.png")
     wants_help = any(a in ("-h", "--help") for a in argv[1:])

@@ -23,7 +23,7 @@ draws the same tokens, slower.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -31,18 +31,23 @@ import torch
 from mmr1_kernels import cfg_sample
 from mmr1_kernels import reference_sampler
 
-from .model import ATTENTION_LAYOUTS, Transformer
+from .kv_cache import cache_layout_name
+from .model import Transformer
 from .tokens import ImageVocab, pad_sequences
 
 
 @dataclass
 class SamplingConfig:
-    cfg_scale: float = 3.0  # Lumina-mGPT: 3-4
+    """How image blocks and text are sampled -- declared once for generation, rollouts and the trainer (GRPOConfig
+    holds one). The defaults draw from the policy's own (guided) distribution, which is what GRPO's log-probs
+    describe; Lumina-mGPT's published inference settings are cfg_scale 3-4 with image top_k 2000."""
+
+    cfg_scale: float = 3.0
     temperature: float = 1.0
-    top_k: int = 2000  # Lumina-mGPT image top-k
+    top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0
     text_temperature: float = 1.0
-    text_top_k: int = 10
+    text_top_k: int = 0
     text_top_p: float = 1.0
     head_mode: str = "hidden_cfg"  # or "logits"
     backend: str = "kernels"  # or "reference": full-vocab logits + the sampler's PyTorch specification
@@ -50,16 +55,16 @@ class SamplingConfig:
     # image blocks: "sequential" (one token per forward) or "jacobi" (a window of draft tokens per forward, the
     # same tokens -- see sample_image_blocks_jacobi); jacobi_draft: the guess for a position never drawn yet
     decode: str = "sequential"
-    jacobi_window: int = 16
+    jacobi_window: int = 8
     jacobi_draft: str = "above"  # the token one image row up ("above") or the left neighbour ("left")
     # size each forward's window from the acceptance of the last one (doubled when rows accept half of it on
     # average, halved below a quarter; 2..jacobi_window): where a W-token forward costs ~W one-token forwards
     # (small models on CPU) a window no one accepts is wasted work
     jacobi_adaptive: bool = False
-    # the KV cache's layout and attention (mmr1.model): "decode" (shared prompt prefixes, per-row lengths:
-    # mmr1_kernels.decode_attention), "sdpa" (the previous path: prompts copied per row, masked SDPA) or
-    # "flash_attn" (the sdpa layout through flash-attn; CUDA, fp16/bf16)
-    attention: str = "decode"
+    # the KV cache's layout (mmr1.kv_cache): "shared_prefix" (each prompt stored once for its rows, per-row
+    # lengths: mmr1_kernels.decode_attention), "sdpa" (a prompt copied into each row, masked SDPA) or "flash_attn"
+    # (the sdpa layout through flash-attn; CUDA, fp16/bf16) -- the same tokens
+    attention: str = "shared_prefix"
 
     def __post_init__(self):
         if self.head_mode not in ("hidden_cfg", "logits"):
@@ -72,8 +77,7 @@ class SamplingConfig:
             raise ValueError(f"jacobi_window must be an int >= 1, got {self.jacobi_window!r}")
         if self.jacobi_draft not in ("above", "left"):
             raise ValueError(f"jacobi_draft must be 'above' or 'left', got {self.jacobi_draft!r}")
-        if self.attention not in ATTENTION_LAYOUTS:
-            raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, got {self.attention!r}")
+        self.attention = cache_layout_name(self.attention)
 
     @property
     def cache_slack(self) -> int:
@@ -108,29 +112,31 @@ class ImageBlocks:
 
 
 class CachedDecoder:
-    """Per-row decoding state on a model's static cache: next position and last token of every row.
+    """Per-row decoding state on a model's static cache: next position and last token of every row; positions move
+    only through this class's methods (prefill, restart, step, seek).
 
-    ``attention`` picks the cache layout (mmr1.model): "decode" (default) keeps one copy of each distinct prompt
-    in a shared prefix store and each row's completion in its own slots, read by mmr1_kernels.decode_attention;
-    "sdpa" copies each prompt into its rows and reads them with a masked SDPA (the previous path); "flash_attn"
-    is the sdpa layout read by flash-attn (CUDA, fp16/bf16)."""
+    ``attention`` picks the cache layout (mmr1.kv_cache): "shared_prefix" (default) keeps one copy of each distinct
+    prompt in a prefix store and each row's continuation in its own slots, read by mmr1_kernels.decode_attention;
+    "sdpa" copies each prompt into its rows and reads them with a masked SDPA; "flash_attn" is the sdpa layout read
+    by flash-attn (CUDA, fp16/bf16)."""
 
-    def __init__(self, model: Transformer, rows: int, max_len: int, slack: int = 0, attention: str = "decode",
-                 prompt_len: int = 0):
+    def __init__(self, model: Transformer, rows: int, max_len: int, slack: int = 0,
+                 attention: str = "shared_prefix", prompt_len: int = 0):
         """``max_len``: positions per row; ``slack``: cache slots past ``max_len`` that only Jacobi windows write
-        (never a real position). ``prompt_len`` ("decode"): the shortest prompt that will be prefilled -- its
-        positions live in the prefix store, so each row's own slots are max_len - prompt_len + slack."""
+        (never a real position). ``prompt_len`` ("shared_prefix"): the shortest prompt that will be prefilled --
+        its positions live in the prefix store, so each row's own slots are max_len - prompt_len + slack."""
         if max_len > model.config.max_seq_len:
             raise ValueError(f"sequences of {max_len} tokens exceed the model's max_seq_len={model.config.max_seq_len}")
         if not 0 <= prompt_len <= max_len:
             raise ValueError(f"prompt_len must lie in [0, max_len={max_len}], got {prompt_len}")
         self.model = model
         self.rows = rows
-        self.attention = attention
+        self.attention = cache_layout_name(attention)
         self.device = model.lm_head.weight.device
-        self.prompt_len = prompt_len if attention == "decode" else 0
+        self.shares_prompts = self.attention == "shared_prefix"
+        self.prompt_len = prompt_len if self.shares_prompts else 0
         self.capacity = max_len + slack - self.prompt_len  # own slots per row
-        model.setup_cache(rows, self.capacity, attention=attention)
+        self.cache = model.setup_cache(rows, self.capacity, attention=self.attention)
         self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
         # host-side upper bounds on each row's next position (no device sync): a "sdpa" step attends to the first
         # kv_len slots only, and no write may pass a row's own slots; offset: the row's prefix length
@@ -149,53 +155,27 @@ class CachedDecoder:
     def prefill(self, row_ids: torch.Tensor, seqs: Sequence[Sequence[int]], repeats: int = 1) -> torch.Tensor:
         """Write the prompts of ``row_ids`` (a contiguous range) into the cache; returns their last hidden states
         [n, d]. ``repeats`` > 1: ``seqs`` are the distinct prompts and row i holds seqs[i // repeats] (a prompt's G
-        samples): each prompt runs through the model once. "decode": it is stored once, in the prefix store, and
-        its rows point at it; "sdpa" / "flash_attn": its cache rows are copied G times."""
+        samples): each prompt runs through the model once, and the cache layout stores it once ("shared_prefix")
+        or copies it into its G rows ("sdpa" / "flash_attn")."""
         lo, hi = self._range(row_ids)
         if hi - lo != len(seqs) * repeats:
             raise ValueError(f"{hi - lo} rows cannot hold {len(seqs)} prompts x {repeats} samples")
         tokens, lengths = pad_sequences(seqs)
         tokens, lengths = tokens.to(self.device), lengths.to(self.device)
         P, T = tokens.shape
-        if self.attention == "decode":
+        if self.shares_prompts:
             shortest = min(len(s) for s in seqs)
             if shortest < self.prompt_len:
                 raise ValueError(f"a prompt of {shortest} tokens is shorter than the decoder's prompt_len="
                                  f"{self.prompt_len} (its rows would need more own slots than allocated)")
-            hidden = self.model(tokens, torch.arange(T, device=self.device).expand(P, T), fill_prefix=True)
-            self.model.cache_layout.add_prefixes(lengths, lo, hi, repeats)
             per_row = [len(s) for s in seqs for _ in range(repeats)]
             self.offset[lo:hi] = per_row
             self.high[lo:hi] = per_row
-        elif repeats == 1:  # rows not being prefilled keep their cache: run only the selected rows
-            self.high[lo:hi] = [T] * (hi - lo)
-            hidden = self._forward_rows(lo, hi, tokens, torch.arange(T, device=self.device).expand(P, T), T)
         else:
-            hidden = self._prefill_copies(lo, hi, tokens, repeats)
+            self.high[lo:hi] = [T] * (hi - lo)
+        hidden = self.cache.prefill(self.model, tokens, lengths, lo, hi, repeats)
         self.pos[lo:hi] = lengths.repeat_interleave(repeats)
         return hidden[torch.arange(P, device=self.device), lengths - 1].repeat_interleave(repeats, 0)
-
-    def _prefill_copies(self, lo: int, hi: int, tokens: torch.Tensor, repeats: int) -> torch.Tensor:
-        """The "sdpa" / "flash_attn" layouts: each prompt through the model once, its cache rows copied G times."""
-        P, T = tokens.shape
-        caches = [layer.self_attn.cache for layer in self.model.model.layers]
-        full = [(c.k, c.v) for c in caches]
-        layout = self.model.cache_layout
-        try:  # a P-row scratch cache of T slots, then each prompt's rows copied to its samples' rows
-            for c, (k, v) in zip(caches, full):
-                c.k, c.v = k.new_zeros((P, T) + k.shape[2:]), v.new_zeros((P, T) + v.shape[2:])
-            self.model.cache_layout = replace(layout, mode="sdpa", rows=P)
-            hidden = self.model(tokens, torch.arange(T, device=self.device).expand(P, T), kv_len=T)
-            scratch = [(c.k, c.v) for c in caches]
-        finally:
-            self.model.cache_layout = layout
-            for c, (k, v) in zip(caches, full):
-                c.k, c.v = k, v
-        for (k, v), (sk, sv) in zip(full, scratch):
-            k[lo:hi, :T] = sk.repeat_interleave(repeats, 0)
-            v[lo:hi, :T] = sv.repeat_interleave(repeats, 0)
-        self.high[lo:hi] = [T] * (hi - lo)
-        return hidden
 
     def restart(self, lo: int, hi: int) -> None:
         """Rows lo..hi-1 start over at position 0 (the unconditional CFG rows at each image block)."""
@@ -203,14 +183,27 @@ class CachedDecoder:
         self.high[lo:hi] = [0] * (hi - lo)
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Feed one token per row (all rows, or ``row_ids``) at its next position; returns hidden [n, d]."""
+    def step(self, tokens: torch.Tensor, row_ids: Optional[torch.Tensor] = None,
+             hold: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Feed one token per row (all rows, or ``row_ids``) at its next position; returns hidden [n, d].
+        ``hold`` [n] bool: those rows re-feed their last position instead (an idempotent write when the token is
+        the one fed there before) and do not move -- rows that are done while the batch runs in lockstep."""
         lo, hi = (0, self.rows) if row_ids is None else self._range(row_ids)
+        if hold is not None:
+            self.pos[lo:hi] -= hold.long()
         self._reserve(lo, hi, [h + 1 for h in self.high[lo:hi]])
         kv = self.kv_len(max(self.high[lo:hi]) - 1)
         h = self._forward_rows(lo, hi, tokens[:, None], self.pos[lo:hi][:, None], kv)[:, 0]
         self.pos[lo:hi] += 1
         return h
+
+    def positions(self, lo: int, hi: int) -> torch.Tensor:
+        """The next positions of rows lo..hi-1 (a copy)."""
+        return self.pos[lo:hi].clone()
+
+    def seek(self, lo: int, hi: int, positions: torch.Tensor) -> None:
+        """Rows lo..hi-1 continue at ``positions`` (after a window whose accepted tokens end there)."""
+        self.pos[lo:hi] = positions
 
     @torch.no_grad()
     def window(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -343,7 +336,7 @@ def sample_image_blocks_jacobi(dec: CachedDecoder, n: int, h: int, w: int, vocab
     logprobs = torch.zeros(n, L, dtype=torch.float32, device=dev)
     final = torch.ones(n, dtype=torch.long, device=dev)  # boi is forced: one final token
     done_at = torch.zeros(n, dtype=torch.long, device=dev)
-    start = dec.pos[:n].clone()  # position of each conditional row's boi
+    start = dec.positions(0, n)  # position of each conditional row's boi
     above = w + 1  # one image row up: w codes + newline
     forwards = 0
     Wt = W  # this forward's window: W, or with jacobi_adaptive sized from the last acceptance (2 <= Wt <= W)
@@ -402,9 +395,9 @@ def sample_image_blocks_jacobi(dec: CachedDecoder, n: int, h: int, w: int, vocab
             guess = torch.where(is_free[t], guess, forced_at[t])
             cur[need, t[need]] = guess[need]
     tokens = cur[:, :L].clone()
-    dec.pos[:n] = start + L - 1  # as the sequential loop leaves it: eoi is fed by the caller's next phase
+    dec.seek(0, n, start + L - 1)  # as the sequential loop leaves it: eoi is fed by the caller's next phase
     if use_cfg:
-        dec.pos[n:] = L - 1
+        dec.seek(n, 2 * n, torch.full((n,), L - 1, dtype=torch.long, device=dev))
     if bool(torch.isnan(logprobs).any()):
         raise FloatingPointError("NaN logits while sampling an image block (model weights or inputs are not finite)")
     chosen = (layout == -1)
@@ -485,8 +478,7 @@ def sample_text(dec: CachedDecoder, n: int, first_hidden: torch.Tensor, stop_id:
         lengths += active.long()
         feed = torch.where(active, x, last)
         last = feed
-        dec.pos[:n] -= done.long()  # done rows: same position again (idempotent write)
-        hidden = dec.step(feed, rows)
+        hidden = dec.step(feed, rows, hold=done)  # done rows: same position again (idempotent write)
         done = done | (x == stop_id)
         if (t + 1) % check_every == 0 and bool(done.all()):
             break

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -45,6 +44,7 @@ import mmr1_kernels as K
 
 from .distributed import wrap_parallel
 from .generate import SamplingConfig
+from .metrics_log import MetricsLog
 from .model import PrefixSplit, Transformer, shared_prefix_hidden, split_shared_prefix, teacher_forced_hidden
 from .rewards import RewardSet
 from .rollout import Rollout, XCoTFormat, concat_groups, xcot_rollout
@@ -68,12 +68,12 @@ class GRPOConfig:
     eps_high: float = 0.28
     loss_type: str = "grpo"
     adv_mode: str = "grpo"
-    cfg_scale: float = 3.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    text_temperature: float = 1.0
-    text_top_k: int = 0
+    # how the rollouts sample -- CFG scale, temperatures (the loss uses the same ones), top-k / top-p, the decoding
+    # loop ("sequential" or "jacobi": the same tokens in fewer forwards; measure with python -m bench.jacobi before
+    # switching), the KV cache layout, and backend: "kernels" (the fused ops everywhere) or "reference" (full
+    # logits + the PyTorch specs in the rollouts *and* the update, the path the fused one is measured against).
+    # Its seed is replaced by one per step (derived from ``seed``).
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward_weights: Dict[str, float] = field(default_factory=dict)
     # a step whose every advantage is 0 (all groups constant) has no policy-gradient signal; AdamW would still
     # turn the tiny KL / rounding gradients into a full-size step (m / sqrt(v)): skip the update instead
@@ -84,17 +84,6 @@ class GRPOConfig:
     # unfilled is padded with dropped groups and logged (dynamic/unfilled_groups)
     dynamic_sampling: bool = False
     dynamic_sampling_rounds: int = 3
-    backend: str = "kernels"  # or "reference": full logits + the PyTorch specs (for comparison)
-    # image blocks: "jacobi" windows draw the same tokens as the sequential loop in fewer forwards
-    # (SamplingConfig). It pays where drafts are often right (the demo model: 1.3-2x rollout time) and loses on
-    # CPU where they are not (a random model: a W-token forward costs ~W/2-W one-token forwards): measure
-    # (python -m bench.jacobi) before switching.
-    decode: str = "sequential"
-    jacobi_window: int = 8
-    # the rollouts' KV cache: "decode" (one copy of each prompt for its G samples, per-row lengths:
-    # mmr1_kernels.decode_attention), "sdpa" (the previous path: prompts copied G times, masked SDPA) or
-    # "flash_attn" (that layout through flash-attn; CUDA fp16/bf16) -- the same tokens (SamplingConfig.attention)
-    attention: str = "decode"
     # the teacher-forced passes of the update and the reference log-probs: "shared" runs each prompt once for its
     # group's G completions (mmr1_kernels.shared_prefix_attention; the same loss and gradients to rounding), "per_row"
     # runs every sequence whole (the prompt G times). "shared" needs groups of identical prompts in consecutive rows
@@ -122,18 +111,22 @@ class GRPOConfig:
             raise ValueError(f"micro_batch_size must be an int >= 0 (0: the whole batch), got {self.micro_batch_size!r}")
         if self.update_prefix not in ("auto", "shared", "per_row"):
             raise ValueError(f"update_prefix must be 'auto', 'shared' or 'per_row', got {self.update_prefix!r}")
-        if self.backend not in ("kernels", "reference"):
-            raise ValueError(f"backend must be 'kernels' or 'reference', got {self.backend!r}")
+        if isinstance(self.sampling, dict):  # from a JSON config file
+            self.sampling = SamplingConfig(**self.sampling)
+        if not isinstance(self.sampling, SamplingConfig):
+            raise TypeError(f"sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
         if isinstance(self.dynamic_sampling_rounds, bool) or not isinstance(self.dynamic_sampling_rounds, int) \
                 or self.dynamic_sampling_rounds < 1:
             raise ValueError(f"dynamic_sampling_rounds must be an int >= 1, got {self.dynamic_sampling_rounds!r}")
-        self.sampling(0)  # decode / jacobi_window errors now, not at the first rollout
 
-    def sampling(self, step: int) -> SamplingConfig:
-        return SamplingConfig(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, text_temperature=self.text_temperature, text_top_k=self.text_top_k,
-                              backend=self.backend, decode=self.decode, jacobi_window=self.jacobi_window,
-                              attention=self.attention, seed=(self.seed * 1_000_003 + step) % (2**63))
+    @property
+    def backend(self) -> str:
+        """"kernels" or "reference": chosen once, in ``sampling``, for the rollouts and the update alike."""
+        return self.sampling.backend
+
+    def sampling_for(self, step: int) -> SamplingConfig:
+        """The rollouts' sampling settings at ``step``: ``sampling`` with the step's seed."""
+        return replace(self.sampling, seed=(self.seed * 1_000_003 + step) % (2**63))
 
 
 def lr_lambda(cfg: GRPOConfig):
@@ -160,7 +153,36 @@ def _peak_mib() -> float:
     return float("nan")
 
 
-WINDOW_METRICS = ("ratio_mean", "clip_low_frac", "clip_high_frac", "kl_mean", "logp_mean")
+WINDOW_METRICS = ("ratio_mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl",
+                  "logp_mean")
+
+
+@dataclass
+class RolloutRound:
+    """One rollout round: this rank's prompts, G scored samples each."""
+
+    batch: List[dict]
+    rollout: Rollout
+    rewards: torch.Tensor  # [N, R], NaN where a reward does not apply
+    weights: torch.Tensor  # [R]
+    reward_metrics: Dict[str, float]
+    seconds: float  # the rollout's wall-clock
+
+
+@dataclass
+class GRPOStep:
+    """What one GRPOTrainer.step produced: the batch it trained on (this rank's), its advantages and the step's
+    metrics (the global batch's under torchrun) -- what a step callback receives."""
+
+    step: int  # the step's index (updates done before it)
+    batch: List[dict]
+    rollout: Rollout
+    rewards: torch.Tensor  # [N, R]
+    advantages: torch.Tensor  # [N]
+    metrics: Dict[str, float]
+
+
+StepCallback = Callable[["GRPOTrainer", GRPOStep], None]
 
 
 class GRPOTrainer:
@@ -193,7 +215,9 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step_idx = 0
-        self.history: List[Dict[str, float]] = []
+        self.history: List[Dict[str, float]] = []  # every step's metrics
+        self.evals: List[Dict[str, float]] = []  # the eval records train(eval_fn=...) wrote
+        self.log = MetricsLog(cfg.log_path, self.rank)
         self._passes = [0, 0]  # teacher-forced passes of the step: [per row, shared prefix]
 
     # ------------------------------------------------------------------ batch
@@ -240,8 +264,9 @@ class GRPOTrainer:
         return ro.tokens[:, 1:].to(dev), chosen & img, chosen & ~img
 
     def _windows(self, m_img, m_txt):
-        return (("image", m_img, self.vocab.window, self.cfg.temperature),
-                ("text", m_txt, self.fmt.text_range, self.cfg.text_temperature))
+        scfg = self.cfg.sampling  # the temperatures the rollouts sampled at
+        return (("image", m_img, self.vocab.window, scfg.temperature),
+                ("text", m_txt, self.fmt.text_range, scfg.text_temperature))
 
     @torch.no_grad()
     def ref_logprobs(self, ro: Rollout) -> torch.Tensor:
@@ -280,7 +305,7 @@ class GRPOTrainer:
             targets, m_img, m_txt, w_all = (split.gather(t) for t in (targets, m_img, m_txt, w_all))
             old = None if old is None else split.gather(old)
             ref = None if ref is None else split.gather(ref)
-        kw = dict(eps_low=self.cfg.eps_low, eps_high=self.cfg.eps_high, beta=self.cfg.beta, loss_weights=w_all)
+        kw = dict(epsilon=self.cfg.eps_low, epsilon_high=self.cfg.eps_high, beta=self.cfg.beta, loss_weights=w_all)
         adv = advantages.to(h.device)[rows]
         weight = self.policy.lm_head.weight
         logits = self.policy.logits(h) if self.cfg.backend == "reference" else None  # [N, T, V]: the cost avoided
@@ -350,9 +375,8 @@ class GRPOTrainer:
                 layer.set_reshard_after_forward(True, recurse=False)
 
     # ------------------------------------------------------------------ step
-    def _round(self, step: int, round_: int):
-        """One rollout round: this rank's prompts of (step, round), G samples each, scored. Returns (batch, rollout,
-        rewards [N, R], weights [R], reward metrics, rollout seconds)."""
+    def _round(self, step: int, round_: int) -> RolloutRound:
+        """One rollout round: this rank's prompts of (step, round), G samples each, scored."""
         cfg, G = self.cfg, self.cfg.group_size
         batch = self.batch_for(step, round_)
         # RNG rows: global sample ids of the step; round r continues after the rounds before it
@@ -360,14 +384,14 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         self.policy.eval()
         with self._whole_policy_for_rollouts():
-            ro = self.rollout_fn(self.policy, batch, G, cfg.sampling(step), torch.arange(base, base + len(batch) * G))
+            ro = self.rollout_fn(self.policy, batch, G, cfg.sampling_for(step), torch.arange(base, base + len(batch) * G))
         t_roll = time.perf_counter() - t0
         rewards, weights, rmetrics = self.rewards(ro, [b for b in batch for _ in range(G)])
         for name, wgt in cfg.reward_weights.items():
             if name not in self.rewards.names:
                 raise ValueError(f"reward_weights names unknown reward {name!r}")
             weights[self.rewards.names.index(name)] = wgt
-        return batch, ro, rewards, weights, rmetrics, t_roll
+        return RolloutRound(batch, ro, rewards, weights, rmetrics, t_roll)
 
     def _any_rank(self, flag: bool) -> bool:
         if self.world == 1:
@@ -379,26 +403,26 @@ class GRPOTrainer:
     def _dynamic_batch(self, step: int):
         """DAPO's dynamic sampling: rounds of prompts until this rank holds its share of groups with reward spread
         (every rank runs the same number of rounds -- FSDP rollouts gather parameters in lockstep -- so the ranks
-        agree on the step). Returns the selected (batch, rollout, rewards, weights), round 0's reward metrics (the
-        policy's unfiltered draw) and the dynamic-sampling metrics."""
+        agree on the step). Returns the selected groups as one round (with round 0's reward metrics: the policy's
+        unfiltered draw) and the dynamic-sampling metrics."""
         cfg, G = self.cfg, self.cfg.group_size
         kept, spare, rounds, drawn, zero_before = [], [], 0, 0, []
         weights = rmetrics = None
         t_roll = 0.0
         need = cfg.prompts_per_step // self.world
         while True:
-            batch, ro, rewards, w, m, t = self._round(step, rounds)
-            t_roll += t
+            rnd = self._round(step, rounds)
+            t_roll += rnd.seconds
             if rounds == 0:
-                weights, rmetrics = w, m
-                total0 = float((rewards.nan_to_num() * weights).sum(1).mean())
-            _, st = K.group_advantages(rewards, group_size=G, weights=weights, mode=cfg.adv_mode)
+                weights, rmetrics = rnd.weights, rnd.reward_metrics
+                total0 = float((rnd.rewards.nan_to_num() * weights).sum(1).mean())
+            _, st = K.group_advantages(rnd.rewards, group_size=G, weights=weights, mode=cfg.adv_mode)
             zero = st["zero_std"].tolist()
             zero_before += zero
             for gi, z in enumerate(zero):
-                (spare if z else kept).append((ro, gi, batch[gi], rewards[gi * G:(gi + 1) * G]))
+                (spare if z else kept).append((rnd.rollout, gi, rnd.batch[gi], rnd.rewards[gi * G:(gi + 1) * G]))
             rounds += 1
-            drawn += len(batch)
+            drawn += len(rnd.batch)
             if not self._any_rank(len(kept) < need) or rounds >= cfg.dynamic_sampling_rounds:
                 break
         chosen = kept[:need]
@@ -417,17 +441,18 @@ class GRPOTrainer:
                              dtype=torch.float64)
             dist.all_reduce(t)
             dyn["dynamic/zero_std_frac_before"], dyn["dynamic/unfilled_groups"] = float(t[0]) / self.world, float(t[1])
-        return batch, ro, rewards, weights, rmetrics, dyn, t_roll
+        return RolloutRound(batch, ro, rewards, weights, rmetrics, t_roll), dyn
 
     # ------------------------------------------------------------------ step
-    def step(self) -> Dict[str, float]:
+    def step(self) -> GRPOStep:
         cfg, step = self.cfg, self.step_idx
         G = cfg.group_size
         dyn: Dict[str, float] = {}
         if cfg.dynamic_sampling:
-            batch, ro, rewards, weights, rmetrics, dyn, t_roll = self._dynamic_batch(step)
+            rnd, dyn = self._dynamic_batch(step)
         else:
-            batch, ro, rewards, weights, rmetrics, t_roll = self._round(step, 0)
+            rnd = self._round(step, 0)
+        ro, rewards, weights = rnd.rollout, rnd.rewards, rnd.weights
         adv, st = K.group_advantages(rewards, group_size=G, weights=weights, mode=cfg.adv_mode)
         self._passes = [0, 0]
         ref = self.ref_logprobs(ro) if self.ref is not None else None
@@ -460,13 +485,13 @@ class GRPOTrainer:
         out = {
             "step": step, "loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": self.scheduler.get_last_lr()[0],
             "skipped": float(skip),
-            **rmetrics, **metrics,
+            **rnd.reward_metrics, **metrics,
             "adv/mean_abs": float(adv.abs().mean()), "adv/zero_std_frac": float(st["zero_std_frac"]),
             "reward/total_mean": float((rewards.nan_to_num() * weights).sum(1).mean()),
             "logp/sampler_minus_trainer": sampler_lp - trainer_lp,
-            "throughput/rollout_tok_s": gen_tokens / max(t_roll, 1e-9),
+            "throughput/rollout_tok_s": gen_tokens / max(rnd.seconds, 1e-9),
             "throughput/train_tok_s": float(ro.lengths.sum()) * cfg.mu / max(t_train, 1e-9),
-            "time/rollout_s": t_roll, "time/train_s": t_train, "memory/peak_mib": _peak_mib(),
+            "time/rollout_s": rnd.seconds, "time/train_s": t_train, "memory/peak_mib": _peak_mib(),
             # the share of the step's teacher-forced passes (reference, update) that ran each prompt once per group
             "update/shared_prefix_frac": self._passes[1] / max(sum(self._passes), 1),
             **dyn,  # dynamic sampling: reward/total_mean is round 0's (the policy's unfiltered draw)
@@ -476,11 +501,8 @@ class GRPOTrainer:
                                              "text": int((chosen & ~ro.image_positions[:, 1:]).sum())})
         self.step_idx += 1
         self.history.append(out)
-        if cfg.log_path and self.rank == 0:
-            Path(cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(cfg.log_path, "a") as f:
-                f.write(json.dumps(out) + "\n")
-        return out
+        self.log.write(out)
+        return GRPOStep(step, rnd.batch, ro, rewards, adv, out)
 
     def _global_metrics(self, out: Dict[str, float], tokens: Dict[str, int]) -> Dict[str, float]:
         """This rank's metrics -> the global batch's: window metrics are token means (weighted by each rank's token
@@ -514,25 +536,30 @@ class GRPOTrainer:
         return result
 
     def train(self, steps: Optional[int] = None, progress: bool = True, checkpoint_dir: Optional[str] = None,
-              checkpoint_every: int = 0, keep_last: int = 3, eval_fn: Optional[Callable[["GRPOTrainer"],
-                                                                                        Dict[str, float]]] = None,
-              eval_every: int = 0) -> List[Dict[str, float]]:
-        """Run ``steps`` steps (default: to cfg.steps). ``eval_fn(trainer) -> metrics`` (e.g. identity on held-out
-        prompts) runs before the first step and after every ``eval_every`` steps and the last: its metrics are
-        added to that step's history entry and written to the log as a {"phase": "eval", "step": ...} record
-        (step = updates done so far)."""
+              checkpoint_every: int = 0, keep_last: int = 3,
+              eval_fn: Optional[Callable[["GRPOTrainer"], Dict[str, float]]] = None, eval_every: int = 0,
+              callbacks: Sequence[StepCallback] = ()) -> List[Dict[str, float]]:
+        """Run ``steps`` steps (default: to cfg.steps). After each step, every ``callbacks`` entry is called with
+        (trainer, GRPOStep) -- e.g. to save the step's images -- then the checkpoint is written every
+        ``checkpoint_every`` steps into ``checkpoint_dir``. ``eval_fn(trainer) -> metrics`` (e.g. identity on
+        held-out prompts) runs before the first step and after every ``eval_every`` steps and the last: its metrics
+        are added to that step's history entry and logged as a {"phase": "eval", "step": ...} record (step =
+        updates done so far)."""
         from tqdm import tqdm
 
         n = self.cfg.steps - self.step_idx if steps is None else steps
-        self.evals: List[Dict[str, float]] = getattr(self, "evals", [])
-        if eval_fn is not None and eval_every > 0 and self.step_idx == 0 and not self.evals:
+        evaluating = eval_fn is not None and eval_every > 0
+        if evaluating and self.step_idx == 0 and not self.evals:
             self._evaluate(eval_fn)
         bar = tqdm(range(n), desc="grpo", disable=not progress or self.rank != 0)
         for i in bar:
-            m = self.step()
-            bar.set_postfix(reward=f"{m['reward/total_mean']:.3f}", kl=f"{m.get('image/kl_mean', 0.0):.4f}")
-            if eval_fn is not None and eval_every > 0 and (self.step_idx % eval_every == 0 or i == n - 1):
+            result = self.step()
+            m = result.metrics
+            bar.set_postfix(reward=f"{m['reward/total_mean']:.3f}", kl=f"{m.get('image/kl', 0.0):.4f}")
+            if evaluating and (self.step_idx % eval_every == 0 or i == n - 1):
                 self.history[-1].update(self._evaluate(eval_fn))
+            for callback in callbacks:
+                callback(self, result)
             if checkpoint_dir and checkpoint_every and self.step_idx % checkpoint_every == 0:
                 self.save(checkpoint_dir, keep_last)  # every rank writes its shards
         return self.history
@@ -543,15 +570,17 @@ class GRPOTrainer:
         self.policy.train(was_training)
         rec = {"phase": "eval", "step": self.step_idx, **res}
         self.evals.append(rec)
-        if self.cfg.log_path and self.rank == 0:
-            Path(self.cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.cfg.log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        self.log.write(rec)
         return res
 
     # ------------------------------------------------------------------ checkpoints
     def config_dict(self) -> Dict:
-        return {**asdict(self.cfg), "model": asdict(self.policy.config)}
+        """The run's config as checkpoints record it: GRPOConfig's fields with the sampling settings flat beside
+        them (the step's seed is derived, so it is left out), and the model's."""
+        cfg = asdict(self.cfg)
+        sampling = cfg.pop("sampling")
+        sampling.pop("seed")
+        return {**cfg, **sampling, "model": asdict(self.policy.config)}
 
     def save(self, root, keep_last: int = 3) -> Path:
         """Write ``<root>/step-<step>`` through torch.distributed.checkpoint (mmr1.sharded_checkpoint): weights
@@ -564,7 +593,12 @@ class GRPOTrainer:
     def load(self, path) -> None:
         """Resume from ``save``'s checkpoint: a step directory, or a root (its latest). Call on every rank; DCP
         reshards to this run's layout."""
-        self.step_idx = load_sharded(path, self.policy, self.optimizer, self.scheduler, self.config_dict())["step"]
+        self.step_idx = load_sharded(path, self.policy, self.optimizer, self.scheduler, self.config_dict(),
+                                     ignore=CONFIG_KEYS_NOT_CHECKED)["step"]
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "lr_lambda"]
+# settings a resume may change: they do not change what is trained (the KV cache layouts draw the same tokens,
+# tested; the update's prefix sharing gives the same loss and gradients to rounding)
+CONFIG_KEYS_NOT_CHECKED = frozenset({"attention", "update_prefix"})
+
+__all__ = ["GRPOConfig", "GRPOTrainer", "GRPOStep", "RolloutRound", "StepCallback", "lr_lambda"]

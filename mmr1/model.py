@@ -11,18 +11,11 @@ The qk-norm affine parameters are stored [heads, head_dim] (transformers'
 layout); Lumina's [model_parallel_size, head_dim] layout is repeat-interleaved
 to heads on load.
 
-Decoding uses a static, preallocated KV cache (``setup_cache``) in one of three layouts:
-
-- ``"decode"`` (default): each row's own slots, plus a store of shared prompt prefixes. A prompt is prefilled once
-  (``forward(..., fill_prefix=True)``) and the rows that continue it -- a GRPO group's G samples -- point at it;
-  row r's token at position p lives in own slot p - offset[r] (offset: its prefix's length, 0 without one).
-  Attention is mmr1_kernels.decode_attention: each row reads its prefix and only its own live slots, so the
-  unconditional CFG rows read only their image block and a prompt is read once per group per step.
-- ``"sdpa"``: one slot per position per row (a prompt copied into each of its rows), and a masked
-  scaled_dot_product_attention over the first kv_len slots (the previous path, kept for comparison).
-- ``"flash_attn"``: the sdpa layout read by flash-attn's flash_attn_with_kvcache (CUDA, fp16/bf16).
-Rows may be at different positions (prompts of different lengths, CFG rows with their own context), and a decode
-step needs no host synchronization.
+Every attention call goes through a context (mmr1.kv_cache) with one ``attend`` entry point: a causal pass, a
+shared-prefix training pass, or a step of a static KV cache (``setup_cache``) whose layout -- "shared_prefix" (the
+default: each prompt stored once for its rows), "sdpa" (a prompt copied into each row) or "flash_attn" -- decides
+how keys are stored and read. Rows may be at different positions (prompts of different lengths, CFG rows with
+their own context), and a decode step needs no host synchronization.
 
 Training passes (no cache) take the same shape through ``forward(completions, shared_prefix=SharedPrefix(...))``:
 each prompt runs once for its group of G completions, which attend to it through
@@ -41,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from mmr1_kernels import decode_attention, shared_prefix_attention
+from .kv_cache import (ATTENTION_LAYOUTS, CACHE_LAYOUTS, CacheStep, CausalPass, KVCacheLayout, SharedPrefix,
+                       SharedPrefixPass, cache_layout_name)
 
 
 @dataclass
@@ -143,109 +137,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def flash_attn_kvcache():
-    """flash-attn's flash_attn_with_kvcache (the "flash_attn" cache layout), or a clear error without it."""
-    try:
-        from flash_attn import flash_attn_with_kvcache
-    except ImportError as err:
-        raise RuntimeError("the 'flash_attn' attention layout needs flash-attn (pip install flash-attn, CUDA "
-                           "fp16/bf16); use attention='decode' instead") from err
-    return flash_attn_with_kvcache
-
-
-ATTENTION_LAYOUTS = ("decode", "sdpa", "flash_attn")
-
-
-class KVCache(nn.Module):
-    """Static cache for one layer: each row's own slots k, v [rows, slots, kv_heads, head_dim] (flash-attn's layout)
-    and, in the "decode" layout, the shared prompt store prefix_k, prefix_v [P, Sp, kv_heads, head_dim]."""
-
-    def __init__(self, rows: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (rows, max_len, kv_heads, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.prefix_k: Optional[torch.Tensor] = None
-        self.prefix_v: Optional[torch.Tensor] = None
-
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: slice = slice(None)):
-        """Write k, v (B, H, T, D) at own ``slots`` (B, T) of cache rows ``rows``; return the rows' (B, H, S, D)
-        views."""
-        B, T = slots.shape
-        r = torch.arange(B, device=slots.device)[:, None].expand(B, T)
-        ck, cv = self.k[rows], self.v[rows]
-        ck.index_put_((r, slots), k.transpose(1, 2))
-        cv.index_put_((r, slots), v.transpose(1, 2))
-        return ck.transpose(1, 2), cv.transpose(1, 2)
-
-    def add_prefixes(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append prompts' k, v (P, H, T, D) to the prefix store (padded to the longest prompt so far)."""
-        k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-        if self.prefix_k is None:
-            self.prefix_k, self.prefix_v = k, v
-            return
-        Sp = max(self.prefix_k.shape[1], k.shape[1])
-        pad = lambda t: F.pad(t, (0, 0, 0, 0, 0, Sp - t.shape[1]))  # noqa: E731
-        self.prefix_k = torch.cat([pad(self.prefix_k), pad(k)])
-        self.prefix_v = torch.cat([pad(self.prefix_v), pad(v)])
-
-
-@dataclass
-class CacheLayout:
-    """What every layer's cache shares: the layout, and in the "decode" layout the prefix table -- each prompt's
-    length [P], each row's prompt [rows] (-1: none) and each row's offset [rows] (position of its own slot 0)."""
-
-    mode: str
-    rows: int
-    prefix_lengths: Optional[torch.Tensor] = None
-    prefix_of_row: Optional[torch.Tensor] = None
-    offset: Optional[torch.Tensor] = None
-
-    def add_prefixes(self, lengths: torch.Tensor, lo: int, hi: int, repeats: int) -> None:
-        """Prompts of ``lengths`` [P] now head rows lo..hi-1, ``repeats`` consecutive rows each."""
-        first = 0 if self.prefix_lengths is None else self.prefix_lengths.numel()
-        self.prefix_lengths = lengths if self.prefix_lengths is None else torch.cat([self.prefix_lengths, lengths])
-        ids = torch.arange(first, first + lengths.numel(), device=lengths.device).repeat_interleave(repeats)
-        self.prefix_of_row[lo:hi] = ids
-        self.offset[lo:hi] = lengths.repeat_interleave(repeats)
-
-
-@dataclass
-class CacheCall:
-    """How one cached forward uses the cache (built by Transformer.forward)."""
-
-    layout: CacheLayout
-    rows: slice  # the cache rows of this batch
-    fill_prefix: bool = False  # the batch is prompts: store their k, v as shared prefixes
-    slots: Optional[torch.Tensor] = None  # [B, T] own slots written ("decode": position - offset)
-    mask: Optional[torch.Tensor] = None  # "sdpa": [B, 1, T, S] visibility of the first S slots
-
-
-@dataclass
-class SharedPrefix:
-    """Prompts shared by groups of rows in a training pass: ``tokens`` [P, Tp] right-padded, ``lengths`` [P]. The
-    batch's N = P * G rows continue them, G consecutive rows per prompt (GRPO's groups)."""
-
-    tokens: torch.Tensor
-    lengths: torch.Tensor
-
-
-@dataclass
-class PrefixCall:
-    """One training pass over prompts packed before their completions (built by Transformer.forward): the first
-    P * Tp tokens are the prompts [P, Tp], the next N * T the completions [N, T]."""
-
-    P: int
-    Tp: int
-    N: int
-    T: int
-    lengths: torch.Tensor  # [P]
-
-
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
+        self.layer = layer  # this layer's index into a KV cache layout's per-layer storage
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
@@ -253,61 +149,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
         self.q_norm = QKNorm(cfg.num_heads, hd)
         self.k_norm = QKNorm(cfg.num_kv_heads, hd)
-        self.cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, positions, mask, call: Optional[CacheCall] = None):
-        if isinstance(call, PrefixCall):
-            return self._shared_prefix(x, cos, sin, call)
+    def forward(self, x, cos, sin, ctx):
+        """x (B, T, d); ``ctx`` says where the keys come from (mmr1.kv_cache: a causal pass, a shared-prefix
+        training pass, or a step of a KV cache layout)."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if call is not None and call.fill_prefix:  # prompts: keep their k, v once, attend causally among them
-            self.cache.add_prefixes(k, v)
-            return self.o_proj(self._sdpa(q, k, v, None, T).transpose(1, 2).reshape(B, T, -1))
-        if call is not None and call.layout.mode == "decode":
-            lay = call.layout
-            ck, cv = self.cache.update(call.slots, k, v, call.rows)
-            shared = dict(prefix_k=self.cache.prefix_k, prefix_v=self.cache.prefix_v,
-                          prefix_lengths=lay.prefix_lengths, prefix_of_row=lay.prefix_of_row[call.rows]) \
-                if self.cache.prefix_k is not None else {}
-            y = decode_attention(q.transpose(1, 2), ck.transpose(1, 2), cv.transpose(1, 2), call.slots[:, 0],
-                                 check=False, **shared)  # (B, T, H, D)
-            return self.o_proj(y.reshape(B, T, -1))
-        if call is not None and call.layout.mode == "flash_attn":
-            # flash-attn appends k/v at cache_seqlens and attends causally over each row's prefix: this
-            # matches slot = position because the decoder feeds every row contiguous positions.
-            y = flash_attn_kvcache()(q.transpose(1, 2), self.cache.k[call.rows], self.cache.v[call.rows],
-                                     k=k.transpose(1, 2), v=v.transpose(1, 2),
-                                     cache_seqlens=positions[:, 0].to(torch.int32), causal=True)
-            return self.o_proj(y.reshape(B, T, -1))
-        if call is not None:  # "sdpa": slot = position, the live prefix of the cache the mask covers
-            k, v = self.cache.update(positions, k, v, call.rows)
-            mask = call.mask
-            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
-        return self.o_proj(self._sdpa(q, k, v, mask, T).transpose(1, 2).reshape(B, T, -1))
-
-    def _shared_prefix(self, x, cos, sin, call: PrefixCall):
-        """Prompts causal among themselves; completions causal among themselves and over their prompt's keys."""
-        M, H, Hkv, D = x.shape[1], self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_norm(self.q_proj(x).view(1, M, H, D)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(1, M, Hkv, D)).transpose(1, 2)
-        v = self.v_proj(x).view(1, M, Hkv, D)
-        q, k = apply_rope(q, cos, sin)[0].transpose(0, 1), apply_rope(k, cos, sin)[0].transpose(0, 1)  # [M, H, D]
-        v = v[0]
-        n, (P, Tp, N, T) = call.P * call.Tp, (call.P, call.Tp, call.N, call.T)
-        qp, kp, vp = q[:n].reshape(P, Tp, H, D), k[:n].reshape(P, Tp, Hkv, D), v[:n].reshape(P, Tp, Hkv, D)
-        yp = self._sdpa(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), None, Tp).transpose(1, 2)
-        yc = shared_prefix_attention(q[n:].reshape(N, T, H, D), k[n:].reshape(N, T, Hkv, D),
-                                     v[n:].reshape(N, T, Hkv, D), kp, vp, call.lengths, check=False)
-        return self.o_proj(torch.cat([yp.reshape(n, H * D), yc.reshape(N * T, H * D)])[None])
-
-    def _sdpa(self, q, k, v, mask, T):
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.o_proj(ctx.attend(self.layer, q, k, v).reshape(B, T, -1))  # attend: (B, T, H, D)
 
 
 class MLP(nn.Module):
@@ -322,19 +173,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.swin_norm = cfg.swin_norm
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, mask, call: Optional[CacheCall] = None):
+    def forward(self, x, cos, sin, ctx):
         if self.swin_norm:  # 34B: normalize the sub-layer outputs
-            x = x + self.input_layernorm(self.self_attn(x, cos, sin, positions, mask, call))
+            x = x + self.input_layernorm(self.self_attn(x, cos, sin, ctx))
             return x + self.post_attention_layernorm(self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, call)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -344,105 +195,81 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # recompute each block in the backward instead of keeping its activations (a training option, not a
         # property of the weights: the trainers set it from their configs)
         self.activation_checkpointing = False
-        self.cache_layout: Optional[CacheLayout] = None
+        self.kv_cache: Optional[KVCacheLayout] = None  # setup_cache / clear_cache (mmr1.kv_cache)
 
     # ----------------------------------------------------------------- cache
-    def setup_cache(self, rows: int, max_len: int, dtype=None, device=None, attention: str = "decode") -> None:
+    def setup_cache(self, rows: int, max_len: int, dtype=None, device=None,
+                    attention: str = "shared_prefix") -> KVCacheLayout:
         """Allocate the static KV cache: ``rows`` rows of ``max_len`` own slots each, in the ``attention`` layout
-        (see the module docstring; "decode" also keeps a store of shared prompt prefixes, filled by forward(...,
+        (mmr1.kv_cache.CACHE_LAYOUTS; "shared_prefix" also keeps a store of prompts, filled by forward(...,
         fill_prefix=True))."""
-        if attention not in ATTENTION_LAYOUTS:
-            raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, got {attention!r}")
         p = self.lm_head.weight
-        dev = device or p.device
-        for layer in self.model.layers:
-            layer.self_attn.cache = KVCache(rows, max_len, self.config.num_kv_heads, self.config.head_dim,
-                                            dtype or p.dtype, dev)
-        self.cache_layout = CacheLayout(attention, rows)
-        if attention == "decode":
-            self.cache_layout.prefix_of_row = torch.full((rows,), -1, dtype=torch.long, device=dev)
-            self.cache_layout.offset = torch.zeros(rows, dtype=torch.long, device=dev)
+        layout = CACHE_LAYOUTS[cache_layout_name(attention)]
+        self.kv_cache = layout(self.config.num_layers, rows, max_len, self.config.num_kv_heads, self.config.head_dim,
+                               dtype or p.dtype, device or p.device)
+        return self.kv_cache
 
     def clear_cache(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.cache = None
-        self.cache_layout = None
+        self.kv_cache = None
 
     @property
     def cache_len(self) -> int:
         """Own slots per cache row (0 without a cache)."""
-        c = self.model.layers[0].self_attn.cache
-        return 0 if c is None else c.k.shape[1]
+        return 0 if self.kv_cache is None else self.kv_cache.slots
 
     def cache_bytes(self) -> int:
         """Bytes held by the KV cache: every layer's own slots and prefix store."""
-        total = 0
-        for layer in self.model.layers:
-            c = layer.self_attn.cache
-            if c is not None:
-                for t in (c.k, c.v, c.prefix_k, c.prefix_v):
-                    total += 0 if t is None else t.numel() * t.element_size()
-        return total
+        return 0 if self.kv_cache is None else self.kv_cache.nbytes()
 
     # ----------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
                 rows: Optional[Tuple[int, int]] = None, fill_prefix: bool = False,
-                shared_prefix: Optional[SharedPrefix] = None):
+                shared_prefix: Optional[SharedPrefix] = None, cache: Optional[KVCacheLayout] = None):
         """Final hidden states [B, T, d] (after the last norm) for tokens [B, T].
 
         With a cache (setup_cache): ``positions`` [B, T] are the tokens' positions (per row, consecutive within
         a row), written to the cache and attended to causally together with everything the row cached before.
-        ``rows=(lo, hi)``: the batch is cache rows lo..hi-1 (default: all rows). ``fill_prefix`` ("decode"
-        layout): the batch is prompts from position 0, stored once as shared prefixes (the decoder then points
-        rows at them: CacheLayout.add_prefixes). ``kv_len`` ("sdpa" layout): an upper bound on every position + 1;
-        attention then reads only the first kv_len slots of the cache instead of all of them.
+        ``rows=(lo, hi)``: the batch is cache rows lo..hi-1 (default: all rows). ``fill_prefix`` ("shared_prefix"
+        layout): the batch is prompts from position 0, stored once as shared prefixes (the layout's prefill then
+        points rows at them). ``kv_len`` ("sdpa" layout): an upper bound on every position + 1; attention then reads
+        only the first kv_len slots of the cache instead of all of them.
         Without a cache: a causal pass over the whole sequence; ``attention_mask`` [B, T] (1 = real token) masks
         padding keys. ``shared_prefix`` (no cache): ``tokens`` [N, T] are right-padded completions of the prompts
         shared_prefix [P, Tp], G = N / P consecutive rows per prompt; returns the hidden states of the prompts
         [P, Tp, d] and of the completions [N, T, d], each prompt run once (see SharedPrefix).
+        ``cache``: use this KV cache instead of the one setup_cache made (a layout's scratch cache).
         """
         if shared_prefix is not None:
             return self._forward_shared_prefix(tokens, shared_prefix)
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
+        cache = self.kv_cache if cache is None else cache
+        if cache is not None:
+            sel = slice(None) if rows is None else slice(rows[0], rows[1])
+            ctx = cache.step(positions, sel, kv_len=kv_len, fill_prefix=fill_prefix)
+        else:
+            ctx = CausalPass.padded(attention_mask, T)
+        return self.run(tokens, positions, ctx)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        """Embed -> blocks -> final norm, every attention through ``ctx`` (mmr1.kv_cache). Called from forward only:
+        FSDP gathers the root's parameters in forward's hooks."""
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        S = self.cache_len
-        mask, call = None, None
-        if S:
-            lay = self.cache_layout
-            sel = slice(None) if rows is None else slice(rows[0], rows[1])
-            if fill_prefix:
-                if lay.mode != "decode":
-                    raise ValueError(f"fill_prefix needs the 'decode' cache layout, this cache is {lay.mode!r}")
-                call = CacheCall(lay, sel, fill_prefix=True)
-            elif lay.mode == "decode":
-                call = CacheCall(lay, sel, slots=positions - lay.offset[sel][:, None])
-            elif lay.mode == "sdpa":
-                if kv_len is not None:
-                    S = max(1, min(S, int(kv_len)))
-                mask = torch.arange(S, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
-                call = CacheCall(lay, sel, mask=mask)
-            else:
-                call = CacheCall(lay, sel)
-        elif attention_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-            mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
-            mask = mask | torch.eye(T, dtype=torch.bool, device=tokens.device)[None, None]  # no all-masked rows
-        recompute = self.activation_checkpointing and torch.is_grad_enabled() and not S
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and not isinstance(ctx, CacheStep)
         for layer in self.model.layers:
             if recompute:  # keeps only the block's input; the backward runs the block again
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, mask, call, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, positions, mask, call)
+                x = layer(x, cos, sin, ctx)
         return self.model.norm(x)
 
     def _forward_shared_prefix(self, tokens: torch.Tensor, sp: SharedPrefix):
@@ -461,16 +288,8 @@ class Transformer(nn.Module):
         # completion position t of a row of prompt p sits at plen[p] + t: RoPE sees the positions of the full row
         positions = torch.cat([torch.arange(Tp, device=dev).repeat(P),
                                (plen.repeat_interleave(N // P)[:, None] + torch.arange(T, device=dev)).reshape(-1)])[None]
-        x = self.model.embed_tokens(torch.cat([sp.tokens.to(dev).reshape(-1), tokens.reshape(-1)])[None])
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        call = PrefixCall(P, Tp, N, T, plen)
-        recompute = self.activation_checkpointing and torch.is_grad_enabled()
-        for layer in self.model.layers:
-            if recompute:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, None, call, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, positions, None, call)
-        x = self.model.norm(x)[0]
+        packed = torch.cat([sp.tokens.to(dev).reshape(-1), tokens.reshape(-1)])[None]
+        x = self.run(packed, positions, SharedPrefixPass(P, Tp, N, T, plen))[0]
         return x[:P * Tp].view(P, Tp, -1), x[P * Tp:].view(N, T, -1)
 
     def logits(self, hidden: torch.Tensor, vocab_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -679,5 +498,5 @@ def init_weights(model: Transformer, std: float = 0.02, seed: Optional[int] = No
     return model
 
 
-__all__ = ["ModelConfig", "Transformer", "KVCache", "CacheLayout", "ATTENTION_LAYOUTS", "load_transformer", "save_transformer", "read_safetensors",
+__all__ = ["ModelConfig", "Transformer", "KVCacheLayout", "SharedPrefix", "ATTENTION_LAYOUTS", "load_transformer", "save_transformer", "read_safetensors",
            "init_weights", "num_params", "teacher_forced_hidden", "target_span_mask"]

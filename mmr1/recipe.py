@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from .data import ImageTokenizer, TurnTokens, XCoTData, load_grpo_prompts, load_sft_examples
 from .distributed import init_distributed
-from .grpo import GRPOConfig, GRPOTrainer
+from .grpo import GRPOConfig, GRPOStep, GRPOTrainer
+from .metrics_log import MetricsLog
 from .model import load_transformer
 from .rewards import RewardSet, format_reward
 from .sft import SFTConfig, SFTTrainer
@@ -46,11 +47,31 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _config_fields(cls):
+    """(field, default) of a config dataclass, a nested config dataclass's fields in its place (GRPOConfig.sampling:
+    --top-k, not --sampling)."""
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):  # its seed is the run's, derived per step: no flag of its own
+            yield from ((g, getattr(default, g.name)) for g in dataclasses.fields(default) if g.name != "seed")
+        else:
+            yield f, default
+
+
+def _nested(cls) -> Dict[str, str]:
+    """{inner field name: the nested config field holding it}."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            out.update({g.name: f.name for g in dataclasses.fields(default)})
+    return out
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per dataclass field, typed from its default; unset flags stay None (the file / default wins)."""
     group = parser.add_argument_group(f"{cls.__name__} fields")
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    for f, default in _config_fields(cls):
         if isinstance(default, bool):
             kind = lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]  # noqa: E731
         elif isinstance(default, (dict, list)):
@@ -72,9 +93,16 @@ def config_from_args(cls, args, config_file: Optional[str]):
         if unknown:
             raise SystemExit(f"error: {config_file}: unknown {cls.__name__} fields {unknown}")
         values.update(data)
-    for f in dataclasses.fields(cls):
+    inner = _nested(cls)
+    for f, _ in _config_fields(cls):
         v = getattr(args, f"cfg_{f.name}", None)
-        if v is not None:
+        if v is None:
+            continue
+        if f.name in inner:  # a nested config's field: into that config's dict
+            sub = values.setdefault(inner[f.name], {})
+            sub = values[inner[f.name]] = dataclasses.asdict(sub) if dataclasses.is_dataclass(sub) else dict(sub)
+            sub[f.name] = v
+        else:
             values[f.name] = v
     try:
         return cls(**values)
@@ -153,18 +181,6 @@ def _setup_distributed():
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return init_distributed()
     return 0, 1
-
-
-class MetricsLog:
-    """JSONL metrics, appended by rank 0 (a resumed run continues the same file)."""
-
-    def __init__(self, path: Path, rank: int):
-        self.path, self.rank = path, rank
-
-    def write(self, row: Dict[str, Any]) -> None:
-        if self.rank == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
 
 
 # --------------------------------------------------------------------------- sft
@@ -313,28 +329,14 @@ def grpo_main(args) -> None:
         trainer.load(ckpt)
     grids = out / "samples"
     grids.mkdir(exist_ok=True)
-    last_rollout = {}
-    inner = trainer.rollout_fn
 
-    def keep(policy, batch, num_samples, scfg, row_ids):
-        ro = inner(policy, batch, num_samples, scfg, row_ids)
-        last_rollout["ro"] = ro
-        return ro
+    def sample_grid(tr: GRPOTrainer, result: GRPOStep) -> None:  # the step's final images, a group per row
+        ro = result.rollout
+        if rank == 0 and args.sample_every and tr.step_idx % args.sample_every == 0 and ro.final_images is not None:
+            save_grid(ro.final_images, grids / f"step-{tr.step_idx:06d}.png", cfg.group_size)
 
-    trainer.rollout_fn = keep
-    from tqdm import tqdm
-
-    bar = tqdm(range(trainer.step_idx, cfg.steps), desc="grpo", disable=rank != 0)
-    for _ in bar:
-        m = trainer.step()
-        bar.set_postfix(reward=f"{m['reward/total_mean']:.3f}")
-        step = trainer.step_idx
-        if rank == 0 and args.sample_every and step % args.sample_every == 0:
-            ro = last_rollout["ro"]
-            if ro.final_images is not None:
-                save_grid(ro.final_images, grids / f"step-{step:06d}.png", cfg.group_size)
-        if args.checkpoint_every and step % args.checkpoint_every == 0:
-            trainer.save(ckpt, args.keep_last)
+    trainer.train(progress=rank == 0, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
+                  keep_last=args.keep_last, callbacks=[sample_grid])
     if args.checkpoint_every == 0 or trainer.step_idx % args.checkpoint_every:
         trainer.save(ckpt, args.keep_last)
     _finish(rank)

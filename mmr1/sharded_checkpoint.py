@@ -30,7 +30,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -174,7 +174,8 @@ def _check_config(path: Path, saved: Dict[str, Any], current: Optional[Dict[str,
     if current is None or not saved:
         return
     cur = json.loads(json.dumps(current, sort_keys=True, default=str))
-    diff = sorted(k for k in set(saved) | set(cur) if k not in ignore and saved.get(k) != cur.get(k))
+    # a setting the checkpoint does not record was added after it was written: nothing to compare it with
+    diff = sorted(k for k in saved if k not in ignore and saved.get(k) != cur.get(k))
     if diff:
         raise ValueError(f"checkpoint {path} was written with a different config: "
                          + ", ".join(f"{k}: {saved.get(k)!r} != {cur.get(k)!r}" for k in diff[:8]))
@@ -184,15 +185,16 @@ RUN_LENGTH_KEYS = frozenset({"steps", "log_path", "checkpoint_every", "out_dir",
 
 
 def load_sharded(path: Union[str, Path], model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                 scheduler=None, config: Optional[Dict[str, Any]] = None, restore_rng: bool = True) -> Dict[str, Any]:
+                 scheduler=None, config: Optional[Dict[str, Any]] = None, restore_rng: bool = True,
+                 ignore: Iterable[str] = ()) -> Dict[str, Any]:
     """Load a checkpoint directory (or a root: its ``latest``) into ``model`` / ``optimizer`` / ``scheduler``
     (call on every rank). Returns {"step", "extra", "config", "path"}. A checkpoint from a different config
-    (other than run-length fields) is refused, naming the differing keys."""
+    (other than run-length fields and the keys in ``ignore``) is refused, naming the differing keys."""
     path = Path(path)
     if (path / LATEST).exists():
         path = latest_checkpoint(path)
     meta = read_meta(path)
-    _check_config(path, meta.get("config", {}), config, RUN_LENGTH_KEYS)
+    _check_config(path, meta.get("config", {}), config, RUN_LENGTH_KEYS | frozenset(ignore))
     dcp.load({"train": _ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(path))
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(meta["scheduler"])

@@ -135,8 +135,8 @@ def grpo_args(B: int, T: int, V: int, device, vec_dtype, targets, advantages, ma
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     temperature = check_scalar("temperature", temperature, low=0.0, low_inclusive=False)
-    eps_low = check_scalar("eps_low", eps_low, low=0.0, high=1.0)
-    eps_high = check_scalar("eps_high", eps_high, low=0.0)
+    eps_low = check_scalar("epsilon", eps_low, low=0.0, high=1.0)
+    eps_high = check_scalar("epsilon_high", eps_high, low=0.0)
     beta = check_scalar("beta", beta, low=0.0)
     lo, hi = vocab_window(vocab_range, V)
     check_tensor("advantages", advantages, device=device, ndim=(1, 2))

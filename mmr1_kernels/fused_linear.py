@@ -354,14 +354,17 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            advantages: torch.Tensor, mask: Optional[torch.Tensor] = None,
                            old_logprobs: Optional[torch.Tensor] = None, ref_logprobs: Optional[torch.Tensor] = None,
                            *, temperature: float = 1.0, vocab_range: Optional[Tuple[int, int]] = None,
-                           eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, loss_type: str = "grpo",
-                           chunk_size: Optional[int] = None,
-                           loss_weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """GRPO loss from hidden states [B, T, d] and the head weight [V, d]; see ``grpo_loss``.
+                           epsilon: Optional[float] = None, epsilon_high: Optional[float] = None,
+                           beta: float = 0.0, loss_type: str = "grpo", chunk_size: Optional[int] = None,
+                           loss_weights: Optional[torch.Tensor] = None, eps_low: Optional[float] = None,
+                           eps_high: Optional[float] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """GRPO loss from hidden states [B, T, d] and the head weight [V, d]; see ``grpo_loss`` (the same arguments
+    and metrics).
 
     Returns ``(loss, metrics)``; the loss is differentiable w.r.t. ``hidden``
     and ``weight`` (gradients are computed chunk by chunk during the forward).
     """
+    eps_low, eps_high = ref.clip_epsilons(epsilon, epsilon_high, eps_low, eps_high)
     _check_linear(hidden, weight)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, d], got {tuple(hidden.shape)}")

@@ -268,14 +268,20 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 def grpo_loss(logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
               mask: Optional[torch.Tensor] = None, old_logprobs: Optional[torch.Tensor] = None,
               ref_logprobs: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
-              vocab_range: Optional[Tuple[int, int]] = None, eps_low: float = 0.2, eps_high: float = 0.2,
-              beta: float = 0.0, loss_type: str = "grpo", inplace_backward: bool = False,
-              loss_weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+              vocab_range: Optional[Tuple[int, int]] = None, epsilon: Optional[float] = None,
+              epsilon_high: Optional[float] = None, beta: float = 0.0, loss_type: str = "grpo",
+              inplace_backward: bool = False, loss_weights: Optional[torch.Tensor] = None,
+              eps_low: Optional[float] = None,
+              eps_high: Optional[float] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Fused GRPO loss (clipped surrogate + beta * k3 KL) from logits [B, T, V].
 
     Returns ``(loss, metrics)``: a scalar fp32 loss differentiable w.r.t.
-    ``logits``, and 0-dim tensors ``ratio_mean``, ``clip_low_frac``,
-    ``clip_high_frac``, ``kl_mean``, ``logp_mean`` (masked token means).
+    ``logits``, and 0-dim tensors ``ratio_mean``, ``clip_ratio/low_mean``,
+    ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``kl``, ``logp_mean``
+    (masked token means; the names of ``policy_loss`` and TRL). Clip widths:
+    ``epsilon`` (default 0.2) below and ``epsilon_high`` (default: epsilon)
+    above, TRL's names (``eps_low`` / ``eps_high``: the previous release's, with
+    a FutureWarning).
     ``advantages`` [B] or [B, T]; ``old_logprobs``/``ref_logprobs`` [B, T]
     (old defaults to the detached current log-probs; ref is needed when
     beta != 0). ``loss_type``: grpo (mean of per-sequence token means), bnpo /
@@ -285,6 +291,7 @@ def grpo_loss(logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Ten
     ``loss_weights`` [B, T] replaces the loss_type aggregation: loss = sum(w * token_loss)
     over unmasked tokens (e.g. weights normalized over a union of masks split across calls).
     """
+    eps_low, eps_high = ref.clip_epsilons(epsilon, epsilon_high, eps_low, eps_high)
     C.check_tensor("logits", logits, dtypes=C.LOGIT_DTYPES, ndim=3)
     B, T, V = logits.shape
     logits = _prepare_logits(logits)

@@ -14,6 +14,8 @@ oracle). Nothing here validates arguments: the public wrappers do that.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -116,28 +118,76 @@ def loss_weights(mask, loss_type, dtype=torch.float32):
 _aggregation_weights = loss_weights  # grpo_loss's ``loss_weights`` argument shadows the name
 
 
+class LossMetrics(dict):
+    """The loss ops' metrics dict, with TRL's names (those of ``policy_loss``). The names of the previous release
+    still resolve on lookup -- with a FutureWarning -- for one release; iteration shows only the current names."""
+
+    RENAMED = {"clip_low_frac": "clip_ratio/low_mean", "clip_high_frac": "clip_ratio/high_mean", "kl_mean": "kl"}
+
+    def _current(self, key):
+        if key in self.RENAMED and not dict.__contains__(self, key):
+            warnings.warn(f"metric {key!r} is now called {self.RENAMED[key]!r}; the old name goes in the next release",
+                          FutureWarning, stacklevel=3)
+            return self.RENAMED[key]
+        return key
+
+    def __missing__(self, key):
+        if key in self.RENAMED:
+            return dict.__getitem__(self, self._current(key))
+        raise KeyError(key)
+
+    def get(self, key, default=None):
+        return dict.get(self, self._current(key), default)
+
+    def __contains__(self, key):
+        return dict.__contains__(self, key) or (key in self.RENAMED and dict.__contains__(self, self.RENAMED[key]))
+
+
 def grpo_metrics(logp, ratio, kl, advantages, mask, eps_low, eps_high):
-    """Masked token means of the quantities a GRPO trainer logs (all detached)."""
+    """Masked token means of the quantities a GRPO trainer logs (all detached), named as ``policy_loss`` (TRL) names
+    them: ratio_mean, clip_ratio/{low,high,region}_mean, kl, and logp_mean."""
     with torch.no_grad():
         m = mask.to(logp.dtype)
         count = m.sum().clamp(min=1.0)
         adv = advantages.to(logp.dtype)
         low = ((ratio < 1.0 - eps_low) & (adv < 0)).to(logp.dtype)
         high = ((ratio > 1.0 + eps_high) & (adv > 0)).to(logp.dtype)
-        return {
+        return LossMetrics({
             "ratio_mean": (ratio * m).sum() / count,
-            "clip_low_frac": (low * m).sum() / count,
-            "clip_high_frac": (high * m).sum() / count,
-            "kl_mean": (kl * m).sum() / count,
+            "clip_ratio/low_mean": (low * m).sum() / count,
+            "clip_ratio/high_mean": (high * m).sum() / count,
+            "clip_ratio/region_mean": (torch.maximum(low, high) * m).sum() / count,
+            "kl": (kl * m).sum() / count,
             "logp_mean": (logp * m).sum() / count,
-        }
+        })
+
+
+def clip_epsilons(epsilon, epsilon_high, eps_low=None, eps_high=None):
+    """(lower, upper) clip widths from TRL's names -- ``epsilon``, ``epsilon_high`` (None: = epsilon) -- or from the
+    previous release's ``eps_low`` / ``eps_high`` (a FutureWarning; not both spellings of one bound)."""
+    for old, new, value in (("eps_low", "epsilon", eps_low), ("eps_high", "epsilon_high", eps_high)):
+        if value is not None:
+            warnings.warn(f"{old}= is now called {new}= (TRL's name); the old name goes in the next release",
+                          FutureWarning, stacklevel=3)
+    if eps_low is not None:
+        if epsilon is not None:
+            raise TypeError("give epsilon or eps_low (its old name), not both")
+        epsilon = eps_low
+    if eps_high is not None:
+        if epsilon_high is not None:
+            raise TypeError("give epsilon_high or eps_high (its old name), not both")
+        epsilon_high = eps_high
+    epsilon = 0.2 if epsilon is None else epsilon
+    return epsilon, epsilon if epsilon_high is None else epsilon_high
 
 
 def grpo_loss(logits, targets, advantages, mask=None, old_logprobs=None, ref_logprobs=None, *, temperature=1.0,
-              vocab_range=None, eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo", loss_weights=None,
-              dtype=torch.float32):
+              vocab_range=None, epsilon=None, epsilon_high=None, beta=0.0, loss_type="grpo", loss_weights=None,
+              dtype=torch.float32, eps_low=None, eps_high=None):
     """GRPO loss from logits [B, T, V]; differentiable w.r.t. ``logits``. Returns (loss, metrics).
+    Clip widths: ``epsilon`` (default 0.2) and ``epsilon_high`` (default: epsilon), TRL's names.
     ``loss_weights`` [B, T] replaces the loss_type aggregation: loss = sum(w * token_loss)."""
+    eps_low, eps_high = clip_epsilons(epsilon, epsilon_high, eps_low, eps_high)
     B, T = targets.shape
     lo, hi = vocab_range if vocab_range is not None else (0, logits.shape[-1])
     if mask is None:

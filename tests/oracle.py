@@ -43,13 +43,13 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0, lo: int = 0, hi: Opt
     return -(q * safe_logq).sum(-1)
 
 
-def token_terms(logp, adv, old=None, ref=None, eps_low=0.2, eps_high=0.2, beta=0.0):
+def token_terms(logp, adv, old=None, ref=None, epsilon=0.2, epsilon_high=0.2, beta=0.0):
     """(token loss, ratio, kl), differentiable in logp: -min(r A, clip(r) A) + beta (e^d - d - 1)."""
     old = logp.detach() if old is None else old.double()
     log_ratio = torch.clamp(logp - old, min=-CLAMP, max=CLAMP)
     r = torch.exp(log_ratio)
     a = adv.double()
-    surrogate = -torch.minimum(r * a, torch.clamp(r, 1.0 - eps_low, 1.0 + eps_high) * a)
+    surrogate = -torch.minimum(r * a, torch.clamp(r, 1.0 - epsilon, 1.0 + epsilon_high) * a)
     if beta == 0.0:
         return surrogate, r, torch.zeros_like(r)
     d = torch.clamp(ref.double() - logp, min=-CLAMP, max=CLAMP)
@@ -76,7 +76,7 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str) -> t
 
 
 def grpo_loss(logits, targets, advantages, mask=None, old=None, ref=None, temperature=1.0, vocab_range=None,
-              eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo", loss_weights=None):
+              epsilon=0.2, epsilon_high=0.2, beta=0.0, loss_type="grpo", loss_weights=None):
     """(loss, metrics) from logits [B, T, V], fp64 and differentiable in ``logits`` (pass a leaf)."""
     B, T = targets.shape
     lo, hi = vocab_range if vocab_range is not None else (0, logits.shape[-1])
@@ -86,7 +86,7 @@ def grpo_loss(logits, targets, advantages, mask=None, old=None, ref=None, temper
     a = advantages.double()
     a = a[:, None].expand(B, T) if a.dim() == 1 else a
     fill = lambda t: None if t is None else torch.where(mask, t.double(), torch.zeros_like(t.double()))  # noqa: E731
-    loss_t, r, kl = token_terms(logp, a, fill(old), fill(ref), eps_low, eps_high, beta)
+    loss_t, r, kl = token_terms(logp, a, fill(old), fill(ref), epsilon, epsilon_high, beta)
     loss_t = torch.where(mask, loss_t, torch.zeros_like(loss_t))
     if loss_weights is not None:
         loss = (loss_t * loss_weights.double() * mask).sum()
@@ -95,9 +95,11 @@ def grpo_loss(logits, targets, advantages, mask=None, old=None, ref=None, temper
     m = mask.double()
     n = m.sum().clamp(min=1)
     with torch.no_grad():
-        metrics = {"ratio_mean": (r * m).sum() / n, "kl_mean": (kl * m).sum() / n, "logp_mean": (logp * m).sum() / n,
-                   "clip_low_frac": (((r < 1 - eps_low) & (a < 0)).double() * m).sum() / n,
-                   "clip_high_frac": (((r > 1 + eps_high) & (a > 0)).double() * m).sum() / n}
+        metrics = {"ratio_mean": (r * m).sum() / n, "kl": (kl * m).sum() / n, "logp_mean": (logp * m).sum() / n,
+                   "clip_ratio/low_mean": (((r < 1 - epsilon) & (a < 0)).double() * m).sum() / n,
+                   "clip_ratio/high_mean": (((r > 1 + epsilon_high) & (a > 0)).double() * m).sum() / n,
+                   "clip_ratio/region_mean": ((((r < 1 - epsilon) & (a < 0)) | ((r > 1 + epsilon_high) & (a > 0)))
+                                              .double() * m).sum() / n}
     return loss, metrics
 
 

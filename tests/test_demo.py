@@ -77,7 +77,8 @@ def test_shipped_cold_start_matches_this_code_and_reads_held_out_references():
     assert model.config.vocab_size == world.text.vocab_size
     _, held_out = split_subjects(0, DemoConfig.held_out_frac)
     prompts = make_prompts(world, held_out, 64, seed=5) + make_prompts(world, held_out, 16, seed=6, pair_frac=1.0)
-    table, _, _ = evaluate(model, world, IdentityJudge(world.vq), xcot_format(world), prompts, seed=1)
+    table, _, _ = evaluate(model, world, IdentityJudge(world.vq), xcot_format(world), prompts, seed=1,
+                           sampling=DemoConfig().sampling)
     one = table["one subject"]
     assert one["format"][0] == 1.0 and table["two subjects"]["format"][0] == 1.0
     assert one["text/whole"][0] >= 0.9, one["text/whole"]
@@ -219,8 +220,8 @@ def test_shared_prefix_rollouts_on_the_shipped_model_draw_the_previous_tokens(de
     for cfg_scale in (2.0, 1.0):
         ros = {att: xcot_rollout(model, prompts, world.image, xcot_format(world), SamplingConfig(
             cfg_scale=cfg_scale, top_k=0, text_top_k=0, seed=17, decode=decode, jacobi_window=8, attention=att),
-            num_samples=4) for att in ("sdpa", "decode")}
-        a, b = ros["sdpa"], ros["decode"]
+            num_samples=4) for att in ("sdpa", "shared_prefix")}
+        a, b = ros["sdpa"], ros["shared_prefix"]
         assert torch.equal(a.tokens, b.tokens), f"cfg {cfg_scale}: {int((a.tokens != b.tokens).sum())} tokens differ"
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=5e-5, rtol=5e-5)
 

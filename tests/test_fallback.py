@@ -32,7 +32,7 @@ ref[1, 1] = base[1, 1] + 25  # beyond the KL clamp
 mask[0, 0] = mask[1, 1] = True
 adv = torch.randn(B, generator=g, dtype=torch.float64)
 for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
-    kw = dict(temperature=0.9, vocab_range=(lo, hi), eps_low=0.2, eps_high=0.28, beta=0.1, loss_type=loss_type)
+    kw = dict(temperature=0.9, vocab_range=(lo, hi), epsilon=0.2, epsilon_high=0.28, beta=0.1, loss_type=loss_type)
     got, g_got = O.grad(lambda x: K.grpo_loss(x, t, adv, mask, old, ref, **kw)[0], z)
     want, g_want = O.grad(lambda x: O.grpo_loss(x, t, adv, mask, old, ref, **kw)[0], z)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-11)

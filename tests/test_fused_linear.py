@@ -76,7 +76,7 @@ def _expected(hidden, weight, targets, mask, temperature, window, dtype, loss_fn
 def test_fused_linear_grpo_loss_matches_the_oracle(dtype, loss_type, chunk_size):
     hidden, weight, targets, mask, adv, old, ref = _inputs(dtype=dtype)
     lo, hi, T = 20, 277, 0.8
-    kw = dict(temperature=T, vocab_range=(lo, hi), eps_low=0.2, eps_high=0.28, beta=0.05, loss_type=loss_type)
+    kw = dict(temperature=T, vocab_range=(lo, hi), epsilon=0.2, epsilon_high=0.28, beta=0.05, loss_type=loss_type)
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     loss, metrics = K.fused_linear_grpo_loss(h, w, targets, adv, mask, old, ref, chunk_size=chunk_size, **kw)
@@ -164,7 +164,7 @@ def test_fused_linear_gradcheck_fp64():
         ref = old - 0.15
     assert torch.autograd.gradcheck(
         lambda h, w: K.fused_linear_grpo_loss(h, w, targets, adv, None, old, ref, vocab_range=(2, 11), beta=0.1,
-                                              eps_low=0.3, eps_high=0.3, chunk_size=2)[0],
+                                              epsilon=0.3, epsilon_high=0.3, chunk_size=2)[0],
         (hidden, weight))
 
 

@@ -42,13 +42,13 @@ def test_generate_images_structure_and_head_modes_agree():
     assert not torch.equal(a.codes[0], a.codes[1]), "samples of one prompt must differ (own RNG rows)"
 
 
-@pytest.mark.parametrize("attention", ["decode", "sdpa"])
+@pytest.mark.parametrize("attention", ["shared_prefix", "sdpa"])
 def test_decode_attends_to_the_live_prefix_only_and_matches_a_full_forward(attention, monkeypatch):
     """Hidden states of CachedDecoder steps equal a cache-free causal forward, including rows stepped as a
-    sub-range. "sdpa" reads only the first kv_len slots of a 300-slot cache (the bound rounded to 64); "decode"
+    sub-range. "sdpa" reads only the first kv_len slots of a 300-slot cache (the bound rounded to 64); "shared_prefix"
     keeps the 70-token prompts in the prefix store, each row's own 230 slots hold only what followed, and every step
     reads exactly the live own slots (lengths = steps so far)."""
-    import mmr1.model as M
+    import mmr1.kv_cache as M
 
     cfg = ModelConfig(vocab_size=V, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                       max_seq_len=320)
@@ -72,16 +72,16 @@ def test_decode_attends_to_the_live_prefix_only_and_matches_a_full_forward(atten
             else:
                 h = dec.step(seqs[:, t])
             torch.testing.assert_close(h, full[:, t], atol=1e-5, rtol=1e-5)
-        layer = model.model.layers[0].self_attn.cache
-        if attention == "decode":  # the prompts once in the store, own slots for the 80 steps (230 allocated)
-            assert layer.prefix_k.shape[:2] == (4, 70) and layer.k.shape[1] == 230
+        cache = model.kv_cache
+        if attention == "shared_prefix":  # the prompts once in the store, own slots for the 80 steps (230 allocated)
+            assert cache.prefix_k[0].shape[:2] == (4, 70) and cache.k[0].shape[1] == 230
             per_layer = [n for n in lengths[::cfg.num_layers]]
             want = []
             for t in range(80):
                 want += [[t, t], [t, t]] if (70 + t) % 2 else [[t] * 4]
             assert per_layer == want
         else:
-            assert layer.prefix_k is None and layer.k.shape[1] == 300 and not lengths
+            assert isinstance(cache, M.SDPACache) and cache.k[0].shape[1] == 300 and not lengths
     finally:
         model.forward = orig
         dec.close()
@@ -89,7 +89,7 @@ def test_decode_attends_to_the_live_prefix_only_and_matches_a_full_forward(atten
         assert seen[1] == 128 and max(seen) == 192  # never the whole 300-slot cache
     with pytest.raises(ValueError, match="contiguous range"):
         CachedDecoder(model, 4, 100, attention=attention).step(seqs[:2, 0], torch.tensor([0, 2]))
-    if attention == "decode":  # a row may not write past its own slots: 100 - 60 after a 60-token prompt
+    if attention == "shared_prefix":  # a row may not write past its own slots: 100 - 60 after a 60-token prompt
         dec = CachedDecoder(model, 2, 100, attention=attention, prompt_len=60)
         dec.prefill(torch.arange(2), [seqs[0, :60].tolist(), seqs[1, :60].tolist()])
         for t in range(40):
@@ -256,17 +256,17 @@ def test_jacobi_config_errors():
 
 def test_shared_prefill_equals_separate_prefills():
     """A prompt's G samples share one prefill: hidden states and positions equal G separate prefills. "sdpa":
-    its cache rows are copied G times, every slot equal; "decode": it is stored once (3 prompts, not 9 rows), its
+    its cache rows are copied G times, every slot equal; "shared_prefix": it is stored once (3 prompts, not 9 rows), its
     rows point at it, and what is stored equals the separate prefills' keys."""
     model = tiny_model(2)
     G = 3
     a = CachedDecoder(model, 9, 40, attention="sdpa")
     ha = a.prefill(torch.arange(9), PROMPTS, repeats=G)
-    ka = [layer.self_attn.cache.k.clone() for layer in model.model.layers]
+    ka = [k.clone() for k in model.kv_cache.k]
     a.close()
     b = CachedDecoder(model, 9, 40, attention="sdpa")
     hb = b.prefill(torch.arange(9), [p for p in PROMPTS for _ in range(G)])
-    kb = [layer.self_attn.cache.k.clone() for layer in model.model.layers]
+    kb = [k.clone() for k in model.kv_cache.k]
     torch.testing.assert_close(ha, hb, atol=1e-6, rtol=1e-6)
     assert torch.equal(a.pos, b.pos)
     for r in range(9):
@@ -274,15 +274,14 @@ def test_shared_prefill_equals_separate_prefills():
         for x, y in zip(ka, kb):
             torch.testing.assert_close(x[r, :n], y[r, :n], atol=1e-6, rtol=1e-6)
     b.close()
-    c = CachedDecoder(model, 9, 40, attention="decode", prompt_len=3)
+    c = CachedDecoder(model, 9, 40, attention="shared_prefix", prompt_len=3)
     hc = c.prefill(torch.arange(9), PROMPTS, repeats=G)
     torch.testing.assert_close(hc, hb, atol=1e-6, rtol=1e-6)
     assert torch.equal(c.pos, b.pos)
-    lay = model.cache_layout
+    lay = model.kv_cache
     assert lay.prefix_of_row.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert lay.prefix_lengths.tolist() == [len(p) for p in PROMPTS] and lay.offset.tolist() == b.pos.tolist()
-    for i, layer in enumerate(model.model.layers):
-        store = layer.self_attn.cache.prefix_k
+    for i, store in enumerate(lay.prefix_k):
         assert store.shape[0] == 3
         for p, prompt in enumerate(PROMPTS):
             torch.testing.assert_close(store[p, :len(prompt)], kb[i][p * G, :len(prompt)], atol=1e-6, rtol=1e-6)
@@ -293,15 +292,15 @@ def test_shared_prefill_equals_separate_prefills():
 
 @pytest.mark.parametrize("decode,window", [("sequential", 8), ("jacobi", 3), ("jacobi", 8)])
 @pytest.mark.parametrize("cfg_scale", [2.5, 1.0])
-def test_shared_prefix_rollouts_draw_the_previous_paths_tokens(decode, window, cfg_scale):
-    """GRPO-shaped X-CoT rollouts (3 prompts x G = 4, CFG on and off): the decode layout (one copy of each prompt,
-    the unconditional rows reading only their block) draws the tokens of the previous sdpa path, with log-probs
+def test_shared_prefix_rollouts_draw_the_prompt_copies_tokens(decode, window, cfg_scale):
+    """GRPO-shaped X-CoT rollouts (3 prompts x G = 4, CFG on and off): the shared_prefix layout (one copy of each prompt,
+    the unconditional rows reading only their block) draws the tokens of the sdpa layout (prompt copies), with log-probs
     equal to fp32 rounding, and holds the prompts once instead of G times."""
     model = tiny_model(3)
     kw = dict(cfg_scale=cfg_scale, top_k=12, text_top_k=8, seed=11, decode=decode, jacobi_window=window)
     ros, nbytes = {}, {}
     real = CachedDecoder.close
-    for att in ("sdpa", "decode"):
+    for att in ("sdpa", "shared_prefix"):
         def close(self, att=att):
             nbytes[att] = self.cache_bytes()
             real(self)
@@ -310,10 +309,10 @@ def test_shared_prefix_rollouts_draw_the_previous_paths_tokens(decode, window, c
             ros[att] = xcot_rollout(model, PROMPTS, VOCAB, FMT, SamplingConfig(attention=att, **kw), num_samples=4)
         finally:
             CachedDecoder.close = real
-    a, b = ros["sdpa"], ros["decode"]
+    a, b = ros["sdpa"], ros["shared_prefix"]
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.chosen, b.chosen) and torch.equal(a.lengths, b.lengths)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-5, rtol=2e-5)
-    assert nbytes["decode"] < nbytes["sdpa"]
+    assert nbytes["shared_prefix"] < nbytes["sdpa"]
 
 
 def test_jacobi_first_code_follows_the_kept_softmax():

@@ -32,7 +32,7 @@ def test_backend_is_the_device_kernel():
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_public_grpo_loss_on_the_device_matches_the_oracle(dtype, loss_type):
     logits, targets, mask, adv, old, ref = _grpo_inputs(dtype=dtype)
-    kw = dict(temperature=0.8, vocab_range=(50, 650), eps_low=0.2, eps_high=0.28, beta=0.04, loss_type=loss_type)
+    kw = dict(temperature=0.8, vocab_range=(50, 650), epsilon=0.2, epsilon_high=0.28, beta=0.04, loss_type=loss_type)
     x = logits.to(DEV).requires_grad_(True)
     loss, metrics = K.grpo_loss(x, targets.to(DEV), adv.to(DEV), mask.to(DEV), old.to(DEV), ref.to(DEV), **kw)
     (grad,) = torch.autograd.grad(loss, x)

@@ -50,7 +50,7 @@ def make_targets(lead, V, window, logits):
     return torch.where(finite, t, torch.full_like(t, lo + 1 if hi - lo > 1 else lo))
 
 
-def oracle(logits, targets, mask, T, lo, hi, adv=None, old=None, ref=None, eps_low=0.2, eps_high=0.2, beta=0.0):
+def oracle(logits, targets, mask, T, lo, hi, adv=None, old=None, ref=None, epsilon=0.2, epsilon_high=0.2, beta=0.0):
     """fp64 per-token (logp, lse[, loss, ratio, kl, delta]) from tests/oracle.py; masked tokens give 0 (ratio 1)."""
     z = logits.reshape(-1, logits.shape[-1]).double().cpu()
     t = targets.cpu()
@@ -61,7 +61,7 @@ def oracle(logits, targets, mask, T, lo, hi, adv=None, old=None, ref=None, eps_l
         return logp, lse
     o = None if old is None else old.double().cpu()
     r_ = None if ref is None else ref.double().cpu()
-    loss, ratio, kl = O.token_terms(logp, adv.double().cpu(), o, r_, eps_low, eps_high, beta)
+    loss, ratio, kl = O.token_terms(logp, adv.double().cpu(), o, r_, epsilon, epsilon_high, beta)
     delta = (r_ - logp) if r_ is not None else torch.zeros_like(logp)
     zero = torch.zeros_like(loss)
     return (logp, lse, torch.where(m, loss, zero), torch.where(m, ratio, 1.0), torch.where(m, kl, zero),
@@ -208,11 +208,11 @@ def _grpo_inputs(B=4, T=9, V=700, dtype=torch.float32, window=(50, 650)):
     return logits, targets, mask, torch.randn(B), old, ref
 
 
-def expected_loss_and_tolerances(logits, targets, adv, mask, old, ref, temperature, window, eps_low, eps_high, beta,
+def expected_loss_and_tolerances(logits, targets, adv, mask, old, ref, temperature, window, epsilon, epsilon_high, beta,
                                  loss_type, dtype):
     """The oracle's loss, metrics and logits gradient, and their tolerances propagated from the per-token errors
     through the aggregation weights (w = d loss / d token_loss, by autograd of the oracle's aggregation)."""
-    kw = dict(temperature=temperature, vocab_range=window, eps_low=eps_low, eps_high=eps_high, beta=beta,
+    kw = dict(temperature=temperature, vocab_range=window, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
               loss_type=loss_type)
     eloss, egrad = O.grad(lambda z: O.grpo_loss(z, targets, adv, mask, old, ref, **kw)[0], logits)
     _, emetrics = O.grpo_loss(logits.double(), targets, adv, mask, old, ref, **kw)
@@ -222,9 +222,9 @@ def expected_loss_and_tolerances(logits, targets, adv, mask, old, ref, temperatu
     a = adv.double()[:, None].expand(B, T).reshape(-1) if adv.dim() == 1 else adv.double().reshape(-1)
     e_logp, _, e_loss, e_ratio, e_kl, delta = oracle(logits, torch.where(mask, targets, lo).reshape(-1), m,
                                                      temperature, lo, hi, a, old.reshape(-1), ref.reshape(-1),
-                                                     eps_low, eps_high, beta)
+                                                     epsilon, epsilon_high, beta)
     x = e_logp.clone().requires_grad_(True)
-    l2, _, _ = O.token_terms(x, a, old.reshape(-1).double(), ref.reshape(-1).double(), eps_low, eps_high, beta)
+    l2, _, _ = O.token_terms(x, a, old.reshape(-1).double(), ref.reshape(-1).double(), epsilon, epsilon_high, beta)
     (coef,) = torch.autograd.grad(l2.sum(), x)
     _, w = O.grad(lambda tl: O.aggregate(tl.reshape(B, T), mask, loss_type), torch.zeros(B * T))
     w = torch.where(m, w, 0.0)
@@ -240,10 +240,11 @@ def expected_loss_and_tolerances(logits, targets, adv, mask, old, ref, temperatu
     tol_grad = torch.zeros(B * T, V, dtype=torch.float64)
     tol_grad[:, lo:hi] = TOL.logits_grad_error(dtype, g, temperature, p, onehot,
                                                egrad.reshape(-1, V)[:, lo:hi], E, w.abs() * t_coef)
-    near_clip = bool(((e_ratio - (1 - eps_low)).abs() < t_ratio).any() | ((e_ratio - (1 + eps_high)).abs() < t_ratio).any())
-    tol_metrics = {"ratio_mean": float(t_ratio[m].sum()) / n, "kl_mean": float(t_kl[m].sum()) / n,
+    near_clip = bool(((e_ratio - (1 - epsilon)).abs() < t_ratio).any() | ((e_ratio - (1 + epsilon_high)).abs() < t_ratio).any())
+    tol_metrics = {"ratio_mean": float(t_ratio[m].sum()) / n, "kl": float(t_kl[m].sum()) / n,
                    "logp_mean": float(E[m].sum()) / n,
-                   "clip_low_frac": 1.0 / n if near_clip else 0.0, "clip_high_frac": 1.0 / n if near_clip else 0.0}
+                   "clip_ratio/low_mean": 1.0 / n if near_clip else 0.0, "clip_ratio/high_mean": 1.0 / n if near_clip else 0.0,
+                   "clip_ratio/region_mean": 1.0 / n if near_clip else 0.0}
     tol_metrics = {k: v + 4 * u * abs(float(emetrics[k])) for k, v in tol_metrics.items()}
     return eloss, emetrics, egrad, tol_loss, tol_metrics, tol_grad.reshape(B, T, V)
 
@@ -253,7 +254,7 @@ def expected_loss_and_tolerances(logits, targets, adv, mask, old, ref, temperatu
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_grpo_loss_and_grad_match_the_oracle(dtype, loss_type, temperature):
     logits, targets, mask, adv, old, ref = _grpo_inputs(dtype=dtype)
-    kw = dict(temperature=temperature, vocab_range=(50, 650), eps_low=0.2, eps_high=0.28, beta=0.04,
+    kw = dict(temperature=temperature, vocab_range=(50, 650), epsilon=0.2, epsilon_high=0.28, beta=0.04,
               loss_type=loss_type)
     x = logits.clone().requires_grad_(True)
     loss, metrics = K.grpo_loss(x, targets, adv, mask, old, ref, **kw)
@@ -291,7 +292,7 @@ def test_on_policy_ratio_is_one_loss_is_minus_advantage_and_gradient_is_minus_ad
     loss, metrics = K.grpo_loss(x, targets, adv, mask, vocab_range=(50, 650), loss_type="dr_grpo")
     (grad,) = torch.autograd.grad(loss, x)
     assert metrics["ratio_mean"].item() == pytest.approx(1.0)
-    assert metrics["clip_low_frac"].item() == 0 and metrics["clip_high_frac"].item() == 0
+    assert metrics["clip_ratio/low_mean"].item() == 0 and metrics["clip_ratio/high_mean"].item() == 0
     expected = -(adv[:, None] * mask).sum() / mask.numel()  # dr_grpo weights: 1 / (B T)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     B, T, V = logits.shape
@@ -332,7 +333,7 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda z: K.token_logprobs(z, targets, 0.7, (2, 9)), (logits,))
     assert torch.autograd.gradcheck(
         lambda z: K.grpo_loss(z, targets, adv, None, old, ref, temperature=0.7, vocab_range=(2, 9), beta=0.1,
-                              eps_low=0.3, eps_high=0.3)[0], (logits,))
+                              epsilon=0.3, epsilon_high=0.3)[0], (logits,))
 
 
 def test_nan_logits_give_nan_not_garbage():
@@ -376,7 +377,7 @@ def test_torch_compile_fullgraph_matches_eager():
     def step(z):
         loss, m = K.grpo_loss(z, targets, adv, mask, old, ref, **kw)
         lp = K.token_logprobs(z.detach(), targets.clamp(min=10), vocab_range=(10, 290))
-        return loss * 2.0, m["kl_mean"], lp
+        return loss * 2.0, m["kl"], lp
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     x1 = logits.clone().requires_grad_(True)
@@ -422,7 +423,7 @@ def test_torch_compile_inductor():
     (lambda z, t: K.grpo_loss(z, t, torch.randn(2), loss_type="sum"), ValueError, "loss_type"),
     (lambda z, t: K.grpo_loss(z, t, torch.randn(2), old_logprobs=torch.randn(2, 4)), ValueError, "old_logprobs"),
     (lambda z, t: K.grpo_loss(z, t, torch.randn(2), mask=torch.ones(2, 4)), ValueError, "mask must have shape"),
-    (lambda z, t: K.grpo_loss(z, t, torch.randn(2), eps_low=1.5), ValueError, "eps_low"),
+    (lambda z, t: K.grpo_loss(z, t, torch.randn(2), epsilon=1.5), ValueError, "epsilon"),
     (lambda z, t: K.grpo_loss(z, t, torch.randn(2), beta=float("nan")), ValueError, "beta must be finite"),
     (lambda z, t: K.grpo_loss(z.reshape(6, 50), t.reshape(6), torch.randn(6)), ValueError, "logits must have 3"),
 ])
@@ -440,3 +441,30 @@ def test_kernel_never_reads_out_of_window_targets():
     assert torch.isfinite(lp[0]) and torch.isnan(lp[1])
     lp, _, _ = op("token_logprobs")(logits, torch.tensor([-(10**9), 7]), None, 1.0, 0, 50)
     assert torch.isnan(lp[0]) and torch.isfinite(lp[1])
+
+
+def test_loss_ops_take_trls_names_and_the_old_ones_for_one_release():
+    """grpo_loss / fused_linear_grpo_loss speak policy_loss's (TRL's) vocabulary: epsilon / epsilon_high in,
+    clip_ratio/*_mean and kl out. The previous names still work for one release, with a FutureWarning, and give the
+    same numbers; both spellings of one bound at once is an error."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 5, 40), torch.randint(0, 40, (3, 5))
+    adv, old = torch.randn(3), torch.randn(3, 5) * 0.3 - 3.7
+    h, w = torch.randn(3, 5, 8), torch.randn(40, 8)
+    for fn, args in ((K.grpo_loss, (logits, targets)), (K.fused_linear_grpo_loss, (h, w, targets))):
+        new_loss, new = fn(*args, adv, None, old, epsilon=0.1, epsilon_high=0.3)
+        assert {"ratio_mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl",
+                "logp_mean"} == set(new)
+        assert new["clip_ratio/region_mean"] >= max(new["clip_ratio/low_mean"], new["clip_ratio/high_mean"])
+        with pytest.warns(FutureWarning, match="eps_low= is now called epsilon="):
+            old_loss, _ = fn(*args, adv, None, old, eps_low=0.1, eps_high=0.3)
+        assert torch.equal(old_loss, new_loss)
+        with pytest.warns(FutureWarning, match="'clip_low_frac' is now called 'clip_ratio/low_mean'"):
+            assert torch.equal(new["clip_low_frac"], new["clip_ratio/low_mean"])
+        with pytest.warns(FutureWarning, match="'kl_mean' is now called 'kl'"):
+            assert new.get("kl_mean") is new["kl"]
+        with pytest.raises(TypeError, match="not both"):
+            fn(*args, adv, None, old, epsilon=0.1, eps_low=0.1)
+        # epsilon_high defaults to epsilon (TRL): the same loss as giving both
+        assert torch.equal(fn(*args, adv, None, old, epsilon=0.25)[0], fn(*args, adv, None, old, epsilon=0.25,
+                                                                         epsilon_high=0.25)[0])

@@ -81,7 +81,7 @@ def grpo_case(draw):
 @SETTINGS
 @given(grpo_case())
 def test_grpo_loss_property(case):
-    B, T, V, lo, hi, temperature, loss_type, eps_low, eps_high, beta, seed = case
+    B, T, V, lo, hi, temperature, loss_type, epsilon, epsilon_high, beta, seed = case
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, T, V, generator=g) * 3
     targets = torch.randint(lo, hi, (B, T), generator=g)
@@ -90,13 +90,13 @@ def test_grpo_loss_property(case):
     old = (base + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5).float()
     ref = (base + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5).float()
     adv = torch.randn(B, generator=g)
-    kw = dict(temperature=temperature, vocab_range=(lo, hi), eps_low=eps_low, eps_high=eps_high, beta=beta,
+    kw = dict(temperature=temperature, vocab_range=(lo, hi), epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
               loss_type=loss_type)
     x = logits.clone().requires_grad_(True)
     loss, metrics = K.grpo_loss(x, targets, adv, mask, old, ref, **kw)
     loss.backward()
     eloss, emetrics, egrad, tol_loss, tol_metrics, tol_grad = expected_loss_and_tolerances(
-        logits, targets, adv, mask, old, ref, temperature, (lo, hi), eps_low, eps_high, beta, loss_type, torch.float32)
+        logits, targets, adv, mask, old, ref, temperature, (lo, hi), epsilon, epsilon_high, beta, loss_type, torch.float32)
     TOL.assert_within("property grpo_loss loss", loss, eloss, tol_loss)
     for k in emetrics:
         TOL.assert_within(f"property grpo_loss {k}", metrics[k], emetrics[k], tol_metrics[k])

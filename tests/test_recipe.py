@@ -186,8 +186,12 @@ def test_config_flags_file_and_batches(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"group_size": 4, "lr": 1e-4, "reward_weights": {"dino": 2.0}}))
     args = p.parse_args(["--lr", "3e-5", "--skip-zero-signal-steps", "true", "--decode", "jacobi"])
     cfg = config_from_args(GRPOConfig, args, str(tmp_path / "c.json"))
-    assert (cfg.group_size, cfg.lr, cfg.skip_zero_signal_steps, cfg.decode, cfg.reward_weights) == \
+    assert (cfg.group_size, cfg.lr, cfg.skip_zero_signal_steps, cfg.sampling.decode, cfg.reward_weights) == \
         (4, 3e-5, True, "jacobi", {"dino": 2.0})
+    # a nested field from the file and another from a flag: both land in the one SamplingConfig
+    (tmp_path / "s.json").write_text(json.dumps({"sampling": {"cfg_scale": 2.5}}))
+    cfg = config_from_args(GRPOConfig, p.parse_args(["--top-k", "7"]), str(tmp_path / "s.json"))
+    assert (cfg.sampling.cfg_scale, cfg.sampling.top_k, cfg.sampling.decode) == (2.5, 7, "sequential")
     (tmp_path / "bad.json").write_text(json.dumps({"group_sise": 4}))
     with pytest.raises(SystemExit, match="unknown GRPOConfig fields"):
         config_from_args(GRPOConfig, p.parse_args([]), str(tmp_path / "bad.json"))

@@ -44,7 +44,7 @@ def test_reference_grpo_loss_and_gradient_match_the_oracle(loss_type, beta, extr
     logits, targets, mask, adv, old, ref = _case(extreme=extreme)
     if token_adv:
         adv = adv[:, None] * torch.linspace(-1, 2, targets.shape[1], dtype=F64)
-    kw = dict(temperature=0.8, vocab_range=(4, 50), eps_low=0.2, eps_high=0.28, beta=beta, loss_type=loss_type)
+    kw = dict(temperature=0.8, vocab_range=(4, 50), epsilon=0.2, epsilon_high=0.28, beta=beta, loss_type=loss_type)
 
     def spec(z):
         return R.grpo_loss(z, targets, adv, mask, old, ref, dtype=F64, **kw)
@@ -58,7 +58,7 @@ def test_reference_grpo_loss_and_gradient_match_the_oracle(loss_type, beta, extr
     torch.testing.assert_close(got_grad, exp_grad, atol=1e-12, rtol=1e-10)
     O.metrics_close(spec(logits)[1], want(logits)[1], atol=1e-12)
     if extreme:  # the clamped tokens carry no surrogate / KL gradient
-        assert spec(logits)[1]["clip_low_frac"] > 0 or spec(logits)[1]["clip_high_frac"] > 0
+        assert spec(logits)[1]["clip_ratio/low_mean"] > 0 or spec(logits)[1]["clip_ratio/high_mean"] > 0
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1])
@@ -105,7 +105,7 @@ def test_explicit_loss_weights_replace_the_aggregation():
 def test_public_ops_at_the_clamps_match_the_oracle(loss_type):
     """The public op (C++ kernels on CPU, in fp64) at log-ratios and KL deltas beyond +-20."""
     logits, targets, mask, adv, old, ref = _case(extreme=True, seed=7)
-    kw = dict(temperature=0.8, vocab_range=(4, 50), eps_low=0.2, eps_high=0.28, beta=0.1, loss_type=loss_type)
+    kw = dict(temperature=0.8, vocab_range=(4, 50), epsilon=0.2, epsilon_high=0.28, beta=0.1, loss_type=loss_type)
     got, g_got = O.grad(lambda z: K.grpo_loss(z, targets, adv, mask, old, ref, **kw)[0], logits)
     want, g_want = O.grad(lambda z: O.grpo_loss(z, targets, adv, mask, old, ref, **kw)[0], logits)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-11)

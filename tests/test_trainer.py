@@ -42,8 +42,10 @@ def reward_set():
 
 
 def grpo_cfg(**kw):
-    base = dict(group_size=4, prompts_per_step=2, steps=4, lr=1e-2, beta=0.04, cfg_scale=2.0, top_k=0, text_top_k=0,
-                seed=3)
+    """The tests' GRPOConfig: keyword arguments that name SamplingConfig fields go into its ``sampling``."""
+    sampling = {k: kw.pop(k) for k in list(kw) if k in SamplingConfig.__dataclass_fields__ and k != "seed"}
+    base = dict(group_size=4, prompts_per_step=2, steps=4, lr=1e-2, beta=0.04, seed=3,
+                sampling=SamplingConfig(**{"cfg_scale": 2.0, **sampling}))
     base.update(kw)
     return GRPOConfig(**base)
 
@@ -170,7 +172,7 @@ def test_understanding_direction_trains_with_the_same_grpo_loop():
 
     tr = GRPOTrainer(tiny_model(12), VOCAB, FMT, RewardSet({"understanding": understanding}, {}), prompts,
                      grpo_cfg(cfg_scale=1.0), rollout_fn=rollout_fn)
-    m = tr.step()
+    m = tr.step().metrics
     assert "reward/understanding" in m and "text/logp_mean" in m and "image/logp_mean" not in m
     assert torch.isfinite(torch.tensor(m["loss"]))
 
@@ -207,9 +209,9 @@ def test_grpo_step_logs_every_metric_and_updates_the_weights(tmp_path):
     tr = GRPOTrainer(tiny_model(6), VOCAB, FMT, reward_set(), PROMPTS,
                      grpo_cfg(log_path=str(tmp_path / "log.jsonl"), mu=2))
     before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
-    m = tr.step()
-    for key in ("loss", "grad_norm", "reward/format", "reward/codes", "adv/zero_std_frac", "image/kl_mean",
-                "image/clip_high_frac", "image/ratio_mean", "text/logp_mean", "logp/sampler_minus_trainer",
+    m = tr.step().metrics
+    for key in ("loss", "grad_norm", "reward/format", "reward/codes", "adv/zero_std_frac", "image/kl",
+                "image/clip_ratio/high_mean", "image/ratio_mean", "text/logp_mean", "logp/sampler_minus_trainer",
                 "throughput/rollout_tok_s", "throughput/train_tok_s", "memory/peak_mib"):
         assert key in m, key
     assert all(torch.isfinite(torch.tensor(float(v))) for k, v in m.items() if k != "step")
@@ -241,7 +243,7 @@ def test_reference_backend_computes_the_same_loss_and_gradients_off_policy():
     (lk, mk, gk, rk), (lr_, mr, gr, rr) = out["kernels"], out["reference"]
     m_img = ro.chosen[:, 1:] & ro.image_positions[:, 1:]
     torch.testing.assert_close(rk[m_img], rr[m_img], atol=2e-6, rtol=1e-6)
-    assert mk["image/clip_low_frac"] > 0 and mk["image/clip_high_frac"] > 0 and mk["image/kl_mean"] > 0.01
+    assert mk["image/clip_ratio/low_mean"] > 0 and mk["image/clip_ratio/high_mean"] > 0 and mk["image/kl"] > 0.01
     assert lk == pytest.approx(lr_, rel=1e-5, abs=1e-7)
     assert set(mk) == set(mr)
     for key in mk:
@@ -284,9 +286,9 @@ def test_trainer_loss_matches_the_oracle_on_full_logits():
                               loss_weights=w)
         want = want + part
         name = "image" if window == VOCAB.window else "text"
-        for k in ("ratio_mean", "kl_mean", "logp_mean", "clip_low_frac", "clip_high_frac"):
+        for k in ("ratio_mean", "kl", "logp_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"):
             assert metrics[f"{name}/{k}"] == pytest.approx(float(m[k]), rel=1e-4, abs=1e-6), (name, k)
-    assert metrics["image/clip_low_frac"] > 0 and metrics["image/clip_high_frac"] > 0
+    assert metrics["image/clip_ratio/low_mean"] > 0 and metrics["image/clip_ratio/high_mean"] > 0
     assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5, abs=1e-7)
     # the KL term is there: the same loss with beta = 0 differs by beta * the KL part
     tr0 = GRPOTrainer(policy, VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(beta=0.0, eps_low=0.15, eps_high=0.35,
@@ -318,10 +320,10 @@ def test_reference_backend_takes_the_same_steps_with_mu_2():
                          grpo_cfg(backend=b, lr=1e-3, mu=2, beta=0.1), ref_model=tiny_model(22))
           for b in ("kernels", "reference")}
     for _ in range(2):
-        m = {b: t.step() for b, t in tr.items()}
+        m = {b: t.step().metrics for b, t in tr.items()}
         assert m["kernels"]["image/ratio_mean"] != 1.0
-        for key in ("loss", "grad_norm", "reward/codes", "image/kl_mean", "image/ratio_mean", "image/logp_mean",
-                    "text/logp_mean", "image/clip_low_frac", "image/clip_high_frac"):
+        for key in ("loss", "grad_norm", "reward/codes", "image/kl", "image/ratio_mean", "image/logp_mean",
+                    "text/logp_mean", "image/clip_ratio/low_mean", "image/clip_ratio/high_mean"):
             assert m["reference"][key] == pytest.approx(m["kernels"][key], rel=1e-4, abs=1e-6), key
     ref_state = tr["reference"].policy.state_dict()
     for k, v in tr["kernels"].policy.state_dict().items():
@@ -464,8 +466,8 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
     assert len(multi) == len(single.history) == 4
     assert all(m["update/shared_prefix_frac"] == 1.0 for m in multi + single.history)
     for step, (m, s) in enumerate(zip(multi, single.history)):
-        for key in ("loss", "grad_norm", "lr", "reward/codes", "reward/format", "adv/mean_abs", "image/kl_mean",
-                    "image/ratio_mean", "image/clip_low_frac", "image/clip_high_frac", "image/logp_mean",
+        for key in ("loss", "grad_norm", "lr", "reward/codes", "reward/format", "adv/mean_abs", "image/kl",
+                    "image/ratio_mean", "image/clip_ratio/low_mean", "image/clip_ratio/high_mean", "image/logp_mean",
                     "text/logp_mean"):
             assert m[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (step, key)
     weights, opt = tiny_model(0), None
@@ -516,7 +518,7 @@ def test_activation_checkpointing_changes_memory_not_the_update():
                 for ckpt in (False, True)]
     assert [t.policy.activation_checkpointing for t in trainers] == [False, True]
     for _ in range(2):
-        plain, ckpt = (t.step() for t in trainers)
+        plain, ckpt = (t.step().metrics for t in trainers)
         assert plain["loss"] == ckpt["loss"] and plain["grad_norm"] == ckpt["grad_norm"]
     for k, v in trainers[0].policy.state_dict().items():
         assert torch.equal(trainers[1].policy.state_dict()[k], v), k
@@ -565,7 +567,7 @@ def test_shared_prefix_update_equals_the_per_row_update(backend):
     scored = ro.chosen[:, 1:]
     torch.testing.assert_close(rs[scored], rp[scored], atol=1e-5, rtol=1e-6)
     assert torch.count_nonzero(rs[~scored]) == 0  # the prompts' targets carry no reference log-prob
-    assert ms["image/clip_low_frac"] > 0 and ms["image/clip_high_frac"] > 0 and ms["image/kl_mean"] > 0.01
+    assert ms["image/clip_ratio/low_mean"] > 0 and ms["image/clip_ratio/high_mean"] > 0 and ms["image/kl"] > 0.01
     assert ls == pytest.approx(lp, rel=1e-5, abs=1e-7)
     assert set(ms) == set(mp)
     for key in ms:
@@ -604,9 +606,9 @@ def test_micro_batches_give_the_one_pass_update(loss_type):
                             grpo_cfg(micro_batch_size=mb, mu=2, beta=0.1, lr=1e-3, loss_type=loss_type),
                             ref_model=tiny_model(17)) for mb in (0, 3)]
     for _ in range(2):
-        one, micro = (t.step() for t in trainers)
-        for key in ("loss", "grad_norm", "image/kl_mean", "image/ratio_mean", "image/logp_mean", "text/logp_mean",
-                    "image/clip_high_frac", "image/clip_low_frac"):
+        one, micro = (t.step().metrics for t in trainers)
+        for key in ("loss", "grad_norm", "image/kl", "image/ratio_mean", "image/logp_mean", "text/logp_mean",
+                    "image/clip_ratio/high_mean", "image/clip_ratio/low_mean"):
             assert micro[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
     assert one["image/ratio_mean"] != 1.0  # the second update was off-policy
     # the last update's gradients (left in .grad) are the claim, to fp32 summation order; the weights after two
@@ -629,7 +631,7 @@ def test_a_step_without_signal_is_skipped_when_asked():
         tr = GRPOTrainer(tiny_model(6), VOCAB, FMT, flat, PROMPTS, grpo_cfg(beta=0.1, skip_zero_signal_steps=skip),
                          ref_model=tiny_model(21))
         before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
-        m = tr.step()
+        m = tr.step().metrics
         moved = any(not torch.equal(before[k], v) for k, v in tr.policy.state_dict().items())
         assert m["skipped"] == float(skip) and moved == (not skip)
 
@@ -654,10 +656,10 @@ def test_dynamic_sampling_keeps_only_groups_with_signal():
 
     def spy(step, round_):
         out = real(step, round_)
-        seen.append([b["target"] for b in out[0]])
+        seen.append([b["target"] for b in out.batch])
         return out
     tr._round = spy
-    m = tr.step()
+    m = tr.step().metrics
     assert m["dynamic/zero_std_frac_before"] > 0 and m["adv/zero_std_frac"] == 0.0
     assert m["dynamic/unfilled_groups"] == 0 and m["dynamic/rounds"] == len(seen) >= 2
     assert m["dynamic/prompts_drawn"] == 4 * len(seen)
@@ -670,9 +672,9 @@ def test_dynamic_sampling_without_constant_groups_is_the_plain_step():
     """No group lacks spread: one round, and the step (loss, metrics, weights) is the one without dynamic sampling."""
     a, b = (GRPOTrainer(tiny_model(8), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(dynamic_sampling=d),
                         ref_model=tiny_model(9)) for d in (False, True))
-    ma, mb = a.step(), b.step()
+    ma, mb = a.step().metrics, b.step().metrics
     assert mb["dynamic/rounds"] == 1 and mb["dynamic/zero_std_frac_before"] == 0.0
-    for k in ("loss", "grad_norm", "reward/total_mean", "image/kl_mean"):
+    for k in ("loss", "grad_norm", "reward/total_mean", "image/kl"):
         assert ma[k] == mb[k], k
     for k, v in a.policy.state_dict().items():
         assert torch.equal(b.policy.state_dict()[k], v), k
@@ -682,7 +684,7 @@ def test_dynamic_sampling_is_bounded_and_logs_what_it_could_not_fill():
     flat = RewardSet({"const": lambda ro, b: (torch.ones(ro.num_samples), {})}, {})
     tr = GRPOTrainer(tiny_model(6), VOCAB, FMT, flat, PROMPTS,
                      grpo_cfg(dynamic_sampling=True, dynamic_sampling_rounds=3))
-    m = tr.step()
+    m = tr.step().metrics
     assert m["dynamic/rounds"] == 3 and m["dynamic/unfilled_groups"] == 2 and m["dynamic/prompts_drawn"] == 6
     assert m["dynamic/zero_std_frac_before"] == 1.0 and m["adv/zero_std_frac"] == 1.0
     with pytest.raises(ValueError, match="dynamic_sampling_rounds must be an int >= 1"):

@@ -40,7 +40,7 @@ for mode in ("whole", "per_step"):
     if mode == "per_step":  # the policy re-sharded after every forward, as FSDP2 does by default
         tr._whole_policy_for_rollouts = contextlib.nullcontext
     calls["n"] = 0
-    history[mode] = tr.step()
+    history[mode] = tr.step().metrics
     out[mode] = calls["n"]
 out["same_step"] = all(history["whole"][k] == history["per_step"][k] for k in ("loss", "grad_norm", "reward/codes"))
 if rank == 0:

@@ -48,12 +48,12 @@ def run_policy(cfg: DemoConfig, out: Path, cold_start: Optional[Path] = None) ->
     fmt = xcot_format(world, cfg.direct)
     train_subjects, held_out = split_subjects(cfg.seed, cfg.held_out_frac)
     prompts = eval_prompts(world, held_out, cfg)
-    before, _, _ = evaluate(model, world, judge, fmt, prompts, seed=cfg.seed + 11)
+    before, _, _ = evaluate(model, world, judge, fmt, prompts, seed=cfg.seed + 11, sampling=cfg.sampling)
     trainer = grpo_trainer(model, world, judge, cfg, train_subjects, None)
     t1 = time.perf_counter()
     trainer.train()
     t_grpo = time.perf_counter() - t1
-    after, _, _ = evaluate(model, world, judge, fmt, prompts, seed=cfg.seed + 11)
+    after, _, _ = evaluate(model, world, judge, fmt, prompts, seed=cfg.seed + 11, sampling=cfg.sampling)
     save_transformer(model, out / "grpo")
     return {"cold_start": source, "sft_s": t_sft, "grpo_s": t_grpo, "before": before, "after": after}
 

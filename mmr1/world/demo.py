@@ -11,7 +11,7 @@
 4. GRPO with the identity reward (classification-based; PSR's pairwise consistency for pairs), the layout reward,
    format and the dual self-reward (mmr1.grpo, fused kernels), then evaluation again
 5. rollout and training throughput of the fused kernels vs the reference path (the same GRPO steps with
-   GRPOConfig(backend="reference"): full-vocab logits and the PyTorch specs)
+   backend="reference": full-vocab logits and the PyTorch specs)
 6. a PNG grid (references | subject image | final image, before and after, each row's reasoning and identity
    marks) and a reward / identity curve
 """
@@ -29,7 +29,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..generate import SamplingConfig
 from ..grpo import GRPOConfig, GRPOTrainer
+from ..metrics_log import MetricsLog
 from ..model import ModelConfig, Transformer, init_weights, load_transformer, save_transformer
 from ..sft import SFTConfig, SFTTrainer
 from .identity import IdentityJudge
@@ -73,10 +75,10 @@ class DemoConfig:
     eval_prompts: int = 200  # one-subject held-out prompts
     eval_pair_prompts: int = 100  # two-subject held-out prompts
     compare_steps: int = 2  # GRPO steps timed per backend for the fused-vs-reference throughput table
-    # image blocks of every rollout (GRPO and evaluation): Jacobi windows, the sequential tokens in fewer
-    # forwards (on this model W=8: ~4x fewer, 1.3x less rollout time at the GRPO batch; python -m bench.jacobi)
-    decode: str = "jacobi"
-    jacobi_window: int = 8
+    # every rollout of the demo (GRPO, held-out evaluation, `mmr1 generate`): CFG 2 from the policy's own
+    # distribution, image blocks by Jacobi windows -- the sequential tokens in fewer forwards (on this model W=8:
+    # ~4x fewer, 1.3x less rollout time at the GRPO batch; python -m bench.jacobi)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg_scale=2.0, decode="jacobi"))
     held_out_frac: float = 0.1
     # the cold-start data pipeline's errors (mmr1.world.pipeline): identity mixing, wrong sides and dropped patterns
     # in two-subject targets, wrong attribute words in reasoning captions; DataFlaws.clean() = perfect data
@@ -138,7 +140,7 @@ def train_cold_start(world: WorldTokens, train_subjects, cfg: DemoConfig, log=la
         if eval_every and held_out and ((step + 1) % eval_every == 0 or step + 1 == cfg.sft_steps):
             small = replace(cfg, eval_prompts=64, eval_pair_prompts=32)
             table, _, _ = evaluate(model, world, IdentityJudge(world.vq), xcot_format(world, cfg.direct),
-                                   eval_prompts(world, held_out, small), seed=cfg.seed + 11)
+                                   eval_prompts(world, held_out, small), seed=cfg.seed + 11, sampling=cfg.sampling)
             rec = {f"{split}/{k}": round(v[0], 3) for split, t in table.items() for k, v in t.items()
                    if k.endswith("/whole") or k == "layout"}
             log({"phase": "sft_eval", "step": step + 1, **rec})
@@ -152,8 +154,8 @@ def grpo_trainer(model: Transformer, world: WorldTokens, judge: IdentityJudge, c
     fmt = xcot_format(world, cfg.direct)
     prompts = make_prompts(world, train_subjects, 512, seed=cfg.seed + 3, pair_frac=cfg.grpo_pair_frac)
     gcfg = GRPOConfig(group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step, steps=cfg.grpo_steps,
-                      lr=cfg.grpo_lr, beta=cfg.grpo_beta, cfg_scale=2.0, top_k=0, text_top_k=0, seed=cfg.seed,
-                      log_path=log_path, skip_zero_signal_steps=True, decode=cfg.decode, jacobi_window=cfg.jacobi_window,
+                      lr=cfg.grpo_lr, beta=cfg.grpo_beta, sampling=cfg.sampling, seed=cfg.seed,
+                      log_path=log_path, skip_zero_signal_steps=True,
                       dynamic_sampling=cfg.dynamic_sampling, dynamic_sampling_rounds=cfg.dynamic_sampling_rounds)
     rewards = world_rewards(world, fmt, judge, model, cfg.self_reward_weight, cfg.consistency_weight)
     return GRPOTrainer(model, world.image, fmt, rewards, prompts, gcfg)
@@ -166,8 +168,7 @@ def held_out_monitor(world: WorldTokens, judge: IdentityJudge, fmt, held_out, cf
                + make_prompts(world, held_out, cfg.grpo_eval_prompts, seed=cfg.seed + 22, pair_frac=1.0))
 
     def fn(trainer) -> Dict[str, float]:
-        table, _, _ = evaluate(trainer.policy, world, judge, fmt, prompts, seed=cfg.seed + 23, decode=cfg.decode,
-                               jacobi_window=cfg.jacobi_window)
+        table, _, _ = evaluate(trainer.policy, world, judge, fmt, prompts, seed=cfg.seed + 23, sampling=cfg.sampling)
         return {f"held_out/{split.replace(' ', '_')}/final_whole": t["final/whole"][0] for split, t in table.items()}
 
     return fn
@@ -314,31 +315,23 @@ def identity_table(before: Dict, after: Optional[Dict], counts: Dict[str, int]) 
     return "\n".join(lines)
 
 
-def _recording(rollout_fn, sink: List[torch.Tensor]):
-    def fn(*args):
-        ro = rollout_fn(*args)
-        sink.append(ro.tokens)
-        return ro
-
-    return fn
-
-
 def compare_backends(trainer: GRPOTrainer, steps: int) -> Dict[str, Dict[str, float]]:
     """The same ``steps`` GRPO steps from the same weights with the fused kernels and with the reference path
-    (GRPOConfig(backend="reference")); each on its own copy of the policy, so the run itself is untouched.
+    (SamplingConfig(backend="reference")); each on its own copy of the policy, so the run itself is untouched.
     Returns per backend: median rollout tok/s, train tok/s, and whether the rollouts' tokens matched."""
     out: Dict[str, Dict[str, float]] = {}
     tokens: Dict[str, List[torch.Tensor]] = {}
     for backend in ("kernels", "reference"):
         policy = copy.deepcopy(trainer.policy)
         # plain steps (one rollout round each): the comparison is of the kernels, not of dynamic sampling
-        cfg = replace(trainer.cfg, backend=backend, log_path=None, dynamic_sampling=False)
+        cfg = replace(trainer.cfg, sampling=replace(trainer.cfg.sampling, backend=backend), log_path=None,
+                      dynamic_sampling=False)
         tr = GRPOTrainer(policy, trainer.vocab, trainer.fmt, trainer.rewards, trainer.prompts, cfg,
                          ref_model=trainer.ref)
         tr.step_idx = trainer.step_idx
-        tokens[backend] = []
-        tr.rollout_fn = _recording(tr.rollout_fn, tokens[backend])
-        hist = [tr.step() for _ in range(steps)]
+        results = [tr.step() for _ in range(steps)]
+        tokens[backend] = [r.rollout.tokens for r in results]
+        hist = [r.metrics for r in results]
         out[backend] = {name: statistics.median(h[key] for h in hist) for name, key in (
             ("rollout_tok_s", "throughput/rollout_tok_s"), ("train_tok_s", "throughput/train_tok_s"),
             ("rollout_s", "time/rollout_s"), ("train_s", "time/train_s"))}
@@ -401,10 +394,7 @@ def run(cfg: DemoConfig, cold_start: Optional[str] = None) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "log.jsonl"
     log_file.write_text("")
-
-    def log(rec):
-        with open(log_file, "a") as f:
-            f.write(json.dumps(rec, default=float) + "\n")
+    log = MetricsLog(log_file).write
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -419,7 +409,7 @@ def run(cfg: DemoConfig, cold_start: Optional[str] = None) -> Dict:
     prompts = eval_prompts(world, held_out, cfg)
     counts = {"one subject": cfg.eval_prompts, "two subjects": cfg.eval_pair_prompts}
     t_eval = time.perf_counter()
-    before, _, ro_before = evaluate(model, world, judge, fmt, prompts, seed=cfg.seed + 11)
+    before, _, ro_before = evaluate(model, world, judge, fmt, prompts, seed=cfg.seed + 11, sampling=cfg.sampling)
     t_eval = time.perf_counter() - t_eval
     print(identity_table(before, None, counts))
     trainer = grpo_trainer(model, world, judge, cfg, train_subjects, str(out / "grpo.jsonl"))
@@ -428,7 +418,7 @@ def run(cfg: DemoConfig, cold_start: Optional[str] = None) -> Dict:
     monitor = held_out_monitor(world, judge, fmt, held_out, cfg) if cfg.grpo_eval_every > 0 else None
     history = trainer.train(eval_fn=monitor, eval_every=cfg.grpo_eval_every)
     t_grpo = time.perf_counter() - t_grpo
-    after, _, ro_after = evaluate(model, world, judge, fmt, prompts, seed=cfg.seed + 11)
+    after, _, ro_after = evaluate(model, world, judge, fmt, prompts, seed=cfg.seed + 11, sampling=cfg.sampling)
     save_transformer(model, out / "grpo")
     speed = compare_backends(trainer, cfg.compare_steps) if cfg.compare_steps > 0 else {}
     ro_b, ro_a = _joined(ro_before), _joined(ro_after)

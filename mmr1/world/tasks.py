@@ -8,7 +8,7 @@ training, so evaluation on them is zero-shot personalization.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -178,17 +178,16 @@ def identity_rows(world: WorldTokens, judge: IdentityJudge, fmt: XCoTFormat, ro:
 
 @torch.no_grad()
 def evaluate(model: Transformer, world: WorldTokens, judge: IdentityJudge, fmt: XCoTFormat, prompts: List[dict],
-             seed: int, batch: int = 64, cfg_scale: float = 2.0, decode: str = "jacobi", jacobi_window: int = 8):
-    """Sample one completion per prompt (temperature 1, CFG ``cfg_scale`` -- the policy GRPO trains) and score
-    it (image blocks by Jacobi windows by default: the sequential tokens, faster). Returns ({split: {metric:
-    (mean, 95% CI)}}, {split: {metric: per-prompt values}}, rollouts)."""
+             seed: int, sampling: SamplingConfig, batch: int = 64):
+    """Sample one completion per prompt with ``sampling`` (the demo's: DemoConfig.sampling, the policy GRPO
+    trains), its seed replaced by ``seed``, and score it. Returns ({split: {metric: (mean, 95% CI)}}, {split:
+    {metric: per-prompt values}}, rollouts)."""
     model.eval()
     ros = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         ros.append((chunk, xcot_rollout(model, [p["prompt_ids"] for p in chunk], world.image, fmt,
-                                        SamplingConfig(cfg_scale=cfg_scale, top_k=0, text_top_k=0, seed=seed,
-                                                       decode=decode, jacobi_window=jacobi_window),
+                                        replace(sampling, seed=seed),
                                         row_ids=torch.arange(i, i + len(chunk)))))
     per: Dict[str, List[torch.Tensor]] = {}
     for chunk, ro in ros:
