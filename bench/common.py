@@ -1,6 +1,6 @@
 """Shared benchmark machinery: timing, peak memory, the bandwidth floor, machine facts, tables.
 
-Method (DESIGN.md "Performance method"): every provider of a case runs in the
+Method (docs/kernel-semantics.md, "Benchmark method"): every provider of a case runs in the
 same process, interleaved round-robin so slow drift of a noisy machine hits all
 of them alike; we report the median of the repeats, the ratio of each peer's
 median to ours, the peak extra memory of one call, and for memory-bound ops the

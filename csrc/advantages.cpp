@@ -1,5 +1,5 @@
-// Group-relative advantage normalization on the CPU (DESIGN.md "Kernel
-// semantics" 3, reference in mmr1_kernels/reference.py).
+// Group-relative advantage normalization on the CPU (docs/kernel-semantics.md,
+// section 4; reference in mmr1_kernels/reference.py).
 //
 // Statistics are computed in fp64 with a shifted two-pass: every value is taken
 // relative to the first valid value of its group, so a constant group has

@@ -1,5 +1,5 @@
 // Decode attention over a rollout's KV cache with shared prompt prefixes, on the CPU
-// (DESIGN.md "Kernel semantics" 4; the spec is decode_attention in mmr1_kernels/reference.py).
+// (docs/kernel-semantics.md, section 5; the spec is decode_attention in mmr1_kernels/reference.py).
 //
 // Why a kernel: a GRPO rollout step is bound by the bytes of cache it reads. With one static cache per row and a
 // masked SDPA (the previous path), all 2N rows read the longest row's context: the unconditional CFG rows (whose

@@ -1,6 +1,6 @@
 // Fused token log-prob / GRPO ratio / k3-KL kernels for the CPU.
 //
-// Semantics: ../DESIGN.md "Kernel semantics" 2 and the reference in
+// Semantics: docs/kernel-semantics.md, sections 2-3, and the reference in
 // mmr1_kernels/reference.py. Per token row (a window [lo, hi) of the vocab):
 //   pass 1: max of the window (reads the row from DRAM once)
 //   pass 2: sum of exp((z - max)/T) (the window is now in L1/L2: 8192 fp32

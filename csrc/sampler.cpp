@@ -1,6 +1,6 @@
 // Fused classifier-free-guided sampler for KV-cached decoding, CPU.
 //
-// Spec: DESIGN.md "Kernel semantics" 1, reference in
+// Spec: docs/kernel-semantics.md, section 1;, reference in
 // mmr1_kernels/reference_sampler.py. One row at a time (rows in parallel):
 //   1. z = (u + s (c - u)) / T over the vocab window, read once in the input
 //      dtype (both branches converted to fp32 scratch), with its max and a NaN

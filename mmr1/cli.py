@@ -7,14 +7,14 @@
     mmr1 generate --run runs/demo --prompt "my subject big at the left on sky" --reference ref.png
     mmr1 generate --run runs/demo --prompt "my first subject at the left and my second subject at the right on sky"
                   --reference a.png --reference b.png
-    mmr1 eval --dreambench ../shared/data/dreambench --generated gen/ --clip models/clip --dino models/dino
+    mmr1 eval --dreambench tests/data/dreambench --generated gen/ --clip models/clip --dino models/dino
     mmr1 bench [--quick]                              every benchmark, writes BENCHMARKS.md
 
 Real checkpoints (mmr1.recipe; under torchrun: torchrun --nproc-per-node N -m mmr1.cli sft|grpo ...):
     mmr1 sft --model DIR --vqgan CKPT --tokenizer JSON --data FILE.jsonl --out-dir runs/sft [--parallel fsdp]
     mmr1 grpo --model DIR --vqgan CKPT --tokenizer JSON --prompts FILE.jsonl --clip DIR --dino DIR
               [--detector DIR] [--rewards format=0.5,clip_t=1,dino=1,psr=1] --out-dir runs/grpo
-    mmr1 convert-dreambench ../shared/data/dreambench prompts.jsonl [--references 1]
+    mmr1 convert-dreambench tests/data/dreambench prompts.jsonl [--references 1]
     mmr1 export runs/grpo/checkpoints out_dir          consolidated HF-layout safetensors (load_transformer)
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """DreamBench evaluation: DINO, CLIP-I and CLIP-T of generated images against the real subject photos.
 
-Layout of the benchmark (as in ../shared/data/dreambench): one folder of real
+Layout of the benchmark (as in tests/data/dreambench, the downscaled copy this repository ships): one folder of real
 photos per subject and prompts_and_classes.txt (subject classes, the object and
 live-subject prompt lists with ``{0}`` = the identifier and ``{1}`` = the class).
 Generated images: ``<generated>/<subject>/<prompt index>[_<anything>].<png|jpg>``.

@@ -12,6 +12,10 @@ ops under ``torch.ops.mmr1`` and compose with torch.compile):
 - cfg_sample                                     fused CFG / top-k / top-p sampler (Philox Gumbel-max)
 - decode_attention                               attention over a rollout's KV cache: per-row lengths, shared
                                                  prompt prefixes (one copy per group), GQA, Jacobi windows
+- shared_prefix_attention                        the same shape in training: G completions over one copy of their
+                                                 prompt, differentiable
+
+The contract every backend meets: docs/kernel-semantics.md.
 """
 from ._library import HAS_CPP, HAS_TRITON, backend_for
 from .logprob import grpo_loss, token_logprobs
@@ -24,6 +28,6 @@ from . import reference
 
 __all__ = [
     "token_logprobs", "grpo_loss", "cfg_sample", "fused_linear_logprobs", "fused_linear_grpo_loss", "group_advantages",
-    "decode_attention", "policy_loss", "PolicyLossConfig", "importance_sampling_ratio", "reference", "backend_for", "HAS_CPP", "HAS_TRITON",
+    "decode_attention", "shared_prefix_attention", "policy_loss", "PolicyLossConfig", "importance_sampling_ratio", "reference", "backend_for", "HAS_CPP", "HAS_TRITON",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Group-relative advantages: registration and public API (DESIGN.md, kernel semantics 3)."""
+"""Group-relative advantages: registration and public API (docs/kernel-semantics.md, section 4)."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple

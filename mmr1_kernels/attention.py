@@ -4,7 +4,7 @@ A GRPO rollout decodes G samples of every prompt, with classifier-free guidance 
 rows hold [prompt; completion so far], the unconditional rows only the image block being drawn. ``decode_attention``
 takes that shape as it is -- each row's own cache with its own length, and an optional store of shared prompt
 prefixes that rows point into -- so a step reads each prompt once per group and each row only its live slots
-(DESIGN.md "Kernel semantics" 4). C++ on CPU (csrc/attention.cpp), Triton on CUDA (gpu/attention.py, flash-decoding),
+(docs/kernel-semantics.md, sections 5-6). C++ on CPU (csrc/attention.cpp), Triton on CUDA (gpu/attention.py, flash-decoding),
 the reference (mmr1_kernels.reference.decode_attention) elsewhere. Inference only: no backward.
 
 ``shared_prefix_attention`` is the training-time counterpart (the policy update and the reference forward): the G

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementations: the executable spec of every op.
 
-These follow ../DESIGN.md "Kernel semantics" literally and favour clarity over
+These follow docs/kernel-semantics.md literally and favour clarity over
 speed (they materialize [N, V] log-softmax, loop over groups in Python where it
 is clearer, ...). They serve three purposes:
 

@@ -1,4 +1,4 @@
-"""Reference (the spec) of the fused CFG sampler: DESIGN.md "Kernel semantics" 1.
+"""Reference (the spec) of the fused CFG sampler: docs/kernel-semantics.md, section 1.
 
 Per row, in fp32 (or fp64 for the oracle):
   1. z = u + s (c - u) over the vocab window [lo, hi) (z = c without uncond)

@@ -1,4 +1,4 @@
-"""The tests' own fp64 oracle: every op written again from DESIGN.md, as plainly as possible.
+"""The tests' own fp64 oracle: every op written again from docs/kernel-semantics.md, as plainly as possible.
 
 Nothing here imports mmr1_kernels. The spec (mmr1_kernels.reference) is
 checked against these functions, so a bug in the spec -- which is also the
@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-CLAMP = 20.0  # DESIGN.md: log-ratio and the KL's delta are clamped to +-20
+CLAMP = 20.0  # docs/kernel-semantics.md: log-ratio and the KL's delta are clamped to +-20
 
 
 def logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, lo: int = 0,
@@ -150,7 +150,7 @@ def metrics_close(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], a
 
 
 def decode_attention(q, k, v, lengths, prefix=None, scale=None):
-    """Attention of each query over its context, written per query from DESIGN.md "Kernel semantics" 4, in fp64.
+    """Attention of each query over its context, written per query from docs/kernel-semantics.md section 5, in fp64.
 
     q [R, W, H, D]; k, v [R, S, Hkv, D]; lengths [R]; prefix: None or (prefix_k, prefix_v, prefix_lengths,
     prefix_of_row). Query (r, w, h) sees its prompt's first prefix_lengths[p] prefix keys (p = prefix_of_row[r] >= 0)

@@ -112,9 +112,7 @@ def test_dreambench_eval_on_the_shared_benchmark(tmp_path):
     from mmr1.dreambench import load_benchmark, prompt_for
     from test_trainer import _tiny_clip
 
-    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
-    if not root.exists():
-        pytest.skip("shared/data/dreambench not present")
+    root = Path(__file__).resolve().parent / "data" / "dreambench"
     subjects, p_obj, p_live = load_benchmark(root)
     assert len(subjects) == 30 and len(p_obj) == len(p_live) == 25
     assert subjects["dog"]["live"] and not subjects["can"]["live"]

@@ -18,7 +18,7 @@ from mmr1.data import ImageTokenizer, TurnTokens, XCoTData, dreambench_to_jsonl,
 from mmr1.tokens import ImageVocab, TextTokenizer, code_to_bpe_name
 from mmr1.vqgan import VQConfig, VQModel
 
-DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
+DREAMBENCH = Path(__file__).resolve().parent / "data" / "dreambench"
 # 16 px images, 2 downsamplings: 4 x 4 codes per image, a 24-token block
 VQ = dict(embed_dim=8, num_embeddings=16, latent_channels=8, base_channels=32, channel_multiplier=[1, 1, 2],
           num_res_blocks=1, resolution=16)
@@ -161,8 +161,6 @@ def test_resize_context_and_prompt_errors(tmp_path):
 
 
 def test_dreambench_converter(tmp_path):
-    if not DREAMBENCH.exists():
-        pytest.skip("shared/data/dreambench not present")
     out = tmp_path / "sub" / "prompts.jsonl"
     n = dreambench_to_jsonl(DREAMBENCH, out, references=2, prompts_per_subject=3)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -235,8 +233,6 @@ def _load_state(ckpt_dir: Path, model_dir: Path):
 
 @pytest.mark.slow
 def test_end_to_end_real_parts_torchrun(tmp_path):
-    if not DREAMBENCH.exists():
-        pytest.skip("shared/data/dreambench not present")
     from transformers import Dinov2Config, Dinov2Model
 
     from mmr1.cli import main as cli
