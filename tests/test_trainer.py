@@ -716,3 +716,48 @@ def test_dynamic_sampling_under_torchrun_ranks_agree(tmp_path):
                   "adv/zero_std_frac"):
             assert a[k] == b[k], k
         assert a["adv/zero_std_frac"] == 0.0 and a["dynamic/zero_std_frac_before"] > 0
+
+
+def test_train_calls_step_callbacks_with_the_step_it_trained_on(tmp_path):
+    """train(callbacks=...) hands each callback the GRPOStep just taken -- its rollout is the batch the update
+    used (the same tokens a second trainer's step() returns), its metrics the history entry -- and the eval records
+    and the step records go through one metrics log."""
+    seen = []
+    log = tmp_path / "m.jsonl"
+    tr = GRPOTrainer(tiny_model(), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(steps=2, log_path=str(log)))
+    twin = GRPOTrainer(tiny_model(), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(steps=2))
+    assert tr.evals == [] and tr.history == []  # set in __init__, not first in train()
+    hist = tr.train(progress=False, callbacks=[lambda t, s: seen.append((t.step_idx, s))],
+                    eval_fn=lambda t: {"probe": float(t.step_idx)}, eval_every=1)
+    assert [i for i, _ in seen] == [1, 2] and [s.step for _, s in seen] == [0, 1]
+    for (_, s), h in zip(seen, hist):
+        assert s.metrics is h and s.rollout.num_samples == 8 and s.advantages.shape == (8,)
+        assert torch.equal(s.rollout.tokens, twin.step().rollout.tokens)
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r.get("phase", "step") for r in records] == ["eval", "step", "eval", "step", "eval"]
+    assert [r["probe"] for r in records if r.get("phase") == "eval"] == [0.0, 1.0, 2.0]
+
+
+def test_old_layout_name_and_held_rows():
+    """The "decode" layout name of the previous release still works, with a FutureWarning; a held row of
+    CachedDecoder.step re-feeds its position and does not move."""
+    with pytest.warns(FutureWarning, match="'decode' is now called 'shared_prefix'"):
+        assert SamplingConfig(attention="decode").attention == "shared_prefix"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        SamplingConfig(attention="paged")
+    from mmr1.generate import CachedDecoder
+
+    model = tiny_model()
+    dec = CachedDecoder(model, 2, 16, prompt_len=2)
+    dec.prefill(torch.arange(2), [[1, 5], [1, 6, 7]])
+    dec.step(torch.tensor([8, 9]))
+    before = dec.positions(0, 2)
+    h = dec.step(torch.tensor([8, 10]), hold=torch.tensor([True, False]))
+    assert dec.positions(0, 2).tolist() == [before[0].item(), before[1].item() + 1]
+    dec.close()
+    # the held row's hidden state is the one its last step produced (same token, same position)
+    ref = CachedDecoder(model, 2, 16, prompt_len=2)
+    ref.prefill(torch.arange(2), [[1, 5], [1, 6, 7]])
+    h0 = ref.step(torch.tensor([8, 9]))
+    ref.close()
+    torch.testing.assert_close(h[0], h0[0], atol=1e-5, rtol=1e-5)
