@@ -6,7 +6,12 @@ The C++ CPU kernels are compiled by CMake (Ninja generator) into
     pip install --no-build-isolation -e .
 
 (--no-build-isolation so the extension is built against the torch that is
-already installed, not a fresh one pulled into an isolated build env.)
+already installed, not a fresh one pulled into an isolated build env.) A
+plain ``pip install .`` (build isolation, pip's default) stops at once and
+says so. ``pip install .`` installs the kernels (``mmr1_kernels``, needing
+only torch) and the ``mmr1`` package; ``pip install .[mmr1]`` adds what the
+model, tokenizers and trainers import (transformers, safetensors, ...).
+The benchmarks (bench/) stay a folder of the repository, run from a checkout.
 """
 import os
 import subprocess
@@ -24,10 +29,24 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def _torch_for_the_build():
+    """The installed torch the extension will run with; without one (pip's isolated build environment, or torch not
+    installed yet) a clear stop instead of a long build against the wrong torch."""
+    try:
+        import torch
+        import torch.utils
+    except ImportError:
+        raise SystemExit(
+            "mmr1: the C++ kernels are compiled against the torch they will run with, and this build environment "
+            "has none (pip builds in an isolated environment by default).\n"
+            "  1. install torch first, e.g.  pip install torch==2.13.0   (a CPU or CUDA build, as you will run it)\n"
+            "  2. then build against it:     pip install --no-build-isolation <this directory or git URL>")
+    return torch
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        import torch  # noqa: F401  (build requires the installed torch)
-        import torch.utils
+        torch = _torch_for_the_build()
 
         out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         out_dir = out_path.parent
@@ -54,15 +73,16 @@ setup(
     name="mmr1",
     version="0.1.0",
     description="Fused GRPO / CFG-sampling kernels and a lean MM-R1 implementation",
-    packages=find_packages(include=["mmr1*", "mmr1_kernels*", "bench*"]),
+    packages=find_packages(include=["mmr1", "mmr1.*", "mmr1_kernels", "mmr1_kernels.*"]),
     # the demo's shipped world + cold-start weights (`make cold-start` rebuilds them)
     package_data={"mmr1": ["assets/demo/*.json", "assets/demo/*/*.json", "assets/demo/*/*.safetensors"]},
     ext_modules=[CMakeExtension("mmr1_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["mmr1=mmr1.cli:main"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers", "transformers", "tqdm"],
+    install_requires=["torch>=2.4"],  # what mmr1_kernels needs
     extras_require={
+        "mmr1": ["numpy", "safetensors", "tokenizers", "transformers", "tqdm", "pillow"],
         "gpu": ["triton", "flash-attn"],
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "triton"],
         "bench": ["liger-kernel", "trl", "matplotlib"],
