@@ -60,3 +60,15 @@ def test_every_public_op_is_exported():
     for op in ("token_logprobs", "grpo_loss", "fused_linear_logprobs", "fused_linear_grpo_loss", "policy_loss",
                "group_advantages", "cfg_sample", "decode_attention", "shared_prefix_attention"):
         assert op in mmr1_kernels.__all__ and callable(getattr(mmr1_kernels, op))
+
+
+def test_markdown_links_resolve():
+    """Relative links of every Markdown file (README, BENCHMARKS, docs/) lead to a file of the repository."""
+    broken = []
+    for md in [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", md.read_text()):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            if not (md.parent / target.split("#")[0]).exists():
+                broken.append(f"{md.relative_to(ROOT)}: {target}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
