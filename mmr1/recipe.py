@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .data import ImageTokenizer, TurnTokens, XCoTData, load_grpo_prompts, load_sft_examples
-from .distributed import init_distributed
+from .distributed import finish_distributed, init_distributed
 from .grpo import GRPOConfig, GRPOStep, GRPOTrainer
 from .metrics_log import MetricsLog
 from .model import load_transformer
@@ -343,9 +343,7 @@ def grpo_main(args) -> None:
 
 
 def _finish(rank: int) -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_distributed()  # under torchrun: barrier, destroy, exit now (see mmr1.distributed.finish_distributed)
 
 
 # --------------------------------------------------------------------------- parsers

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from mmr1.distributed import init_distributed
+from mmr1.distributed import finish_distributed, init_distributed
 from mmr1.grpo import GRPOTrainer
 
 sys.path.insert(0, sys.argv[2])
@@ -25,5 +24,4 @@ tr = GRPOTrainer(tiny_model(7), VOCAB, FMT, half_constant_rewards(), PROMPTS,
                  grpo_cfg(dynamic_sampling=True, dynamic_sampling_rounds=8, prompts_per_step=4), parallel="ddp")
 history = tr.train(2, progress=False)
 (out / f"rank{rank}.json").write_text(json.dumps(history))
-dist.barrier()
-dist.destroy_process_group()
+finish_distributed()

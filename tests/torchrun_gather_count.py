@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group as PG
 
-from mmr1.distributed import init_distributed
+from mmr1.distributed import finish_distributed, init_distributed
 from mmr1.grpo import GRPOTrainer
 
 sys.path.insert(0, sys.argv[2])
@@ -45,5 +44,4 @@ for mode in ("whole", "per_step"):
 out["same_step"] = all(history["whole"][k] == history["per_step"][k] for k in ("loss", "grad_norm", "reward/codes"))
 if rank == 0:
     Path(sys.argv[1]).write_text(json.dumps(out))
-dist.barrier()
-dist.destroy_process_group()
+finish_distributed()

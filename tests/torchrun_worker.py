@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmr1.distributed import init_distributed
+from mmr1.distributed import finish_distributed, init_distributed
 from mmr1.grpo import GRPOTrainer
 
 sys.path.insert(0, sys.argv[3])
@@ -33,5 +33,4 @@ history += resumed.train(2, progress=False)
 resumed.save(out / "final")
 if rank == 0:
     (out / "history.json").write_text(json.dumps(history))
-dist.barrier()  # all ranks done before tearing down gloo
-dist.destroy_process_group()
+finish_distributed()  # barrier, destroy, exit
