@@ -152,30 +152,50 @@ class CachedDecoder:
         return self.model.cache_bytes()
 
     @torch.no_grad()
-    def prefill(self, row_ids: torch.Tensor, seqs: Sequence[Sequence[int]], repeats: int = 1) -> torch.Tensor:
+    def prefill(self, row_ids: torch.Tensor, seqs: Sequence[Sequence[int]], repeats: int = 1,
+                prompt_of_row: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Write the prompts of ``row_ids`` (a contiguous range) into the cache; returns their last hidden states
         [n, d]. ``repeats`` > 1: ``seqs`` are the distinct prompts and row i holds seqs[i // repeats] (a prompt's G
-        samples): each prompt runs through the model once, and the cache layout stores it once ("shared_prefix")
-        or copies it into its G rows ("sdpa" / "flash_attn")."""
+        samples); ``prompt_of_row`` (instead): row i holds seqs[prompt_of_row[i]]. Each distinct prompt runs
+        through the model once, and the cache layout stores it once ("shared_prefix") or copies it into its rows
+        ("sdpa" / "flash_attn")."""
         lo, hi = self._range(row_ids)
-        if hi - lo != len(seqs) * repeats:
-            raise ValueError(f"{hi - lo} rows cannot hold {len(seqs)} prompts x {repeats} samples")
+        if prompt_of_row is None:
+            if hi - lo != len(seqs) * repeats:
+                raise ValueError(f"{hi - lo} rows cannot hold {len(seqs)} prompts x {repeats} samples")
+            prompt_of_row = torch.arange(len(seqs)).repeat_interleave(repeats).tolist()
+        elif len(prompt_of_row) != hi - lo or not all(0 <= p < len(seqs) for p in prompt_of_row):
+            raise ValueError(f"prompt_of_row must give each of the {hi - lo} rows one of the {len(seqs)} prompts")
         tokens, lengths = pad_sequences(seqs)
         tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+        of_row = torch.tensor(prompt_of_row, dtype=torch.long, device=self.device)
         P, T = tokens.shape
         if self.shares_prompts:
             shortest = min(len(s) for s in seqs)
             if shortest < self.prompt_len:
                 raise ValueError(f"a prompt of {shortest} tokens is shorter than the decoder's prompt_len="
                                  f"{self.prompt_len} (its rows would need more own slots than allocated)")
-            per_row = [len(s) for s in seqs for _ in range(repeats)]
+            per_row = [len(seqs[p]) for p in prompt_of_row]
             self.offset[lo:hi] = per_row
             self.high[lo:hi] = per_row
         else:
             self.high[lo:hi] = [T] * (hi - lo)
-        hidden = self.cache.prefill(self.model, tokens, lengths, lo, hi, repeats)
-        self.pos[lo:hi] = lengths.repeat_interleave(repeats)
-        return hidden[torch.arange(P, device=self.device), lengths - 1].repeat_interleave(repeats, 0)
+        hidden = self.cache.prefill(self.model, tokens, lengths, lo, hi, of_row)
+        self.pos[lo:hi] = lengths[of_row]
+        return hidden[torch.arange(P, device=self.device), lengths - 1][of_row]
+
+    def start_unconditional(self, n: int) -> None:
+        """Give the unconditional CFG rows n..2n-1 their context before an image block: the model family's
+        (Transformer.unconditional_context) for conditional rows 0..n-1 at their positions -- none (Lumina-mGPT:
+        the rows restart at position 0) or token lists, prefilled with each distinct list stored once."""
+        contexts = self.model.unconditional_context(self.pos[:n].tolist())
+        if contexts is None:
+            self.restart(n, 2 * n)
+            return
+        distinct = sorted(set(map(tuple, contexts)), key=lambda c: (len(c), c))
+        index = {c: i for i, c in enumerate(distinct)}
+        self.prefill(torch.arange(n, 2 * n), [list(c) for c in distinct],
+                     prompt_of_row=[index[tuple(c)] for c in contexts])
 
     def restart(self, lo: int, hi: int) -> None:
         """Rows lo..hi-1 start over at position 0 (the unconditional CFG rows at each image block)."""
@@ -240,8 +260,9 @@ def sample_image_blocks(dec: CachedDecoder, n: int, h: int, w: int, vocab: Image
                         step_offset: int = 0, row_ids: Optional[torch.Tensor] = None) -> ImageBlocks:
     """Generate one h x w image block for the n conditional rows 0..n-1 (continuing their cache).
 
-    With cfg_scale != 1 the decoder must hold 2n rows; rows n..2n-1 restart at
-    position 0 with the block as their only context. Returns tokens, sampler
+    With cfg_scale != 1 the decoder must hold 2n rows; rows n..2n-1 are the
+    unconditional branch, given the context the model family defines
+    (CachedDecoder.start_unconditional). Returns tokens, sampler
     log-probs and the policy mask of the block. RNG: Philox keyed by
     (scfg.seed, row_ids[r], step_offset + t) for the block's t-th token.
     """
@@ -256,7 +277,7 @@ def sample_image_blocks(dec: CachedDecoder, n: int, h: int, w: int, vocab: Image
     L = layout.numel()
     row_ids = torch.arange(n, device=dev) if row_ids is None else row_ids.to(dev)
     if use_cfg:
-        dec.restart(n, 2 * n)  # unconditional rows: image-only context
+        dec.start_unconditional(n)
     tokens = torch.empty(n, L, dtype=torch.long, device=dev)
     logprobs = torch.zeros(n, L, dtype=torch.float32, device=dev)
     chosen = layout == -1
@@ -289,16 +310,17 @@ def _draw(model: Transformer, hidden: torch.Tensor, use_cfg: bool, vocab: ImageV
         tok, lp = reference_draw(lc, lu, vocab.window, scfg.cfg_scale if use_cfg else 1.0, scfg.temperature,
                                  scfg.top_k, scfg.top_p, scfg.seed, offsets, row_ids)
         return (tok, lp) if free is None else (torch.where(free, tok, lo), torch.where(free, lp, 0.0))
-    w_img = model.lm_head.weight[lo:hi]
-    if scfg.head_mode == "hidden_cfg":
-        hc = hidden[:m]
-        hg = hidden[m:] + scfg.cfg_scale * (hc - hidden[m:]) if use_cfg else hc
+    feats, w_head, first = model.output_head(hidden, vocab.window)  # the image head: features, then a linear layer
+    w_img = w_head[lo - first:hi - first]
+    if scfg.head_mode == "hidden_cfg":  # guidance mixed in the features: one product with the window's weight
+        hc = feats[:m]
+        hg = feats[m:] + scfg.cfg_scale * (hc - feats[m:]) if use_cfg else hc
         tok, lp = cfg_sample(torch.nn.functional.linear(hg, w_img), temperature=scfg.temperature, top_k=scfg.top_k,
                              top_p=scfg.top_p, seed=scfg.seed, offset=offsets, row_ids=row_ids, forced=forced,
                              check=False)
     else:
-        lc = torch.nn.functional.linear(hidden[:m], w_img)
-        lu = torch.nn.functional.linear(hidden[m:], w_img) if use_cfg else None
+        lc = torch.nn.functional.linear(feats[:m], w_img)
+        lu = torch.nn.functional.linear(feats[m:], w_img) if use_cfg else None
         tok, lp = cfg_sample(lc, lu, cfg_scale=scfg.cfg_scale, temperature=scfg.temperature, top_k=scfg.top_k,
                              top_p=scfg.top_p, seed=scfg.seed, offset=offsets, row_ids=row_ids, forced=forced,
                              check=False)
@@ -337,7 +359,10 @@ def sample_image_blocks_jacobi(dec: CachedDecoder, n: int, h: int, w: int, vocab
     final = torch.ones(n, dtype=torch.long, device=dev)  # boi is forced: one final token
     done_at = torch.zeros(n, dtype=torch.long, device=dev)
     start = dec.positions(0, n)  # position of each conditional row's boi
-    above = w + 1  # one image row up: w codes + newline
+    if use_cfg:
+        dec.start_unconditional(n)
+        start_u = dec.positions(n, 2 * n)  # position of each unconditional row's boi
+    above = vocab.row_stride(w)  # one image row up: w codes (+ the row's newline)
     forwards = 0
     Wt = W  # this forward's window: W, or with jacobi_adaptive sized from the last acceptance (2 <= Wt <= W)
     while True:
@@ -349,8 +374,8 @@ def sample_image_blocks_jacobi(dec: CachedDecoder, n: int, h: int, w: int, vocab
         idx = base[:, None] + j  # [n, Wt] block indices fed
         feed = cur.gather(1, idx)
         pos = start[:, None] + idx
-        if use_cfg:  # the unconditional rows see the same tokens at block-relative positions
-            feed, pos = torch.cat([feed, feed]), torch.cat([pos, idx])
+        if use_cfg:  # the unconditional rows see the same tokens after their own context
+            feed, pos = torch.cat([feed, feed]), torch.cat([pos, start_u[:, None] + idx])
         hidden = dec.window(feed, pos)  # [rows, Wt, d]
         forwards += 1
         # the draw at window slot i is for block index base + 1 + i
@@ -397,7 +422,7 @@ def sample_image_blocks_jacobi(dec: CachedDecoder, n: int, h: int, w: int, vocab
     tokens = cur[:, :L].clone()
     dec.seek(0, n, start + L - 1)  # as the sequential loop leaves it: eoi is fed by the caller's next phase
     if use_cfg:
-        dec.seek(n, 2 * n, torch.full((n,), L - 1, dtype=torch.long, device=dev))
+        dec.seek(n, 2 * n, start_u + L - 1)
     if bool(torch.isnan(logprobs).any()):
         raise FloatingPointError("NaN logits while sampling an image block (model weights or inputs are not finite)")
     chosen = (layout == -1)
@@ -451,7 +476,6 @@ def sample_text(dec: CachedDecoder, n: int, first_hidden: torch.Tensor, stop_id:
     lo, hi = text_range
     if not lo <= stop_id < hi:
         raise ValueError(f"stop_id {stop_id} must lie in text_range {text_range}")
-    w_text = model.lm_head.weight[lo:hi]
     toks = torch.zeros(n, max_tokens, dtype=torch.long, device=dev)
     lps = torch.zeros(n, max_tokens, device=dev)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -464,8 +488,8 @@ def sample_text(dec: CachedDecoder, n: int, first_hidden: torch.Tensor, stop_id:
             x, lp = reference_draw(model.logits(hidden), None, text_range, 1.0, scfg.text_temperature,
                                    scfg.text_top_k, scfg.text_top_p, scfg.seed, step_offset + t, row_ids)
         else:
-            logits = torch.nn.functional.linear(hidden, w_text)
-            x, lp = cfg_sample(logits, temperature=scfg.text_temperature, top_k=scfg.text_top_k,
+            feats, w_head, first = model.output_head(hidden, text_range)
+            x, lp = cfg_sample(torch.nn.functional.linear(feats, w_head[lo - first:hi - first]), temperature=scfg.text_temperature, top_k=scfg.text_top_k,
                                top_p=scfg.text_top_p, seed=scfg.seed, offset=step_offset + t, row_ids=row_ids,
                                check=False)
             x = x + lo

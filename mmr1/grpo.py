@@ -141,6 +141,16 @@ def lr_lambda(cfg: GRPOConfig):
     return f
 
 
+def head_inputs(model: Transformer, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, window):
+    """What the fused ops take for the ids ``window`` of ``model``'s head (Transformer.output_head): (features,
+    weight, targets, vocab range) with targets and window in the weight's rows (masked targets set to its first
+    row, never read)."""
+    x, w, first = model.output_head(hidden, window)
+    if first:
+        targets = torch.where(mask, targets - first, 0)
+    return x, w, targets, (window[0] - first, window[1] - first)
+
+
 def _peak_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -274,14 +284,14 @@ class GRPOTrainer:
         h, split = self._hidden(self.ref, ro, slice(None), m_img | m_txt)
         if split is not None:
             targets, m_img, m_txt = split.gather(targets), split.gather(m_img), split.gather(m_txt)
-        w = self.ref.lm_head.weight
         logits = self.ref.logits(h) if self.cfg.backend == "reference" else None  # once, for both windows
         out = []
         for _, mask, window, temp in self._windows(m_img, m_txt):
             if logits is not None:
                 lp, _ = K.reference.token_logprobs(logits, targets, temp, *window, mask=mask)
             else:
-                lp = K.fused_linear_logprobs(h, w, targets, temp, window, mask=mask)
+                x, w, t, rng = head_inputs(self.ref, h, targets, mask, window)
+                lp = K.fused_linear_logprobs(x, w, t, temp, rng, mask=mask)
             out.append(lp)
         lp = torch.where(m_img, out[0], out[1])
         return lp if split is None else split.scatter(lp, ro.tokens.shape[1])
@@ -307,7 +317,6 @@ class GRPOTrainer:
             ref = None if ref is None else split.gather(ref)
         kw = dict(epsilon=self.cfg.eps_low, epsilon_high=self.cfg.eps_high, beta=self.cfg.beta, loss_weights=w_all)
         adv = advantages.to(h.device)[rows]
-        weight = self.policy.lm_head.weight
         logits = self.policy.logits(h) if self.cfg.backend == "reference" else None  # [N, T, V]: the cost avoided
         loss = h.new_zeros((), dtype=torch.float32)
         metrics: Dict[str, float] = {}
@@ -319,8 +328,9 @@ class GRPOTrainer:
                 part, m = K.reference.grpo_loss(logits, targets, adv, mask, old, ref, temperature=temp,
                                                 vocab_range=window, **kw)
             else:
-                part, m = K.fused_linear_grpo_loss(h, weight, targets, adv, mask, old, ref, temperature=temp,
-                                                   vocab_range=window, **kw)
+                x, w, t, rng = head_inputs(self.policy, h, targets, mask, window)
+                part, m = K.fused_linear_grpo_loss(x, w, t, adv, mask, old, ref, temperature=temp, vocab_range=rng,
+                                                   **kw)
             loss = loss + part
             for k, v in m.items():
                 metrics[f"{name}/{k}"] = float(v)

@@ -159,9 +159,9 @@ class KVCacheLayout:
         raise NotImplementedError
 
     def prefill(self, model, tokens: torch.Tensor, lengths: torch.Tensor, lo: int, hi: int,
-                repeats: int) -> torch.Tensor:
-        """Run prompts ``tokens`` [P, T] (right-padded, of ``lengths``) into rows lo..hi-1, ``repeats`` consecutive
-        rows per prompt, through ``model``'s forward (this cache is the model's: setup_cache); returns their hidden
+                of_row: torch.Tensor) -> torch.Tensor:
+        """Run prompts ``tokens`` [P, T] (right-padded, of ``lengths``) into rows lo..hi-1, row lo + i holding prompt
+        of_row[i], through ``model``'s forward (this cache is the model's: setup_cache); returns their hidden
         states [P, T, d]."""
         raise NotImplementedError
 
@@ -184,17 +184,17 @@ class SDPACache(KVCacheLayout):
         S = step.mask.shape[-1]
         return sdpa(q, ck[:, :S].transpose(1, 2), cv[:, :S].transpose(1, 2), step.mask)
 
-    def prefill(self, model, tokens, lengths, lo, hi, repeats):
+    def prefill(self, model, tokens, lengths, lo, hi, of_row):
         P, T = tokens.shape
         positions = torch.arange(T, device=tokens.device).expand(P, T)
-        if repeats == 1:  # rows not being prefilled keep their cache: run only the selected rows
-            return model(tokens, positions, kv_len=T, rows=(lo, hi))
-        # each prompt through the model once, in a P-row scratch cache of T slots, then copied to its G rows
+        if P == hi - lo and torch.equal(of_row, torch.arange(P, device=of_row.device)):  # one row per prompt:
+            return model(tokens, positions, kv_len=T, rows=(lo, hi))  # run only those rows, the others keep theirs
+        # each prompt through the model once, in a P-row scratch cache of T slots, then copied to its rows
         scratch = SDPACache(len(self.k), P, T, self.k[0].shape[2], self.k[0].shape[3], self.k[0].dtype, self.device)
         hidden = model(tokens, positions, kv_len=T, cache=scratch)
         for own, copy in ((self.k, scratch.k), (self.v, scratch.v)):
             for c, s in zip(own, copy):
-                c[lo:hi, :T] = s.repeat_interleave(repeats, 0)
+                c[lo:hi, :T] = s[of_row]
         return hidden
 
 
@@ -264,19 +264,18 @@ class SharedPrefixCache(KVCacheLayout):
         self.prefix_k[layer] = torch.cat([pad(self.prefix_k[layer]), pad(k)])
         self.prefix_v[layer] = torch.cat([pad(self.prefix_v[layer]), pad(v)])
 
-    def add_prefixes(self, lengths: torch.Tensor, lo: int, hi: int, repeats: int) -> None:
-        """Prompts of ``lengths`` [P] now head rows lo..hi-1, ``repeats`` consecutive rows each."""
+    def add_prefixes(self, lengths: torch.Tensor, lo: int, hi: int, of_row: torch.Tensor) -> None:
+        """Prompts of ``lengths`` [P] now head rows lo..hi-1: row lo + i continues prompt of_row[i]."""
         first = 0 if self.prefix_lengths is None else self.prefix_lengths.numel()
         self.prefix_lengths = lengths if self.prefix_lengths is None else torch.cat([self.prefix_lengths, lengths])
-        ids = torch.arange(first, first + lengths.numel(), device=lengths.device).repeat_interleave(repeats)
-        self.prefix_of_row[lo:hi] = ids
-        self.offset[lo:hi] = lengths.repeat_interleave(repeats)
+        self.prefix_of_row[lo:hi] = first + of_row
+        self.offset[lo:hi] = lengths[of_row]
 
-    def prefill(self, model, tokens, lengths, lo, hi, repeats):
+    def prefill(self, model, tokens, lengths, lo, hi, of_row):
         P, T = tokens.shape
         positions = torch.arange(T, device=tokens.device).expand(P, T)
         hidden = model(tokens, positions, rows=(lo, hi), fill_prefix=True)
-        self.add_prefixes(lengths, lo, hi, repeats)
+        self.add_prefixes(lengths, lo, hi, of_row)
         return hidden
 
 

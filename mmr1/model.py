@@ -27,7 +27,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -52,6 +52,7 @@ class ModelConfig:
     swin_norm: bool = False
     bos_id: int = 1
     eos_id: int = 2
+    qk_norm: bool = True  # Chameleon's per-head LayerNorm on q and k before RoPE (a Llama backbone has none)
 
     @property
     def head_dim(self) -> int:
@@ -82,6 +83,7 @@ class ModelConfig:
             swin_norm=bool(cfg.get("swin_norm", False)),
             bos_id=cfg.get("bos_token_id", 1) if cfg.get("bos_token_id") is not None else 1,
             eos_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 2),
+            qk_norm=cfg.get("model_type", "chameleon") != "llama",
         )
 
     @classmethod
@@ -147,8 +149,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
-        self.q_norm = QKNorm(cfg.num_heads, hd)
-        self.k_norm = QKNorm(cfg.num_kv_heads, hd)
+        self.q_norm = QKNorm(cfg.num_heads, hd) if cfg.qk_norm else nn.Identity()
+        self.k_norm = QKNorm(cfg.num_kv_heads, hd) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, ctx):
         """x (B, T, d); ``ctx`` says where the keys come from (mmr1.kv_cache: a causal pass, a shared-prefix
@@ -262,7 +264,7 @@ class Transformer(nn.Module):
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """Embed -> blocks -> final norm, every attention through ``ctx`` (mmr1.kv_cache). Called from forward only:
         FSDP gathers the root's parameters in forward's hooks."""
-        x = self.model.embed_tokens(tokens)
+        x = self.embed(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and not isinstance(ctx, CacheStep)
         for layer in self.model.layers:
@@ -292,10 +294,30 @@ class Transformer(nn.Module):
         x = self.run(packed, positions, SharedPrefixPass(P, Tp, N, T, plen))[0]
         return x[:P * Tp].view(P, Tp, -1), x[P * Tp:].view(N, T, -1)
 
+    # ----------------------------------------------------------------- how tokens enter and leave
+    # A model family is these four methods (mmr1.janus overrides them): the engine -- decoder, sampler calls,
+    # rollouts, trainer -- never asks what produced the hidden states.
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [..., d] of token ids (here: one table for text and image tokens)."""
+        return self.model.embed_tokens(tokens)
+
+    def output_head(self, hidden: torch.Tensor, window: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """The head that scores ids ``window`` = (lo, hi), as (features [..., f], weight [n, f], first): the logit
+        of id i is features @ weight[i - first]. The head's last layer is linear in the features, so guidance may
+        be mixed there, and the fused losses take (features, weight) with the window and targets shifted by
+        -first. Here one linear layer scores every id: the features are the hidden states, the weight lm_head's."""
+        return hidden, self.lm_head.weight, 0
+
     def logits(self, hidden: torch.Tensor, vocab_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """lm_head over hidden [..., d]; with vocab_range only the window's rows of the head are used."""
+        """Logits over the whole vocabulary (or the ids ``vocab_range``) for hidden [..., d]."""
         w = self.lm_head.weight if vocab_range is None else self.lm_head.weight[vocab_range[0]:vocab_range[1]]
         return F.linear(hidden, w)
+
+    def unconditional_context(self, lengths: List[int]) -> Optional[List[List[int]]]:
+        """The unconditional CFG rows' context before an image block whose conditional rows hold ``lengths``
+        tokens: None here (Lumina-mGPT: the unconditional branch sees only the image being drawn, its rows restart
+        at the block), or one token list per row."""
+        return None
 
 
 def teacher_forced_hidden(model: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

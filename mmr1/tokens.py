@@ -1,18 +1,22 @@
-"""Token-level formats: image blocks (Lumina-mGPT layout), VQ code <-> token ids, the text tokenizer.
+"""Token-level formats: image blocks, VQ code <-> token ids, the text tokenizer.
 
-An image block is ``boi, H, W, (w codes, newline) x h, eoi`` where H/W are
-resolution tokens ``size_base + rows // size_unit`` (Lumina: one size unit is a
+A Lumina-mGPT image block is ``boi, H, W, (w codes, newline) x h, eoi`` where H/W
+are resolution tokens ``size_base + rows // size_unit`` (Lumina: one size unit is a
 32-px grid cell = 2 code rows, so size_unit = 2 and 512 px -> 8804 + 16). In
 Chameleon's vocabulary the 8192 codes are BPE tokens named ``IMGIMG<digits as
 letters A-J>Z`` at ids 4..8195; their mapping is read from tokenizer.json or,
-for vocabularies made here, given as a contiguous range.
+for vocabularies made here, given as a contiguous range. A Janus-Pro block has no
+structure inside: ``boi, h x w codes, eoi``; its 16,384 codes have their own
+embedding and head, so they get ids of their own after the text vocabulary
+(``ImageVocab.janus``).
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -39,8 +43,8 @@ class ImageVocab:
     code_to_token: torch.Tensor  # [num_codes] int64
     boi: int
     eoi: int
-    newline: int
-    size_base: int
+    newline: Optional[int]  # the token ending each code row (None: rows are not marked)
+    size_base: Optional[int]  # resolution tokens after boi (None: the block has none)
     size_unit: int = 2
     vocab_size: int = 65536
 
@@ -64,6 +68,13 @@ class ImageVocab:
         """Lumina-mGPT / Chameleon ids: codes 4..8195 in order, eoi 8196, boi 8197, newline 8803, sizes 8804+n."""
         return cls(torch.arange(4, 4 + 8192), boi=8197, eoi=8196, newline=8803, size_base=8804, size_unit=2,
                    vocab_size=vocab_size)
+
+    @classmethod
+    def janus(cls, text_vocab_size: int, boi: int, eoi: int, num_codes: int = 16384) -> "ImageVocab":
+        """Janus-Pro: ``boi, codes, eoi`` with no structure inside; code c is id text_vocab_size + c (a window after
+        the text vocabulary: the model embeds and predicts those ids through its generation embedding and head)."""
+        return cls(torch.arange(text_vocab_size, text_vocab_size + num_codes), boi=boi, eoi=eoi, newline=None,
+                   size_base=None, vocab_size=text_vocab_size + num_codes)
 
     @classmethod
     def from_tokenizer_json(cls, path: Union[str, Path, Dict], boi: str = "<racm3:break>", eoi: str = "<eoss>",
@@ -92,7 +103,11 @@ class ImageVocab:
 
     # ------------------------------------------------------------------ blocks
     def block_length(self, h: int, w: int) -> int:
-        return 3 + h * (w + 1) + 1
+        return 1 + (2 if self.size_base is not None else 0) + h * self.row_stride(w) + 1
+
+    def row_stride(self, w: int) -> int:
+        """Tokens per code row of a block: w codes, and the newline where rows are marked."""
+        return w + (1 if self.newline is not None else 0)
 
     def size_token(self, n_codes: int) -> int:
         if n_codes % self.size_unit:
@@ -100,9 +115,11 @@ class ImageVocab:
         return self.size_base + n_codes // self.size_unit
 
     def forced_layout(self, h: int, w: int) -> torch.Tensor:
-        """Tokens of a block with -1 at the code positions: [boi, H, W, -1 x w, newline, ..., eoi]."""
-        row = [-1] * w + [self.newline]
-        return torch.tensor([self.boi, self.size_token(h), self.size_token(w)] + row * h + [self.eoi])
+        """Tokens of a block with -1 at the code positions: [boi, H, W, -1 x w, newline, ..., eoi] (Lumina) or
+        [boi, -1 x h w, eoi] (Janus)."""
+        row = [-1] * w + ([] if self.newline is None else [self.newline])
+        sizes = [] if self.size_base is None else [self.size_token(h), self.size_token(w)]
+        return torch.tensor([self.boi] + sizes + row * h + [self.eoi])
 
     def encode_block(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [h, w] -> the block's token ids [3 + h (w + 1) + 1]."""
@@ -119,10 +136,15 @@ class ImageVocab:
     def decode_block(self, tokens: Sequence[int]) -> torch.Tensor:
         """Token ids of one block -> codes [h, w]; ValueError naming what is malformed."""
         t = torch.as_tensor(list(tokens) if not isinstance(tokens, torch.Tensor) else tokens).long().cpu()
-        if t.numel() < 4 or int(t[0]) != self.boi or int(t[-1]) != self.eoi:
+        if t.numel() < 3 or int(t[0]) != self.boi or int(t[-1]) != self.eoi:
             raise ValueError("an image block must start with boi and end with eoi")
-        h = (int(t[1]) - self.size_base) * self.size_unit
-        w = (int(t[2]) - self.size_base) * self.size_unit
+        if self.size_base is None:  # no resolution tokens: a square block
+            h = w = math.isqrt(t.numel() - 2)
+        else:
+            if t.numel() < 4:
+                raise ValueError("an image block must start with boi and end with eoi")
+            h = (int(t[1]) - self.size_base) * self.size_unit
+            w = (int(t[2]) - self.size_base) * self.size_unit
         if h <= 0 or w <= 0:
             raise ValueError(f"bad resolution tokens {int(t[1])}, {int(t[2])}")
         if t.numel() != self.block_length(h, w):

@@ -40,7 +40,7 @@ def _well_formed(seq: List[int], vocab: ImageVocab, fmt: XCoTFormat) -> bool:
             return False
         close = seq.index(fmt.think_close)
         text, rest = seq[:close], seq[close + 1: -1]
-        structure = {vocab.boi, vocab.eoi, vocab.newline}
+        structure = {vocab.boi, vocab.eoi} | ({vocab.newline} if vocab.newline is not None else set())
         if any(t in structure or vocab.token_to_code[t] >= 0 for t in text if 0 <= t < vocab.vocab_size):
             return False
     shapes = ([fmt.subject_hw] if fmt.subject_image else []) + [fmt.final_hw]

