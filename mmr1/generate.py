@@ -449,8 +449,6 @@ def generate_images(model: Transformer, prompts: Sequence[Sequence[int]], vocab:
                         prompt_len=min(len(s) for s in distinct))
     try:
         dec.prefill(torch.arange(n, device=dec.device), distinct, repeats=num_samples)
-        if use_cfg:
-            dec.restart(n, 2 * n)
         # the block starts with boi: the caller's prompt ends right before it
         return sample_image_blocks(dec, n, h, w, vocab, scfg)
     finally:

@@ -40,6 +40,7 @@ DIST = "tests/test_trainer.py::test_torchrun_two_processes_equal_single_process"
 ATTN = "tests/test_decode_attention.py"
 GEN = "tests/test_generate.py"
 TRL_RUN = "tests/test_trl_use_kernels.py"
+JANUS = "tests/test_janus.py"
 
 MUTANTS: List[Mutant] = [
     Mutant("trainer: negated advantages", "mmr1/grpo.py",
@@ -188,10 +189,24 @@ MUTANTS: List[Mutant] = [
            "        self.offset[lo:hi] = lengths[of_row]",
            "        self.offset[lo:hi] = 0", (GEN,)),
     Mutant("decoder: a prefix row reads the prompt store from 0, not its own prompt", "mmr1/kv_cache.py",
-           "        self.prefix_of_row[lo:hi] = first + of_row", "        self.prefix_of_row[lo:hi] = of_row", (GEN,)),
+           "        self.prefix_of_row[lo:hi] = first + of_row", "        self.prefix_of_row[lo:hi] = of_row",
+           (GEN, JANUS)),
     Mutant("generation: the unconditional rows keep the conditional context", "mmr1/generate.py",
            "        if contexts is None:\n            self.restart(n, 2 * n)\n            return",
-           "        if contexts is None:\n            return", (GEN,)),
+           "        if contexts is None:\n            return", (GEN, JANUS)),
+    # Janus-Pro (issue 26)
+    Mutant("janus: the unconditional context loses its BOS", "mmr1/janus.py",
+           "return [[bos] + [pad] * (n - 1) for n in lengths]", "return [[pad] * n for n in lengths]", (JANUS,)),
+    Mutant("janus: vision_head's bias left out of the fused loss", "mmr1/janus.py",
+           "ones = torch.ones(*feats.shape[:-1], 1, dtype=feats.dtype, device=feats.device)",
+           "ones = torch.zeros(*feats.shape[:-1], 1, dtype=feats.dtype, device=feats.device)", (JANUS,)),
+    Mutant("janus: image codes embedded through the text table", "mmr1/janus.py",
+           "return torch.where(is_code[..., None], codes.to(text.dtype), text)",
+           "return self.model.embed_tokens(tokens.clamp(max=self.text_vocab - 1))", (JANUS,)),
+    Mutant("janus: guidance mixed in the backbone's hidden state, before the head's GELU", "mmr1/generate.py",
+           "        hg = feats[m:] + scfg.cfg_scale * (hc - feats[m:]) if use_cfg else hc",
+           "        hg = model.output_head(hidden[m:] + scfg.cfg_scale * (hidden[:m] - hidden[m:]), vocab.window)[0] "
+           "if use_cfg else hc", (JANUS,)),
     Mutant("decoder: writes past a row's own slots not refused", "mmr1/generate.py",
            "            if h - self.offset[r] > self.capacity:", "            if False:", (GEN,)),
     # dynamic sampling, the data pipeline (issue 21)

@@ -358,3 +358,32 @@ def test_jacobi_adaptive_window_draws_the_sequential_tokens(model_seed, flat):
     torch.testing.assert_close(jac.logprobs, seq.logprobs, atol=2e-5, rtol=2e-5)
     L = VOCAB.block_length(6, 7)
     assert jac.forwards <= (L // 4 if flat else L - 1), jac.forwards
+
+
+@pytest.mark.parametrize("decode", ["sequential", "jacobi"])
+def test_cfg_logprobs_follow_the_unconditional_image_only_context(decode):
+    """X-CoT with CFG: the sampler's log-prob of every code of both image blocks is the guided softmax computed from
+    plain forwards -- conditional over the whole sequence so far, unconditional over the current block alone
+    (Lumina-mGPT's unconditional branch), so the final block's unconditional rows must not keep the subject block."""
+    model = tiny_model(4)
+    s = 2.5
+    ro = xcot_rollout(model, PROMPTS[:2], VOCAB, FMT, SamplingConfig(cfg_scale=s, text_top_k=5, seed=9,
+                                                                     decode=decode, jacobi_window=4), num_samples=2)
+    lo, hi = VOCAB.window
+    checked = 0
+    for r in range(ro.num_samples):
+        seq = ro.tokens[r, :ro.lengths[r]].tolist()
+        p = int(ro.prompt_lengths[r])
+        for a, _ in VOCAB.find_blocks(seq[p:]):
+            start = p + a  # the block's boi
+            for t in range(start + 1, start + 8):
+                if not ro.chosen[r, t]:
+                    continue
+                with torch.no_grad():
+                    hc = model(torch.tensor([seq[:t]]))[0, -1]
+                    hu = model(torch.tensor([seq[start:t]]))[0, -1]
+                z = torch.nn.functional.linear(hu + s * (hc - hu), model.lm_head.weight[lo:hi]).double()
+                want = torch.log_softmax(z, 0)[seq[t] - lo]
+                assert abs(float(ro.logprobs[r, t]) - float(want)) < 1e-4, (r, t)
+                checked += 1
+    assert checked == 4 * 2 * 4  # 4 rows x 2 blocks x the first 4 codes (size tokens and newlines are forced)
