@@ -344,11 +344,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     ensure_bench_env("bench.attention")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="implies --quick: one point per part, one repeat -- that the "
+                    "suite runs end to end (the GPU check's dry run); its figures mean nothing")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--layers-only", action="store_true", help="parts 1 and 2 only (the one-layer benchmarks)")
     ap.add_argument("--update-only", action="store_true", help="part 5 only (the GRPO update through the shared prefix)")
     args = ap.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 15)
+    args.quick |= args.smoke
+    repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 15)
     if args.update_only:  # part 5 alone, replacing its rows in the last full run's results
         import json
         from .common import RESULTS_DIR
@@ -369,7 +372,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     fp = torch.float32
     block = d["block"]
     points = (block // 2,) if args.quick else (6, block // 2, block)
-    for W in (1, 8):
+    for W in ((8,) if args.smoke else (1, 8)):
         for done in points:  # conditional rows: text + subject block + the final block so far
             rows += bench_layer("demo layer", d["prompts"], d["G"], d["text"] + block + done, done, d["heads"],
                                 d["head_dim"], fp, W, repeats, bw)
@@ -387,7 +390,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         rows += bench_rollout(max(3, repeats // 3))
         rows += bench_grpo_step(3)
     if not args.layers_only:
-        rows += bench_update(args.repeats or (3 if args.quick else 9), 2 if args.quick else 8)  # quick: 2 prompts
+        rows += bench_update(repeats if args.smoke else args.repeats or (3 if args.quick else 9),
+                             2 if args.quick else 8)  # quick: 2 prompts
     mem = lumina_memory()
     meta = {**machine_info(), "copy_gbs": bw, "quick": args.quick, "lumina_kv_memory": mem}
     path = save_rows("attention_quick" if args.quick else "attention", rows, meta)

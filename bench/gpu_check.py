@@ -66,7 +66,7 @@ def _run(cmd: List[str], limit: int, env: Dict[str, str], log: Path) -> int:
             return 124
 
 
-SMOKE_SUITES = ("logprob", "train_step", "generation", "jacobi")
+SMOKE_SUITES = ("sampler", "logprob", "train_step", "generation", "jacobi", "attention")
 
 
 def plan(dry: bool, py: str) -> List[Dict]:
@@ -82,13 +82,14 @@ def plan(dry: bool, py: str) -> List[Dict]:
         steps.append({"name": "kernel test matrices with Triton on the GPU", "limit": 300,
                       "cmd": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not inductor",
                               *KERNEL_TESTS]})
-    for suite, limit, extra in (("sampler", 120, ["--repeats", "2"] if dry else []),
-                                ("logprob", 150, ["--repeats", "2"] if dry else []),
+    for suite, limit, extra in (("sampler", 120, []),
+                                ("logprob", 150, []),
                                 ("train_step", 120, []),
                                 ("generation", 150, ["--repeats", "1"] if dry else []),
                                 ("jacobi", 120, []),
-                                ("attention", 150, ["--repeats", "2"] if dry else ["--layers-only", "--repeats", "9"]),
-                                ("trl_trainer", 240, ["--repeats", "1"] if dry else ["--repeats", "3"])):
+                                ("attention", 150, [] if dry else ["--layers-only", "--repeats", "9"]),
+                                ("trl_trainer", 240, ["--repeats", "1", "--tokens", "2x32", "--vocabs", "16384"]
+                                 if dry else ["--repeats", "3"])):
         # the dry run checks that every step runs end to end: the suites with a --smoke size use it (their quick
         # shapes cost 1-5 min each on 2 CPU cores), the others their quick shapes
         size = ["--smoke"] if dry and suite in SMOKE_SUITES else quick

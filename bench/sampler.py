@@ -89,16 +89,19 @@ def main(argv=None) -> List[Row]:
         ensure_bench_env("bench.sampler")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="implies --quick: one batch size, one repeat -- that the "
+                    "suite runs end to end (the GPU check's dry run); its figures mean nothing")
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 9)
+    args.quick |= args.smoke
+    repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 9)
     bw = copy_bandwidth_gbs()
     from mmr1_kernels import backend_for
 
     meta = {**machine_info(), "copy_bandwidth_GBps": round(bw, 1), "backend": backend_for(DEVICE)}
     print("machine:", meta)
     rows: List[Row] = []
-    for B in ((1, 8) if args.quick else (1, 8, 32, 128)):
+    for B in ((1,) if args.smoke else (1, 8) if args.quick else (1, 8, 32, 128)):
         rows += bench_case(B, torch.bfloat16, bw, repeats)
     print(format_table(rows))
     path = save_rows("sampler" + ("_quick" if args.quick else ""), rows, meta)
