@@ -271,6 +271,20 @@ def load_janus(path: Union[str, Path], dtype: torch.dtype = torch.float32,
     return model.to(device=device, dtype=dtype).eval()
 
 
+def from_transformers(hf_model, boi_id: int, eoi_id: int) -> Janus:
+    """A Janus with the weights of an in-memory transformers ``JanusForConditionalGeneration`` (shared storage, no
+    copy); ``boi_id`` / ``eoi_id``: its tokenizer's <begin_of_image> / <end_of_image> ids."""
+    data = {**hf_model.config.to_dict(), "boi_token_id": boi_id, "eoi_token_id": eoi_id}
+    cfg = JanusConfig.from_dict(data)
+    state = _rename(hf_model.state_dict(), _TRANSFORMERS)
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = Janus(cfg)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
 def save_janus(model: Janus, path: Union[str, Path]) -> None:
     """config.json (JanusConfig) + model.safetensors in this module's names (load_janus reads it back)."""
     from safetensors.torch import save_file
@@ -282,4 +296,4 @@ def save_janus(model: Janus, path: Union[str, Path]) -> None:
               str(path / "model.safetensors"))
 
 
-__all__ = ["JanusConfig", "Janus", "GenAligner", "GenHead", "load_janus", "save_janus"]
+__all__ = ["JanusConfig", "Janus", "GenAligner", "GenHead", "load_janus", "save_janus", "from_transformers"]

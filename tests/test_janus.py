@@ -64,7 +64,12 @@ def prompts(n=2, length=7, seed=1):
 
 
 def test_text_and_image_code_logits_equal_transformers(pair):
+    from mmr1.janus import from_transformers
+
     hf, _, ours = pair
+    converted = from_transformers(hf, BOI, EOI)  # in memory: the same weights as the saved-and-loaded copy
+    assert converted.janus == ours.janus
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in converted.state_dict().items())
     assert ours.janus.num_codes == CODES and ours.config.num_kv_heads == 2 and not ours.config.qk_norm
     ids = torch.tensor(prompts(3, 9))
     with torch.no_grad():

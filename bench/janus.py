@@ -1,0 +1,144 @@
+"""Benchmark: Janus-Pro image-token rollouts -- mmr1's engine vs transformers' own JanusForConditionalGeneration.generate.
+
+    python -m bench.janus [--layers 2] [--repeats 1] [--quick]
+
+The same random weights in both (mmr1.janus.from_transformers shares them): Janus-Pro-1B's width (d 2048, 16 heads,
+MLP 5632, text vocab 102,400, 16,384 codes, head 2048) with fewer layers so that a CPU run takes minutes; one prompt
+x G = 8 samples with CFG 5 (16 rows), 576 image tokens (384 px). Both decode greedily here, so the tokens must be
+equal (checked before any time is reported); sampling would add transformers' softmax + multinomial per step.
+
+Two GRPO shapes:
+- T2I-R1's: a short text prompt (32 tokens);
+- MM-R1's: a reference image in the prompt (576 understanding tokens) + text -- 608 prompt tokens. The prompt is
+  stand-in text ids of that length: what the rollout's cost depends on is the prompt's length, and the
+  understanding tower runs once per prompt in either engine.
+
+transformers: a static cache of 2 x G rows, each holding its own copy of the prompt (the unconditional rows: BOS
+and pads), a Python loop over the 576 tokens, full attention over each row's cache, the CFG logits processor.
+mmr1: generate_images -- the prompt stored once for its G rows and the unconditional context (BOS + pads) once for
+all of them (the shared-prefix cache), per-row lengths, guidance in the head's features, the fused sampler.
+KV cache bytes: ours measured (the cache the decoder held), transformers' computed from its static cache's shape.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import List
+
+import torch
+
+from mmr1.generate import CachedDecoder, SamplingConfig, generate_images
+from mmr1.janus import from_transformers
+
+from .common import DEVICE, Row, ensure_bench_env, format_table, machine_info, save_rows, summarize
+
+BOI, EOI, PAD = 100016, 100593, 100002
+
+
+def hf_janus_pro(layers: int, hidden: int = 2048, dtype=torch.float32):
+    """transformers' Janus at Janus-Pro-1B's width with ``layers`` layers (a small VQ and vision tower: unused)."""
+    from transformers import JanusConfig, JanusForConditionalGeneration, LlamaConfig
+    from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
+
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=102400, hidden_size=hidden, intermediate_size=5632 * hidden // 2048,
+                       num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16,
+                       max_position_embeddings=16384, rms_norm_eps=1e-6, pad_token_id=PAD, bos_token_id=100000,
+                       eos_token_id=100001, tie_word_embeddings=False)
+    vision = JanusVisionConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=hidden,
+                               num_image_tokens=576)
+    vq = JanusVQVAEConfig(base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1, latent_channels=32,
+                          projection_dim=hidden, image_token_embed_dim=hidden)
+    model = JanusForConditionalGeneration(JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                                                      image_token_id=100581, tie_word_embeddings=False))
+    with torch.no_grad():  # weights that make the argmax decisive (transformers' init is std 0.02)
+        for name, p in model.named_parameters():
+            if "norm" not in name and p.dim() > 1:
+                p.normal_(0.0, 0.05)
+    model.generation_config.generation_kwargs = {"boi_token_id": BOI}
+    model.generation_config.pad_token_id, model.generation_config.bos_token_id = PAD, 100000
+    return model.eval().to(DEVICE, dtype)
+
+
+def main(argv=None) -> List[Row]:
+    if argv is None:
+        ensure_bench_env("bench.janus")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--group", type=int, default=8, help="G: samples per prompt")
+    ap.add_argument("--quick", action="store_true", help="d 512, 64 image tokens: that it runs (figures mean little)")
+    args = ap.parse_args(argv)
+    hidden = 512 if args.quick else 2048
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    hf = hf_janus_pro(args.layers, hidden, dtype)
+    if args.quick:
+        hf.model.vision_model.config.num_image_tokens = 64
+    ours = from_transformers(hf, BOI, EOI).to(DEVICE)
+    side = int(hf.model.vision_model.config.num_image_tokens ** 0.5)
+    G, g = args.group, 5.0
+    meta = {**machine_info(), "model": f"Janus-Pro-1B width d{hidden}, {args.layers} layers, "
+                                       f"{str(dtype).replace('torch.', '')}", "image": f"{side}x{side} codes",
+            "G": G, "cfg": g}
+    print("machine:", meta)
+    rows: List[Row] = []
+    gen = torch.Generator().manual_seed(1)
+    for shape, plen in (("T2I-R1 (32-token text prompt)", 32), ("MM-R1 (576 image + 32 text prompt tokens)", 608)):
+        prompt = [100000] + torch.randint(100, 90000, (plen - 1,), generator=gen).tolist()
+        ids = torch.tensor([prompt + [BOI]], device=DEVICE)
+        kv = {}
+        real_close = CachedDecoder.close
+
+        def close(self):
+            kv["ours"] = self.cache_bytes()
+            real_close(self)
+
+        def run_ours():
+            CachedDecoder.close = close
+            try:
+                return generate_images(ours, [prompt], ours.image_vocab(), (side, side), num_samples=G,
+                                       scfg=SamplingConfig(cfg_scale=g, temperature=0.0)).codes.reshape(G, -1)
+            finally:
+                CachedDecoder.close = real_close
+
+        def run_hf():
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=False,
+                               guidance_scale=g, num_return_sequences=G)
+
+        with torch.no_grad():
+            a, b = run_ours(), run_hf()
+        if not torch.equal(a.cpu(), b.cpu()):
+            raise AssertionError(f"{shape}: mmr1 and transformers drew different greedy tokens "
+                                 f"({int((a.cpu() != b.cpu()).sum())} of {a.numel()})")
+        times = {"mmr1 (shared-prefix cache, fused sampler)": [], "transformers JanusForConditionalGeneration."
+                 "generate": []}
+        for _ in range(args.repeats):
+            for name, fn in zip(times, (run_ours, run_hf)):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    fn()
+                times[name].append(time.perf_counter() - t0)
+        cfg = hf.config.text_config
+        L = max(hf.generation_config.max_length or 0, side * side + plen + 1)
+        kv["hf"] = 2 * cfg.num_hidden_layers * 2 * G * L * cfg.num_key_value_heads * (
+            cfg.hidden_size // cfg.num_attention_heads) * torch.finfo(dtype).bits // 8
+        toks = G * side * side
+        notes, ours_name = {}, next(iter(times))
+        for name, t in times.items():
+            med = sorted(t)[len(t) // 2]
+            kb = kv["ours"] if name == ours_name else kv["hf"]
+            notes[name] = f"{toks / med:.0f} image tok/s, KV cache {kb / 2**20:.0f} MiB, same greedy tokens"
+        rr = summarize("Janus-Pro image-token rollout (CFG 5, G=8, greedy)", shape, times, ours_name, notes=notes)
+        for r in rr:
+            r.extra = {"image_tokens_per_s": toks / (r.median_ms / 1e3),
+                       "kv_cache_mib": (kv["ours"] if r.provider == ours_name else kv["hf"]) / 2**20}
+        rows += rr
+        print(format_table(rr), flush=True)
+    path = save_rows("janus" + ("_quick" if args.quick else ""), rows, meta)
+    print(format_table(rows))
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
