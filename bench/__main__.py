@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--report", action="store_true", help="only regenerate the report")
-    ap.add_argument("--only", action="append", help="a suite: logprob, sampler, generation, jacobi, train_step, trl_loss, attention, trl_trainer")
+    ap.add_argument("--only", action="append", help="a suite: logprob, sampler, generation, jacobi, train_step, trl_loss, attention, trl_trainer, janus")
     ap.add_argument("--report-path", default=None, help=f"default: {REPORT} (--quick: <scratch>/BENCHMARKS.md)")
     ap.add_argument("--scratch", default=str(ROOT / "runs" / "bench-quick"),
                     help="where a --quick run writes its results, report and plots")

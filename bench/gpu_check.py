@@ -89,7 +89,8 @@ def plan(dry: bool, py: str) -> List[Dict]:
                                 ("jacobi", 120, []),
                                 ("attention", 150, [] if dry else ["--layers-only", "--repeats", "9"]),
                                 ("trl_trainer", 240, ["--repeats", "1", "--tokens", "2x32", "--vocabs", "16384"]
-                                 if dry else ["--repeats", "3"])):
+                                 if dry else ["--repeats", "3"]),
+                                ("janus", 240, ["--layers", "1"] if dry else ["--layers", "4", "--repeats", "3"])):
         # the dry run checks that every step runs end to end: the suites with a --smoke size use it (their quick
         # shapes cost 1-5 min each on 2 CPU cores), the others their quick shapes
         size = ["--smoke"] if dry and suite in SMOKE_SUITES else quick

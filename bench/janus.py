@@ -85,7 +85,7 @@ def main(argv=None) -> List[Row]:
     gen = torch.Generator().manual_seed(1)
     for shape, plen in (("T2I-R1 (32-token text prompt)", 32), ("MM-R1 (576 image + 32 text prompt tokens)", 608)):
         prompt = [100000] + torch.randint(100, 90000, (plen - 1,), generator=gen).tolist()
-        ids = torch.tensor([prompt + [BOI]], device=DEVICE)
+        ids = torch.tensor([prompt + [BOI]] * G, device=DEVICE)  # G rows (greedy refuses num_return_sequences)
         kv = {}
         real_close = CachedDecoder.close
 
@@ -103,7 +103,7 @@ def main(argv=None) -> List[Row]:
 
         def run_hf():
             return hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=False,
-                               guidance_scale=g, num_return_sequences=G)
+                               guidance_scale=g)
 
         with torch.no_grad():
             a, b = run_ours(), run_hf()

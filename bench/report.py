@@ -10,7 +10,7 @@ from typing import Dict, List
 
 from .common import RESULTS_DIR, Row, format_table
 
-SUITES = ["logprob", "sampler", "generation", "jacobi", "train_step", "trl_loss", "attention", "trl_trainer"]
+SUITES = ["logprob", "sampler", "generation", "jacobi", "train_step", "trl_loss", "attention", "trl_trainer", "janus"]
 
 
 def load(suffix: str) -> Dict[str, dict]:

@@ -310,17 +310,18 @@ def _draw(model: Transformer, hidden: torch.Tensor, use_cfg: bool, vocab: ImageV
         tok, lp = reference_draw(lc, lu, vocab.window, scfg.cfg_scale if use_cfg else 1.0, scfg.temperature,
                                  scfg.top_k, scfg.top_p, scfg.seed, offsets, row_ids)
         return (tok, lp) if free is None else (torch.where(free, tok, lo), torch.where(free, lp, 0.0))
-    feats, w_head, first = model.output_head(hidden, vocab.window)  # the image head: features, then a linear layer
+    feats, w_head, b_head, first = model.output_head(hidden, vocab.window)  # the image head: features, then linear
     w_img = w_head[lo - first:hi - first]
+    b_img = None if b_head is None else b_head[lo - first:hi - first]
     if scfg.head_mode == "hidden_cfg":  # guidance mixed in the features: one product with the window's weight
         hc = feats[:m]
         hg = feats[m:] + scfg.cfg_scale * (hc - feats[m:]) if use_cfg else hc
-        tok, lp = cfg_sample(torch.nn.functional.linear(hg, w_img), temperature=scfg.temperature, top_k=scfg.top_k,
-                             top_p=scfg.top_p, seed=scfg.seed, offset=offsets, row_ids=row_ids, forced=forced,
-                             check=False)
+        tok, lp = cfg_sample(torch.nn.functional.linear(hg, w_img, b_img), temperature=scfg.temperature,
+                             top_k=scfg.top_k, top_p=scfg.top_p, seed=scfg.seed, offset=offsets, row_ids=row_ids,
+                             forced=forced, check=False)
     else:
-        lc = torch.nn.functional.linear(feats[:m], w_img)
-        lu = torch.nn.functional.linear(feats[m:], w_img) if use_cfg else None
+        lc = torch.nn.functional.linear(feats[:m], w_img, b_img)
+        lu = torch.nn.functional.linear(feats[m:], w_img, b_img) if use_cfg else None
         tok, lp = cfg_sample(lc, lu, cfg_scale=scfg.cfg_scale, temperature=scfg.temperature, top_k=scfg.top_k,
                              top_p=scfg.top_p, seed=scfg.seed, offset=offsets, row_ids=row_ids, forced=forced,
                              check=False)
@@ -486,8 +487,9 @@ def sample_text(dec: CachedDecoder, n: int, first_hidden: torch.Tensor, stop_id:
             x, lp = reference_draw(model.logits(hidden), None, text_range, 1.0, scfg.text_temperature,
                                    scfg.text_top_k, scfg.text_top_p, scfg.seed, step_offset + t, row_ids)
         else:
-            feats, w_head, first = model.output_head(hidden, text_range)
-            x, lp = cfg_sample(torch.nn.functional.linear(feats, w_head[lo - first:hi - first]), temperature=scfg.text_temperature, top_k=scfg.text_top_k,
+            feats, w_head, b_head, first = model.output_head(hidden, text_range)
+            b_text = None if b_head is None else b_head[lo - first:hi - first]
+            x, lp = cfg_sample(torch.nn.functional.linear(feats, w_head[lo - first:hi - first], b_text), temperature=scfg.text_temperature, top_k=scfg.text_top_k,
                                top_p=scfg.text_top_p, seed=scfg.seed, offset=step_offset + t, row_ids=row_ids,
                                check=False)
             x = x + lo

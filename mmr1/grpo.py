@@ -144,8 +144,12 @@ def lr_lambda(cfg: GRPOConfig):
 def head_inputs(model: Transformer, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, window):
     """What the fused ops take for the ids ``window`` of ``model``'s head (Transformer.output_head): (features,
     weight, targets, vocab range) with targets and window in the weight's rows (masked targets set to its first
-    row, never read)."""
-    x, w, first = model.output_head(hidden, window)
+    row, never read). A bias becomes one more weight column against a column of ones: the fused ops take a weight
+    only, and [f, 1] @ [W, b]^T = f W^T + b."""
+    x, w, b, first = model.output_head(hidden, window)
+    if b is not None:
+        x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], -1)
+        w = torch.cat([w, b[:, None].to(w.dtype)], 1)
     if first:
         targets = torch.where(mask, targets - first, 0)
     return x, w, targets, (window[0] - first, window[1] - first)

@@ -11,8 +11,8 @@ Here the codes are ids of their own after the text vocabulary (``ImageVocab.janu
 the decoder, the sampler, the rollouts and the trainer run unchanged; this module overrides the four methods that
 say how tokens enter and leave (mmr1.model.Transformer): ``embed`` (text ids through the text table, code ids
 through gen_embed + gen_aligner), ``output_head`` (the text window through lm_head; the code window through
-proj_out + GELU as the features and vision_head -- its bias appended as a column -- as the linear layer, so CFG is
-mixed after the GELU, never in the backbone's hidden state), ``logits`` and ``unconditional_context`` (Janus's
+proj_out + GELU as the features and vision_head as the linear layer, so CFG is mixed after the GELU, never in the
+backbone's hidden state), ``logits`` and ``unconditional_context`` (Janus's
 unconditional branch is the prompt with every token but BOS replaced by pad; prompts of one length share it, and
 the shared-prefix cache stores it once).
 
@@ -171,12 +171,8 @@ class Janus(Transformer):
     def output_head(self, hidden, window):
         lo, hi = window
         if self.image_window[0] <= lo and hi <= self.image_window[1]:
-            # vision_head's bias as one more column, so the fused ops (weight only) see logits = [f, 1] @ [W, b]^T
             head = self.gen_head.vision_head
-            feats = self.gen_head.features(hidden)
-            ones = torch.ones(*feats.shape[:-1], 1, dtype=feats.dtype, device=feats.device)
-            weight = torch.cat([head.weight, head.bias[:, None].to(head.weight.dtype)], 1)
-            return torch.cat([feats, ones], -1), weight, self.text_vocab
+            return self.gen_head.features(hidden), head.weight, head.bias, self.text_vocab
         if hi > self.text_vocab:
             raise ValueError(f"window {window} mixes text ids and image codes (text: [0, {self.text_vocab}), "
                              f"codes: {self.image_window})")

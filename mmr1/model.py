@@ -301,12 +301,13 @@ class Transformer(nn.Module):
         """Input embeddings [..., d] of token ids (here: one table for text and image tokens)."""
         return self.model.embed_tokens(tokens)
 
-    def output_head(self, hidden: torch.Tensor, window: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """The head that scores ids ``window`` = (lo, hi), as (features [..., f], weight [n, f], first): the logit
-        of id i is features @ weight[i - first]. The head's last layer is linear in the features, so guidance may
-        be mixed there, and the fused losses take (features, weight) with the window and targets shifted by
-        -first. Here one linear layer scores every id: the features are the hidden states, the weight lm_head's."""
-        return hidden, self.lm_head.weight, 0
+    def output_head(self, hidden: torch.Tensor, window: Tuple[int, int]):
+        """The head that scores ids ``window`` = (lo, hi), as (features [..., f], weight [n, f], bias [n] or None,
+        first): the logit of id i is features @ weight[i - first] + bias[i - first]. The head's last layer is linear
+        in the features, so guidance may be mixed there, and the fused losses take (features, weight) with the
+        window and targets shifted by -first. Here one linear layer scores every id: the features are the hidden
+        states, the weight lm_head's, no bias."""
+        return hidden, self.lm_head.weight, None, 0
 
     def logits(self, hidden: torch.Tensor, vocab_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Logits over the whole vocabulary (or the ids ``vocab_range``) for hidden [..., d]."""

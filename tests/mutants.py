@@ -197,9 +197,9 @@ MUTANTS: List[Mutant] = [
     # Janus-Pro (issue 26)
     Mutant("janus: the unconditional context loses its BOS", "mmr1/janus.py",
            "return [[bos] + [pad] * (n - 1) for n in lengths]", "return [[pad] * n for n in lengths]", (JANUS,)),
-    Mutant("janus: vision_head's bias left out of the fused loss", "mmr1/janus.py",
-           "ones = torch.ones(*feats.shape[:-1], 1, dtype=feats.dtype, device=feats.device)",
-           "ones = torch.zeros(*feats.shape[:-1], 1, dtype=feats.dtype, device=feats.device)", (JANUS,)),
+    Mutant("janus: vision_head's bias left out of the fused loss", "mmr1/grpo.py",
+           "        x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], -1)",
+           "        x = torch.cat([x, torch.zeros(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], -1)", (JANUS,)),
     Mutant("janus: image codes embedded through the text table", "mmr1/janus.py",
            "return torch.where(is_code[..., None], codes.to(text.dtype), text)",
            "return self.model.embed_tokens(tokens.clamp(max=self.text_vocab - 1))", (JANUS,)),

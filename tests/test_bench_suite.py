@@ -31,9 +31,9 @@ def test_gpu_check_dry_run_and_quick_report_leave_the_published_results_alone(tm
     log = (scratch / "log.txt").read_text() if (scratch / "log.txt").exists() else ""
     assert out.returncode == 0, out.stdout[-2000:] + log[-4000:]
     result = json.loads((scratch / "gpu.json").read_text())
-    assert [s["status"] for s in result["steps"]] == ["ok"] * 8
+    assert [s["status"] for s in result["steps"]] == ["ok"] * 9
     assert set(result["suites"]) == {"sampler_quick", "logprob_quick", "train_step_quick", "generation_quick",
-                                     "jacobi_quick", "attention_quick", "trl_trainer_quick"}
+                                     "jacobi_quick", "attention_quick", "trl_trainer_quick", "janus_quick"}
     md = (scratch / "GPU.md").read_text()
     assert md.startswith("## GPU: none (dry run on CPU)") and "| step | result |" in md and "x vs ours" in md
     # the quick report from those results, in the same scratch directory
