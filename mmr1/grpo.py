@@ -78,6 +78,10 @@ class GRPOConfig:
     # a step whose every advantage is 0 (all groups constant) has no policy-gradient signal; AdamW would still
     # turn the tiny KL / rounding gradients into a full-size step (m / sqrt(v)): skip the update instead
     skip_zero_signal_steps: bool = False
+    # a step whose loss or gradient norm is NaN / inf on any rank is applied on no rank (one decision, all-reduced;
+    # logged as step/skipped_nonfinite); this many such steps in a row stop the run with an error, before a
+    # checkpoint of them could be written
+    max_nonfinite_steps: int = 3
     # DAPO's dynamic sampling: groups whose rewards have no spread (every sample scored alike: zero advantage, no
     # policy gradient) are dropped and more prompts are drawn -- up to dynamic_sampling_rounds rounds of
     # prompts_per_step prompts in all -- until the step holds prompts_per_step groups with signal; what stays
@@ -115,6 +119,9 @@ class GRPOConfig:
             self.sampling = SamplingConfig(**self.sampling)
         if not isinstance(self.sampling, SamplingConfig):
             raise TypeError(f"sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
+        if isinstance(self.max_nonfinite_steps, bool) or not isinstance(self.max_nonfinite_steps, int) \
+                or self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be an int >= 1, got {self.max_nonfinite_steps!r}")
         if isinstance(self.dynamic_sampling_rounds, bool) or not isinstance(self.dynamic_sampling_rounds, int) \
                 or self.dynamic_sampling_rounds < 1:
             raise ValueError(f"dynamic_sampling_rounds must be an int >= 1, got {self.dynamic_sampling_rounds!r}")
@@ -233,6 +240,7 @@ class GRPOTrainer:
         self.evals: List[Dict[str, float]] = []  # the eval records train(eval_fn=...) wrote
         self.log = MetricsLog(cfg.log_path, self.rank)
         self._passes = [0, 0]  # teacher-forced passes of the step: [per row, shared prefix]
+        self.nonfinite_run = 0  # steps in a row skipped for a non-finite loss or gradient norm
 
     # ------------------------------------------------------------------ batch
     def batch_for(self, step: int, round_: int = 0) -> List[dict]:
@@ -485,7 +493,14 @@ class GRPOTrainer:
                 gnorm = torch.zeros(())
                 continue
             gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+            nonfinite = self._nonfinite(loss, gnorm)
+            if nonfinite:  # no rank applies it: AdamW's state and the weights stay as they were
+                self.optimizer.zero_grad(set_to_none=True)
+                break
             self.optimizer.step()
+        else:
+            nonfinite = {}
+        self.nonfinite_run = self.nonfinite_run + 1 if nonfinite else 0
         with warnings.catch_warnings():  # a skipped first step: the schedule still advances, on purpose
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
@@ -498,7 +513,7 @@ class GRPOTrainer:
         trainer_lp /= max(float(chosen.sum()), 1.0)
         out = {
             "step": step, "loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": self.scheduler.get_last_lr()[0],
-            "skipped": float(skip),
+            "skipped": float(skip), "step/skipped_nonfinite": float(bool(nonfinite)), **nonfinite,
             **rnd.reward_metrics, **metrics,
             "adv/mean_abs": float(adv.abs().mean()), "adv/zero_std_frac": float(st["zero_std_frac"]),
             "reward/total_mean": float((rewards.nan_to_num() * weights).sum(1).mean()),
@@ -516,7 +531,30 @@ class GRPOTrainer:
         self.step_idx += 1
         self.history.append(out)
         self.log.write(out)
+        if nonfinite:
+            where = (f"the loss on rank {int(nonfinite['step/nonfinite_loss_rank'])}"
+                     if nonfinite["step/nonfinite_loss_rank"] >= 0 else "the gradient norm")
+            message = (f"step {step}: {where} is not finite; the update was applied on no rank "
+                       f"({self.nonfinite_run} such step(s) in a row; the run stops at {cfg.max_nonfinite_steps})")
+            if self.nonfinite_run >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(message + ": stopping; the last checkpoint written holds finite weights")
+            warnings.warn(message, RuntimeWarning)
         return GRPOStep(step, rnd.batch, ro, rewards, adv, out)
+
+    def _nonfinite(self, loss: torch.Tensor, gnorm: torch.Tensor) -> Dict[str, float]:
+        """{} when every rank's loss and the gradient norm are finite; otherwise the metrics of the skip -- the lowest
+        rank whose loss was not finite (-1: none; its gradient then was) and whether the gradient norm was not
+        finite. One all-reduced decision, so every rank skips or applies the same update."""
+        bad_loss = not bool(torch.isfinite(loss.detach()).all())
+        rank = torch.tensor([float(self.rank if bad_loss else self.world)])
+        grad = torch.tensor([0.0 if bool(torch.isfinite(gnorm.detach()).all()) else 1.0])
+        if self.world > 1:
+            dist.all_reduce(rank, op=dist.ReduceOp.MIN)
+            dist.all_reduce(grad, op=dist.ReduceOp.MAX)
+        r, g = int(rank.item()), float(grad.item())
+        if r >= self.world and g == 0.0:
+            return {}
+        return {"step/nonfinite_loss_rank": float(r if r < self.world else -1), "step/nonfinite_grad": g}
 
     def _global_metrics(self, out: Dict[str, float], tokens: Dict[str, int]) -> Dict[str, float]:
         """This rank's metrics -> the global batch's: window metrics are token means (weighted by each rank's token

@@ -194,6 +194,14 @@ MUTANTS: List[Mutant] = [
     Mutant("generation: the unconditional rows keep the conditional context", "mmr1/generate.py",
            "        if contexts is None:\n            self.restart(n, 2 * n)\n            return",
            "        if contexts is None:\n            return", (GEN, JANUS)),
+    # runs that survive clusters (issue 27)
+    Mutant("trainer: a non-finite step is applied anyway", "mmr1/grpo.py",
+           "            nonfinite = self._nonfinite(loss, gnorm)\n            if nonfinite:",
+           "            nonfinite = self._nonfinite(loss, gnorm)\n            if False:",
+           ("tests/test_trainer.py::test_a_nonfinite_step_is_applied_nowhere_logged_and_the_run_stops_after_max_in_a_row",)),
+    Mutant("trainer: non-finite steps in a row never stop the run", "mmr1/grpo.py",
+           "            if self.nonfinite_run >= cfg.max_nonfinite_steps:", "            if False:",
+           ("tests/test_trainer.py::test_a_nonfinite_step_is_applied_nowhere_logged_and_the_run_stops_after_max_in_a_row",)),
     # Janus-Pro (issue 26)
     Mutant("janus: the unconditional context loses its BOS", "mmr1/janus.py",
            "return [[bos] + [pad] * (n - 1) for n in lengths]", "return [[pad] * n for n in lengths]", (JANUS,)),

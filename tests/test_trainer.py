@@ -761,3 +761,99 @@ def test_old_layout_name_and_held_rows():
     h0 = ref.step(torch.tensor([8, 9]))
     ref.close()
     torch.testing.assert_close(h[0], h0[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_nonfinite_step_is_applied_nowhere_logged_and_the_run_stops_after_max_in_a_row(tmp_path):
+    """A NaN loss at step 1 (injected): the weights and AdamW's state stay as step 0 left them, the step is logged as
+    skipped (which term), training goes on; max_nonfinite_steps NaN steps in a row raise, and the last checkpoint
+    written before them holds finite weights."""
+    tr = GRPOTrainer(tiny_model(5), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg(steps=8, max_nonfinite_steps=2,
+                                                                                log_path=str(tmp_path / "m.jsonl")))
+    real = tr.loss
+    poison = {1, 3, 4}
+
+    def loss(*a, **k):
+        value, m = real(*a, **k)
+        return (value * float("nan"), m) if tr.step_idx in poison else (value, m)
+
+    tr.loss = loss
+    tr.step()
+    before = {n: p.detach().clone() for n, p in tr.policy.named_parameters()}
+    adam = {n: tr.optimizer.state[p]["exp_avg"].clone() for n, p in tr.policy.named_parameters()}
+    with pytest.warns(RuntimeWarning, match="step 1: the loss on rank 0 is not finite; the update was applied on no"):
+        m = tr.step().metrics
+    assert m["step/skipped_nonfinite"] == 1.0 and m["step/nonfinite_loss_rank"] == 0.0
+    for n, p in tr.policy.named_parameters():
+        assert torch.equal(p, before[n]) and torch.equal(tr.optimizer.state[p]["exp_avg"], adam[n]), n
+    m = tr.step().metrics  # step 2: finite again, applied
+    assert m["step/skipped_nonfinite"] == 0.0 and "step/nonfinite_loss_rank" not in m
+    assert any(not torch.equal(p, before[n]) for n, p in tr.policy.named_parameters())
+    tr.save(tmp_path / "ckpt")
+    with pytest.warns(RuntimeWarning):
+        tr.step()  # step 3: one in a row
+    with pytest.raises(FloatingPointError, match=r"step 4: .*\(2 such step\(s\) in a row; the run stops at 2\)"):
+        tr.step()
+    logged = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step/skipped_nonfinite"] for r in logged] == [0.0, 1.0, 0.0, 1.0, 1.0]
+    assert all(torch.isfinite(p).all() for p in tr.policy.parameters())
+    with pytest.raises(ValueError, match="max_nonfinite_steps must be an int >= 1"):
+        grpo_cfg(max_nonfinite_steps=0)
+
+
+def test_a_nonfinite_loss_on_one_rank_of_two_skips_the_step_on_both():
+    """torchrun, DDP, 2 processes: rank 1's loss is NaN at step 1; neither rank applies that step (their weights
+    after step 1 equal those after step 0, and equal each other), both log it naming rank 1, step 2 trains again."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    with socket.socket() as s, tempfile.TemporaryDirectory() as tmp:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        torchrun = Path(sys.executable).with_name("torchrun")
+        out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                              str(port), str(here / "torchrun_nonfinite.py"), tmp, str(here)],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-4000:]
+        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        m = r["metrics"]
+        assert [x["step/skipped_nonfinite"] for x in m] == [0.0, 1.0, 0.0]
+        assert m[1]["step/nonfinite_loss_rank"] == 1.0
+        w = r["weights"]
+        assert w[1] == w[0] and w[2] != w[1]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda ro, b: (_ for _ in ()).throw(RuntimeError("CLIP server down")), "reward 'judge' raised RuntimeError: CLIP"),
+    (lambda ro, b: ([0.5] * ro.num_samples, {}), "reward 'judge' returned list, expected a numeric tensor"),
+    (lambda ro, b: (torch.zeros(ro.num_samples, dtype=torch.complex64), {}), "returned Tensor of torch.complex64"),
+    (lambda ro, b: (torch.zeros(3), {}), "reward 'judge' returned 3 values for 8 samples"),
+    (lambda ro, b: (torch.full((ro.num_samples,), float("inf")), {}), "reward 'judge' returned \\+-inf"),
+])
+def test_a_failing_reward_stops_the_step_before_any_weight_changes(bad, match):
+    """A reward that raises or returns the wrong thing: a RewardError naming the reward and the step's prompts, and
+    the policy and AdamW untouched. NaN scores are no error: counted per reward, left out of the statistics."""
+    from mmr1.rewards import RewardError
+
+    prompts = [dict(p, id=f"prompt-{i}") for i, p in enumerate(PROMPTS)]
+    rs = RewardSet({"format": lambda ro, b: format_reward(ro, VOCAB, FMT), "judge": bad}, {"format": 1.0, "judge": 1.0})
+    tr = GRPOTrainer(tiny_model(5), VOCAB, FMT, rs, prompts, grpo_cfg())
+    before = {n: p.detach().clone() for n, p in tr.policy.named_parameters()}
+    with pytest.raises(RewardError, match=match) as err:
+        tr.step()
+    assert "prompt-" in str(err.value) and not tr.optimizer.state and tr.step_idx == 0
+    assert all(torch.equal(p, before[n]) for n, p in tr.policy.named_parameters())
+
+
+def test_nan_scores_are_counted_per_reward():
+    half_nan = lambda ro, b: (torch.where(torch.arange(ro.num_samples) % 2 == 0, 1.0, float("nan")), {})  # noqa: E731
+    rs = RewardSet({"format": lambda ro, b: format_reward(ro, VOCAB, FMT), "judge": half_nan}, {})
+    m = GRPOTrainer(tiny_model(5), VOCAB, FMT, rs, PROMPTS, grpo_cfg()).step().metrics
+    assert m["reward/judge_nan_count"] == 4.0 and m["reward/judge_nan_frac"] == 0.5 and m["reward/judge"] == 1.0
+    assert m["reward/format_nan_count"] == 0.0

@@ -56,6 +56,17 @@ def _well_formed(seq: List[int], vocab: ImageVocab, fmt: XCoTFormat) -> bool:
     return all(tuple(b.shape) == tuple(hw) for b, hw in zip(blocks, shapes))
 
 
+class RewardError(ValueError):
+    """A reward function failed or returned what is not one finite-or-NaN score per sample."""
+
+
+def _prompt_ids(batch: Sequence[dict]) -> str:
+    """The batch's prompts as the error names them: their "id" fields, else their positions in the batch."""
+    ids = [b.get("id", i) if isinstance(b, dict) else i for i, b in enumerate(batch)]
+    distinct = list(dict.fromkeys(ids))
+    return ", ".join(map(str, distinct[:8])) + (f", ... ({len(distinct)} in all)" if len(distinct) > 8 else "")
+
+
 @dataclass
 class RewardSet:
     """Named rewards with weights; ``__call__`` -> (rewards [N, R], weights [R], metrics)."""
@@ -73,21 +84,38 @@ class RewardSet:
         return list(self.rewards)
 
     def __call__(self, rollout: Rollout, batch: Sequence[dict]):
+        """Every reward on the rollout, before any weight changes. A reward that raises, returns something that is
+        not a numeric tensor of one value per sample, or returns +-inf stops the step with a RewardError naming the
+        reward and the batch's prompts; NaN means "could not score" (left out of every statistic, counted)."""
         cols, metrics = [], {}
         for name, fn in self.rewards.items():
-            values, m = fn(rollout, batch)
+            try:
+                values, m = fn(rollout, batch)
+            except Exception as err:
+                raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err} (prompts "
+                                  f"{_prompt_ids(batch)})") from err
+            if not isinstance(values, torch.Tensor) or not (values.dtype.is_floating_point or values.dtype in (
+                    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)):
+                raise RewardError(f"reward {name!r} returned {type(values).__name__}"
+                                  f"{'' if not isinstance(values, torch.Tensor) else ' of ' + str(values.dtype)}, "
+                                  f"expected a numeric tensor of {rollout.num_samples} scores (prompts "
+                                  f"{_prompt_ids(batch)})")
             values = values.float().reshape(-1)
             if values.numel() != rollout.num_samples:
-                raise ValueError(f"reward {name!r} returned {values.numel()} values for {rollout.num_samples} samples")
+                raise RewardError(f"reward {name!r} returned {values.numel()} values for {rollout.num_samples} samples "
+                                  f"(prompts {_prompt_ids(batch)})")
             if bool(torch.isinf(values).any()):
-                raise ValueError(f"reward {name!r} returned +-inf (use NaN for 'could not score')")
+                raise RewardError(f"reward {name!r} returned +-inf (use NaN for 'could not score'; prompts "
+                                  f"{_prompt_ids(batch)})")
             cols.append(values)
-            finite = values[~torch.isnan(values)]
+            nan = torch.isnan(values)
+            finite = values[~nan]
             metrics[f"reward/{name}"] = float(finite.mean()) if finite.numel() else float("nan")
-            metrics[f"reward/{name}_nan_frac"] = float(torch.isnan(values).float().mean())
+            metrics[f"reward/{name}_nan_frac"] = float(nan.float().mean())
+            metrics[f"reward/{name}_nan_count"] = float(nan.sum())
             metrics.update(m)
         weights = torch.tensor([float(self.weights.get(n, 1.0)) for n in self.names])
         return torch.stack(cols, 1), weights, metrics
 
 
-__all__ = ["RewardFn", "RewardSet", "format_reward"]
+__all__ = ["RewardFn", "RewardSet", "RewardError", "format_reward"]
