@@ -45,6 +45,7 @@ import mmr1_kernels as K
 from .distributed import wrap_parallel
 from .generate import SamplingConfig
 from .metrics_log import MetricsLog
+from .preemption import Preempted, SignalFlag
 from .model import PrefixSplit, Transformer, shared_prefix_hidden, split_shared_prefix, teacher_forced_hidden
 from .rewards import RewardSet
 from .rollout import Rollout, XCoTFormat, concat_groups, xcot_rollout
@@ -590,13 +591,15 @@ class GRPOTrainer:
     def train(self, steps: Optional[int] = None, progress: bool = True, checkpoint_dir: Optional[str] = None,
               checkpoint_every: int = 0, keep_last: int = 3,
               eval_fn: Optional[Callable[["GRPOTrainer"], Dict[str, float]]] = None, eval_every: int = 0,
-              callbacks: Sequence[StepCallback] = ()) -> List[Dict[str, float]]:
+              callbacks: Sequence[StepCallback] = (), handle_signals: bool = False) -> List[Dict[str, float]]:
         """Run ``steps`` steps (default: to cfg.steps). After each step, every ``callbacks`` entry is called with
         (trainer, GRPOStep) -- e.g. to save the step's images -- then the checkpoint is written every
         ``checkpoint_every`` steps into ``checkpoint_dir``. ``eval_fn(trainer) -> metrics`` (e.g. identity on
         held-out prompts) runs before the first step and after every ``eval_every`` steps and the last: its metrics
         are added to that step's history entry and logged as a {"phase": "eval", "step": ...} record (step =
-        updates done so far)."""
+        updates done so far). ``handle_signals``: a SIGTERM / SIGINT to any rank ends the run after the step under
+        way -- every rank finishes it, the checkpoint of that step is written (when ``checkpoint_dir`` is given) and
+        Preempted is raised (mmr1.preemption; the CLI exits with PREEMPTED_EXIT); a second signal exits at once."""
         from tqdm import tqdm
 
         n = self.cfg.steps - self.step_idx if steps is None else steps
@@ -604,17 +607,32 @@ class GRPOTrainer:
         if evaluating and self.step_idx == 0 and not self.evals:
             self._evaluate(eval_fn)
         bar = tqdm(range(n), desc="grpo", disable=not progress or self.rank != 0)
-        for i in bar:
-            result = self.step()
-            m = result.metrics
-            bar.set_postfix(reward=f"{m['reward/total_mean']:.3f}", kl=f"{m.get('image/kl', 0.0):.4f}")
-            if evaluating and (self.step_idx % eval_every == 0 or i == n - 1):
-                self.history[-1].update(self._evaluate(eval_fn))
-            for callback in callbacks:
-                callback(self, result)
-            if checkpoint_dir and checkpoint_every and self.step_idx % checkpoint_every == 0:
-                self.save(checkpoint_dir, keep_last)  # every rank writes its shards
+        with SignalFlag() if handle_signals else contextlib.nullcontext() as flag:
+            for i in bar:
+                result = self.step()
+                m = result.metrics
+                bar.set_postfix(reward=f"{m['reward/total_mean']:.3f}", kl=f"{m.get('image/kl', 0.0):.4f}")
+                if evaluating and (self.step_idx % eval_every == 0 or i == n - 1):
+                    self.history[-1].update(self._evaluate(eval_fn))
+                for callback in callbacks:
+                    callback(self, result)
+                saved = bool(checkpoint_dir and checkpoint_every and self.step_idx % checkpoint_every == 0)
+                if saved:
+                    self.save(checkpoint_dir, keep_last)  # every rank writes its shards
+                signum = self._agreed_signal(flag.signum) if flag is not None else 0
+                if signum:  # every rank stops after this same step
+                    if checkpoint_dir and not saved:
+                        self.save(checkpoint_dir, keep_last)
+                    raise Preempted(self.step_idx, signum, str(checkpoint_dir) if checkpoint_dir else None)
         return self.history
+
+    def _agreed_signal(self, signum: int) -> int:
+        """The largest signal number any rank has recorded (0: none) -- one all-reduce, the same on every rank."""
+        if self.world == 1:
+            return signum
+        t = torch.tensor([float(signum)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def _evaluate(self, eval_fn) -> Dict[str, float]:
         was_training = self.policy.training

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -31,6 +32,7 @@ from .distributed import finish_distributed, init_distributed
 from .grpo import GRPOConfig, GRPOStep, GRPOTrainer
 from .metrics_log import MetricsLog
 from .model import load_transformer
+from .preemption import PREEMPTED_EXIT, Preempted
 from .rewards import RewardSet, format_reward
 from .sft import SFTConfig, SFTTrainer
 from .sharded_checkpoint import latest_checkpoint
@@ -335,8 +337,14 @@ def grpo_main(args) -> None:
         if rank == 0 and args.sample_every and tr.step_idx % args.sample_every == 0 and ro.final_images is not None:
             save_grid(ro.final_images, grids / f"step-{tr.step_idx:06d}.png", cfg.group_size)
 
-    trainer.train(progress=rank == 0, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
-                  keep_last=args.keep_last, callbacks=[sample_grid])
+    try:
+        trainer.train(progress=rank == 0, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
+                      keep_last=args.keep_last, callbacks=[sample_grid], handle_signals=True)
+    except Preempted as stop:  # the checkpoint of the last finished step is written: exit for a rerun to resume
+        if rank == 0:
+            print(f"mmr1 grpo: {stop}", file=sys.stderr, flush=True)
+        finish_distributed(PREEMPTED_EXIT)
+        sys.exit(PREEMPTED_EXIT)
     if args.checkpoint_every == 0 or trainer.step_idx % args.checkpoint_every:
         trainer.save(ckpt, args.keep_last)
     _finish(rank)

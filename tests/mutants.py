@@ -202,6 +202,9 @@ MUTANTS: List[Mutant] = [
     Mutant("trainer: non-finite steps in a row never stop the run", "mmr1/grpo.py",
            "            if self.nonfinite_run >= cfg.max_nonfinite_steps:", "            if False:",
            ("tests/test_trainer.py::test_a_nonfinite_step_is_applied_nowhere_logged_and_the_run_stops_after_max_in_a_row",)),
+    Mutant("trainer: preemption exits without writing the step's checkpoint", "mmr1/grpo.py",
+           "                    if checkpoint_dir and not saved:", "                    if False:",
+           ("tests/test_trainer.py::test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint_and_the_rerun_is_exact",)),
     # Janus-Pro (issue 26)
     Mutant("janus: the unconditional context loses its BOS", "mmr1/janus.py",
            "return [[bos] + [pad] * (n - 1) for n in lengths]", "return [[pad] * n for n in lengths]", (JANUS,)),

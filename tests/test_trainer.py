@@ -857,3 +857,33 @@ def test_nan_scores_are_counted_per_reward():
     m = GRPOTrainer(tiny_model(5), VOCAB, FMT, rs, PROMPTS, grpo_cfg()).step().metrics
     assert m["reward/judge_nan_count"] == 4.0 and m["reward/judge_nan_frac"] == 0.5 and m["reward/judge"] == 1.0
     assert m["reward/format_nan_count"] == 0.0
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint_and_the_rerun_is_exact(parallel):
+    """torchrun, 2 processes: a real SIGTERM to rank 0 during the rollout or the update of the second step ends the
+    run on both ranks after that step (it finishes) with its checkpoint; during the checkpoint save after the first
+    step, after that save. A fresh trainer resumes there and its 4th step's weights and AdamW state equal an
+    uninterrupted run's, bit for bit."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    with socket.socket() as s, tempfile.TemporaryDirectory() as tmp:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        torchrun = Path(sys.executable).with_name("torchrun")
+        out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                              str(port), str(here / "torchrun_preempt.py"), tmp, str(here), parallel],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-4000:]
+        result = json.loads((Path(tmp) / "result.json").read_text())
+    for phase, after in (("rollout", 2), ("update", 2), ("save", 1)):
+        r = result[phase]
+        step, signum, ckpt = r["stopped"]
+        assert (step, signum) == (after, 15) and ckpt.endswith(f"ckpt-{phase}"), (phase, r)
+        assert r["resumed_at"] == after and r["same_as_uninterrupted"], (phase, r)
