@@ -1,6 +1,6 @@
 """Run by tests/test_trainer.py under `torchrun --nproc-per-node 2` (not collected by pytest).
 
-    torchrun_preempt.py OUT_DIR TESTS_DIR PARALLEL
+    torchrun_preempt.py OUT_DIR PARALLEL TESTS_DIR
 
 In one launch: a reference run of 4 GRPO steps; then, for each phase (the rollout or the update of the second step,
 the checkpoint save after the first), a run in which rank 0 alone receives a real SIGTERM there -- both ranks must
@@ -22,12 +22,12 @@ from mmr1.distributed import finish_distributed, init_distributed
 from mmr1.grpo import GRPOTrainer
 from mmr1.preemption import Preempted
 
-sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[3])
 from test_trainer import FMT, PROMPTS, VOCAB, grpo_cfg, reward_set, tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
 rank, _ = init_distributed()
-out, parallel = Path(sys.argv[1]), sys.argv[3]
+out, parallel = Path(sys.argv[1]), sys.argv[2]
 
 
 def trainer():
