@@ -50,6 +50,24 @@ def grpo_cfg(**kw):
     return GRPOConfig(**base)
 
 
+def run_torchrun_script(script: str, *args: str) -> None:
+    """``torchrun --nproc-per-node 2 tests/<script> <args> <tests dir>`` on a free local port; asserts it succeeded."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                          str(port), str(here / script), *args, str(here)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
 # --------------------------------------------------------------------------- rewards
 
 
@@ -695,20 +713,7 @@ def test_dynamic_sampling_is_bounded_and_logs_what_it_could_not_fill():
 def test_dynamic_sampling_under_torchrun_ranks_agree(tmp_path):
     """2 processes: every rank runs the same rounds and logs the same global step (the rank-0 log and the other
     rank's agree), each rank's batch holds only groups with signal."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parent
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                          str(port), str(here / "torchrun_dynamic.py"), str(tmp_path), str(here)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
+    run_torchrun_script("torchrun_dynamic.py", str(tmp_path))
     logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert len(logs[0]) == len(logs[1]) == 2
     for a, b in zip(*logs):
@@ -800,26 +805,11 @@ def test_a_nonfinite_step_is_applied_nowhere_logged_and_the_run_stops_after_max_
         grpo_cfg(max_nonfinite_steps=0)
 
 
-def test_a_nonfinite_loss_on_one_rank_of_two_skips_the_step_on_both():
+def test_a_nonfinite_loss_on_one_rank_of_two_skips_the_step_on_both(tmp_path):
     """torchrun, DDP, 2 processes: rank 1's loss is NaN at step 1; neither rank applies that step (their weights
     after step 1 equal those after step 0, and equal each other), both log it naming rank 1, step 2 trains again."""
-    import socket
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parent
-    with socket.socket() as s, tempfile.TemporaryDirectory() as tmp:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        torchrun = Path(sys.executable).with_name("torchrun")
-        out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                              str(port), str(here / "torchrun_nonfinite.py"), tmp, str(here)],
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-4000:]
-        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in (0, 1)]
+    run_torchrun_script("torchrun_nonfinite.py", str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         m = r["metrics"]
         assert [x["step/skipped_nonfinite"] for x in m] == [0.0, 1.0, 0.0]
@@ -860,28 +850,14 @@ def test_nan_scores_are_counted_per_reward():
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint_and_the_rerun_is_exact(parallel):
+def test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint_and_the_rerun_is_exact(parallel,
+                                                                                                        tmp_path):
     """torchrun, 2 processes: a real SIGTERM to rank 0 during the rollout or the update of the second step ends the
     run on both ranks after that step (it finishes) with its checkpoint; during the checkpoint save after the first
     step, after that save. A fresh trainer resumes there and its 4th step's weights and AdamW state equal an
     uninterrupted run's, bit for bit."""
-    import socket
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parent
-    with socket.socket() as s, tempfile.TemporaryDirectory() as tmp:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        torchrun = Path(sys.executable).with_name("torchrun")
-        out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                              str(port), str(here / "torchrun_preempt.py"), tmp, str(here), parallel],
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-4000:]
-        result = json.loads((Path(tmp) / "result.json").read_text())
+    run_torchrun_script("torchrun_preempt.py", str(tmp_path), parallel)
+    result = json.loads((tmp_path / "result.json").read_text())
     for phase, after in (("rollout", 2), ("update", 2), ("save", 1)):
         r = result[phase]
         step, signum, ckpt = r["stopped"]
