@@ -6,7 +6,13 @@ Layout of ``<root>``::
                          DTensor shards, each once; DDP's replicated tensors, deduplicated by DCP's planner)
         meta.json        rank 0: step, scheduler state, data position, world size, the run's config
         rng-rank<r>.pt   each rank's RNG streams (torch CPU / CUDA, Python, NumPy)
+        manifest.json    rank 0, last: every other file's size and SHA-256
     latest               the name of the newest complete checkpoint
+
+Integrity: loading verifies every file against the manifest first (rank 0 reads and hashes, every rank gets the
+verdict). A flipped bit, a truncated or a missing file is a CorruptCheckpoint error naming the file; given a root,
+the load falls back to the newest checkpoint that verifies, with a warning, and never reads an unverified one.
+Checkpoints written before manifests existed load with a warning that they are unverified.
 
 Atomic: a checkpoint is written into ``.step-00000012.tmp`` and published only after every rank has
 finished (a barrier), by a rename of the directory and then of ``latest`` (written to a temporary file
@@ -24,6 +30,7 @@ world size there is no exact continuation to restore, and a warning says so).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -40,6 +47,68 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file is missing, truncated, or does not match its recorded checksum."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(path: Path) -> None:
+    files = {str(f.relative_to(path)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    (path / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True))
+
+
+def verify_checkpoint(path: Union[str, Path]) -> bool:
+    """Check every file of a checkpoint directory against its manifest: True when it verifies, False when it has
+    no manifest (written before checksums; a warning says it is unverified); CorruptCheckpoint naming the first
+    file that is missing, of another size or another SHA-256 (or an unreadable manifest)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CorruptCheckpoint(f"checkpoint {path} is missing")
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        warnings.warn(f"checkpoint {path} has no {MANIFEST} (written before checksums): loading it unverified")
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        raise CorruptCheckpoint(f"checkpoint {path}: {MANIFEST} is unreadable ({err})") from err
+    for name, want in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"checkpoint {path}: {name} is missing")
+        if f.stat().st_size != want["bytes"]:
+            raise CorruptCheckpoint(f"checkpoint {path}: {name} has {f.stat().st_size} bytes, {want['bytes']} were "
+                                    f"written (truncated or overwritten)")
+        if _sha256(f) != want["sha256"]:
+            raise CorruptCheckpoint(f"checkpoint {path}: {name} does not match its SHA-256 (corrupted)")
+    return True
+
+
+def _verified_on_rank0(path: Path) -> Optional[str]:
+    """verify_checkpoint on rank 0 only (one read of the files), the verdict shared with every rank: None when it
+    verifies (or is an unverified old checkpoint), else the error message."""
+    message = ""
+    if _rank() == 0:
+        try:
+            verify_checkpoint(path)
+        except CorruptCheckpoint as err:
+            message = str(err)
+    if dist.is_initialized():
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    return message or None
 
 
 def _rank() -> int:
@@ -134,6 +203,7 @@ def save_sharded(root: Union[str, Path], step: int, model: torch.nn.Module,
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
     _barrier()  # every rank's shards and RNG are on disk
     if _rank() == 0:
+        _write_manifest(tmp)
         _fsync_tree(tmp)
         if final.exists():  # re-saving a step: the older copy goes only after the new one is complete
             shutil.rmtree(final)
@@ -155,9 +225,9 @@ def latest_checkpoint(root: Union[str, Path]) -> Optional[Path]:
     if not pointer.exists():
         return None
     path = root / pointer.read_text().strip()
-    if not (path / "meta.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
-    return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a checkpoint directory")
+    return path  # complete as published; load_sharded verifies its files
 
 
 def read_meta(path: Union[str, Path]) -> Dict[str, Any]:
@@ -184,15 +254,37 @@ def _check_config(path: Path, saved: Dict[str, Any], current: Optional[Dict[str,
 RUN_LENGTH_KEYS = frozenset({"steps", "log_path", "checkpoint_every", "out_dir", "keep_last"})
 
 
+def _verified(path: Path) -> Path:
+    """The checkpoint to load: ``path`` itself when it is a step directory (it must verify), or for a root the
+    newest checkpoint under it that verifies (a warning for each newer one that does not)."""
+    if not (path / LATEST).exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"no checkpoint at {path} (expected a step directory or a root with '{LATEST}')")
+        error = _verified_on_rank0(path)
+        if error:
+            raise CorruptCheckpoint(error)
+        return path
+    newest = path / (path / LATEST).read_text().strip()
+    candidates = [newest] + [p for p in sorted(path.glob("step-*"), reverse=True) if p.is_dir() and p != newest]
+    errors = []
+    for candidate in candidates:
+        error = _verified_on_rank0(candidate)
+        if error is None:
+            if errors:
+                warnings.warn("newer checkpoints did not verify, resuming from " + str(candidate) + ": "
+                              + "; ".join(errors))
+            return candidate
+        errors.append(error)
+    raise CorruptCheckpoint(f"no checkpoint under {path} verifies: " + "; ".join(errors))
+
+
 def load_sharded(path: Union[str, Path], model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                  scheduler=None, config: Optional[Dict[str, Any]] = None, restore_rng: bool = True,
                  ignore: Iterable[str] = ()) -> Dict[str, Any]:
     """Load a checkpoint directory (or a root: its ``latest``) into ``model`` / ``optimizer`` / ``scheduler``
     (call on every rank). Returns {"step", "extra", "config", "path"}. A checkpoint from a different config
     (other than run-length fields and the keys in ``ignore``) is refused, naming the differing keys."""
-    path = Path(path)
-    if (path / LATEST).exists():
-        path = latest_checkpoint(path)
+    path = _verified(Path(path))
     meta = read_meta(path)
     _check_config(path, meta.get("config", {}), config, RUN_LENGTH_KEYS | frozenset(ignore))
     dcp.load({"train": _ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(path))
@@ -218,6 +310,9 @@ def export_consolidated(path: Union[str, Path], out_dir: Union[str, Path]) -> Pa
     path = Path(path)
     if (path / LATEST).exists():
         path = latest_checkpoint(path)
+    error = _verified_on_rank0(path)  # export reads exactly the checkpoint named: no fallback
+    if error:
+        raise CorruptCheckpoint(error)
     meta = read_meta(path)
     model_cfg = meta.get("config", {}).get("model")
     if not model_cfg:
@@ -238,4 +333,4 @@ def export_consolidated(path: Union[str, Path], out_dir: Union[str, Path]) -> Pa
 
 
 __all__ = ["save_sharded", "load_sharded", "latest_checkpoint", "read_meta", "export_consolidated",
-           "step_dir_name"]
+           "step_dir_name", "verify_checkpoint", "CorruptCheckpoint"]

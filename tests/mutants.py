@@ -205,6 +205,13 @@ MUTANTS: List[Mutant] = [
     Mutant("trainer: preemption exits without writing the step's checkpoint", "mmr1/grpo.py",
            "                    if checkpoint_dir and not saved:", "                    if False:",
            ("tests/test_trainer.py::test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint_and_the_rerun_is_exact",)),
+    Mutant("checkpoint: checksums never compared", "mmr1/sharded_checkpoint.py",
+           "        if _sha256(f) != want[\"sha256\"]:", "        if False:",
+           ("tests/test_trainer.py::test_a_corrupt_checkpoint_is_named_and_a_resume_falls_back_to_the_newest_that_verifies",)),
+    Mutant("checkpoint: a resume loads the newest checkpoint without verifying it", "mmr1/sharded_checkpoint.py",
+           "    for candidate in candidates:\n        error = _verified_on_rank0(candidate)",
+           "    for candidate in candidates:\n        error = None",
+           ("tests/test_trainer.py::test_a_corrupt_checkpoint_is_named_and_a_resume_falls_back_to_the_newest_that_verifies",)),
     # Janus-Pro (issue 26)
     Mutant("janus: the unconditional context loses its BOS", "mmr1/janus.py",
            "return [[bos] + [pad] * (n - 1) for n in lengths]", "return [[pad] * n for n in lengths]", (JANUS,)),

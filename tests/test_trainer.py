@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -863,3 +864,53 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint_a
         step, signum, ckpt = r["stopped"]
         assert (step, signum) == (after, 15) and ckpt.endswith(f"ckpt-{phase}"), (phase, r)
         assert r["resumed_at"] == after and r["same_as_uninterrupted"], (phase, r)
+
+
+@pytest.mark.parametrize("kind", ["distcp", ".metadata", "meta.json", "rng-rank0.pt"])
+def test_a_corrupt_checkpoint_is_named_and_a_resume_falls_back_to_the_newest_that_verifies(kind, tmp_path):
+    """Every checkpoint file has a SHA-256 in manifest.json. A flipped bit (first, middle or last byte), a truncated
+    or a missing file in the newest checkpoint: loading that step is a CorruptCheckpoint naming the file; resuming
+    from the root warns and takes the newest checkpoint that verifies; export refuses it; a checkpoint without a
+    manifest (written before checksums) still loads, with a warning."""
+    import shutil
+
+    from mmr1.sharded_checkpoint import CorruptCheckpoint, verify_checkpoint
+
+    tr = GRPOTrainer(tiny_model(5), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg())
+    root = tmp_path / "ckpt"
+    tr.step()
+    tr.save(root)
+    tr.step()
+    tr.save(root)
+    assert verify_checkpoint(root / "step-00000002") and verify_checkpoint(root / "step-00000001")
+    files = sorted((root / "step-00000002").rglob("*"))
+    target = next(f for f in files if f.is_file() and (f.name == kind or f.suffix == "." + kind))
+    name = str(target.relative_to(root / "step-00000002"))
+    size = target.stat().st_size
+
+    def flip(at):
+        def corrupt(f):
+            data = bytearray(f.read_bytes())
+            data[at(len(data))] ^= 0x10
+            f.write_bytes(bytes(data))
+        return corrupt
+
+    corruptions = {"first byte": flip(lambda n: 0), "middle byte": flip(lambda n: n // 2),
+                   "last byte": flip(lambda n: n - 1), "truncated": lambda f: f.write_bytes(f.read_bytes()[:size // 2]),
+                   "missing": lambda f: f.unlink()}
+    for what, corrupt in corruptions.items():
+        copy = tmp_path / what.replace(" ", "_")
+        shutil.copytree(root, copy)
+        corrupt(copy / "step-00000002" / name)
+        with pytest.raises(CorruptCheckpoint, match=re.escape(name)):
+            tr.load(copy / "step-00000002")
+        fresh = GRPOTrainer(tiny_model(5), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg())
+        with pytest.warns(UserWarning, match="did not verify, resuming from .*step-00000001"):
+            fresh.load(copy)
+        assert fresh.step_idx == 1, what
+        with pytest.raises(CorruptCheckpoint, match=re.escape(name)):
+            export_consolidated(copy / "step-00000002", tmp_path / f"export-{what.replace(' ', '_')}")
+    (root / "step-00000002" / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="has no manifest.json .* unverified"):
+        tr.load(root)
+    assert tr.step_idx == 2
