@@ -195,20 +195,29 @@ def save_sharded(root: Union[str, Path], step: int, model: torch.nn.Module,
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    dcp.save({"train": _ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng-rank{_rank()}.pt")
+    error = None
+    try:  # a write error (disk full, permission, I/O) is caught here so that every rank reaches the agreement below
+        dcp.save({"train": _ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / f"rng-rank{_rank()}.pt")
+        if _rank() == 0:
+            meta = {"step": step, "world_size": _world(), "extra": extra or {},
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None, "config": config or {}}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    except Exception as err:
+        error = err
+    _agree_on_write(error, tmp, final)  # every rank's shards and RNG are on disk, or every rank raises
     if _rank() == 0:
-        meta = {"step": step, "world_size": _world(), "extra": extra or {},
-                "scheduler": scheduler.state_dict() if scheduler is not None else None, "config": config or {}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-    _barrier()  # every rank's shards and RNG are on disk
+        try:
+            _write_manifest(tmp)
+            _fsync_tree(tmp)
+            if final.exists():  # re-saving a step: the older copy goes only after the new one is complete
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _publish_latest(root, name)
+        except Exception as err:
+            error = err
+    _agree_on_write(error, tmp, final)
     if _rank() == 0:
-        _write_manifest(tmp)
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step: the older copy goes only after the new one is complete
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _publish_latest(root, name)
         done = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in done[:-keep_last]:
             shutil.rmtree(old)
@@ -216,6 +225,31 @@ def save_sharded(root: Union[str, Path], step: int, model: torch.nn.Module,
             shutil.rmtree(stale)
     _barrier()
     return final
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed on some rank: raised on every rank; the partial directory is removed and the
+    previous ``latest`` is untouched."""
+
+
+def _agree_on_write(error: Optional[BaseException], tmp: Path, final: Path) -> None:
+    """Every rank learns whether any rank failed (one all_gather of the error messages, which every rank reaches
+    because errors are caught before it: no rank waits forever on one that raised); on a failure rank 0 removes the
+    partial directory and every rank raises CheckpointWriteError naming the failed ranks."""
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    messages = [message]
+    if dist.is_initialized():
+        messages = [None] * _world()
+        dist.all_gather_object(messages, message)
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        return
+    if _rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()  # the partial directory is gone before any rank reports the failure
+    raise CheckpointWriteError(f"writing checkpoint {final} failed (" + "; ".join(f"rank {r}: {m}" for r, m in failed)
+                               + "); the partial directory is removed, the previous checkpoint is untouched") \
+        from error
 
 
 def latest_checkpoint(root: Union[str, Path]) -> Optional[Path]:
@@ -333,4 +367,4 @@ def export_consolidated(path: Union[str, Path], out_dir: Union[str, Path]) -> Pa
 
 
 __all__ = ["save_sharded", "load_sharded", "latest_checkpoint", "read_meta", "export_consolidated",
-           "step_dir_name", "verify_checkpoint", "CorruptCheckpoint"]
+           "step_dir_name", "verify_checkpoint", "CorruptCheckpoint", "CheckpointWriteError"]

@@ -399,10 +399,11 @@ def test_checkpoint_is_atomic_keeps_the_last_k_and_is_config_checked(tmp_path, m
         raise OSError("disk full")  # ... and the process dies before publishing
 
     monkeypatch.setattr(dcp, "save", crash_after_writing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="disk full"):  # a CheckpointWriteError (an OSError), the partial copy removed
         save_sharded(root, 6, tiny_model(9), config={"lr": 1.0})
     monkeypatch.undo()
-    assert latest_checkpoint(root).name == "step-00000005" and (root / ".step-00000006.tmp").exists()
+    assert latest_checkpoint(root).name == "step-00000005" and not (root / ".step-00000006.tmp").exists()
+    (root / ".step-00000006.tmp").mkdir()  # what a process killed mid-save leaves: the next save removes it
     other = tiny_model(10)
     assert load_sharded(root, other, config={"lr": 1.0})["step"] == 5  # the old checkpoint is intact
     for k, v in model.state_dict().items():
@@ -818,6 +819,11 @@ def test_a_nonfinite_loss_on_one_rank_of_two_skips_the_step_on_both(tmp_path):
         w = r["weights"]
         assert w[1] == w[0] and w[2] != w[1]
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    # then a disk-full error on rank 1 while writing a checkpoint: both ranks raise, naming rank 1; no partial
+    # directory is left; the previous checkpoint stays the latest
+    for r in ranks:
+        assert "rank 1: OSError" in r["write_error"] and "No space left" in r["write_error"], r["write_error"]
+        assert r["latest"] == "step-00000003" and r["partial_dirs"] == []
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -914,3 +920,31 @@ def test_a_corrupt_checkpoint_is_named_and_a_resume_falls_back_to_the_newest_tha
     with pytest.warns(UserWarning, match="has no manifest.json .* unverified"):
         tr.load(root)
     assert tr.step_idx == 2
+
+
+@pytest.mark.parametrize("phase", ["shards", "publish"])
+def test_a_write_error_during_a_save_leaves_the_previous_checkpoint_loadable(phase, tmp_path, monkeypatch):
+    """Disk full while the shards are written, or a permission error while the checkpoint is published: a
+    CheckpointWriteError naming the rank and the cause, the partial directory removed, ``latest`` unchanged and
+    loadable."""
+    import errno
+
+    import mmr1.sharded_checkpoint as sc
+
+    tr = GRPOTrainer(tiny_model(5), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg())
+    root = tmp_path / "ckpt"
+    tr.step()
+    tr.save(root)
+    tr.step()
+
+    def fail(*a, **k):
+        raise (OSError(errno.ENOSPC, "No space left on device") if phase == "shards"
+               else PermissionError(errno.EACCES, "Permission denied"))
+    monkeypatch.setattr(sc, "_rng_state" if phase == "shards" else "_write_manifest", fail)
+    with pytest.raises(sc.CheckpointWriteError, match="rank 0: (OSError|PermissionError).*(No space|Permission)"):
+        tr.save(root)
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001"]
+    fresh = GRPOTrainer(tiny_model(5), VOCAB, FMT, reward_set(), PROMPTS, grpo_cfg())
+    fresh.load(root)
+    assert fresh.step_idx == 1

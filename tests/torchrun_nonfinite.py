@@ -36,5 +36,27 @@ for _ in range(3):
         warnings.simplefilter("ignore")
         out["metrics"].append(tr.step().metrics)
     out["weights"].append(sum(float(p.detach().double().sum()) for p in tr.policy.parameters()))
+# a write error on rank 1 during the next checkpoint (disk full): raised on both ranks, no partial directory, the
+# previous checkpoint still the latest
+import errno  # noqa: E402
+
+import mmr1.sharded_checkpoint as sc  # noqa: E402
+
+root = Path(sys.argv[1], "ckpt")
+tr.save(root)
+real_rng = sc._rng_state
+if rank == 1:
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device")
+    sc._rng_state = full_disk
+tr.step_idx += 1  # another step's checkpoint
+try:
+    tr.save(root)
+    out["write_error"] = None
+except sc.CheckpointWriteError as err:
+    out["write_error"] = str(err)
+sc._rng_state = real_rng
+out["latest"] = sc.latest_checkpoint(root).name
+out["partial_dirs"] = sorted(p.name for p in root.glob(".step-*"))
 Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(out))
 finish_distributed()
