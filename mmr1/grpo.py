@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 import mmr1_kernels as K
 
-from .distributed import wrap_parallel
+from .distributed import wait_for_all_ranks, wrap_parallel
 from .generate import SamplingConfig
 from .metrics_log import MetricsLog
 from .preemption import Preempted, SignalFlag
@@ -414,6 +414,8 @@ class GRPOTrainer:
             if name not in self.rewards.names:
                 raise ValueError(f"reward_weights names unknown reward {name!r}")
             weights[self.rewards.names.index(name)] = wgt
+        if self.world > 1:  # each rank's work so far was its own: a rank stuck in it is named here, not waited for
+            wait_for_all_ranks(f"step {step}'s rollouts and rewards (round {round_})")
         return RolloutRound(batch, ro, rewards, weights, rmetrics, t_roll)
 
     def _any_rank(self, flag: bool) -> bool:

@@ -4,17 +4,23 @@ every rank, writes a checkpoint and exits with ``PREEMPTED_EXIT``; the same comm
 
 The handler only records the signal: the loop reads it at its next step boundary, through one all-reduce, so every
 rank stops after the same step even when only one rank was signalled. A second signal exits at once
-(status 128 + signal number). A step must therefore fit inside the scheduler's grace period.
+(status 128 + signal number) -- unless it comes within ``REPEAT_WINDOW_S`` of the first: SLURM signals every process
+of a job step and torchrun forwards the SIGTERM it received to its workers, so a worker gets two copies of one
+request milliseconds apart. A step must fit inside the scheduler's grace period (torchrun waits 30 s for its
+workers after forwarding a SIGTERM, then kills them).
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Dict, Optional, Sequence
 
 # EX_TEMPFAIL (sysexits.h): a temporary failure, the command may be retried -- here: preempted, checkpoint written,
 # run the same command again to resume
 PREEMPTED_EXIT = 75
+# a repeat of the signal sooner than this after the first is the same request delivered twice (see above)
+REPEAT_WINDOW_S = 1.0
 
 
 class Preempted(Exception):
@@ -33,12 +39,15 @@ class SignalFlag:
     def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = tuple(signals)
         self.signum = 0  # the first signal received, 0 while none
+        self._first_at = 0.0
         self._previous: Dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.signum:
+            if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+                return  # the launcher's forwarded copy of the first request
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
 
     def __enter__(self) -> "SignalFlag":
         for s in self.signals:
@@ -51,4 +60,4 @@ class SignalFlag:
         self._previous.clear()
 
 
-__all__ = ["PREEMPTED_EXIT", "Preempted", "SignalFlag"]
+__all__ = ["PREEMPTED_EXIT", "REPEAT_WINDOW_S", "Preempted", "SignalFlag"]

@@ -856,6 +856,28 @@ def test_nan_scores_are_counted_per_reward():
     assert m["reward/format_nan_count"] == 0.0
 
 
+def test_a_repeated_signal_within_the_window_is_one_request_a_later_one_exits_at_once():
+    """SignalFlag: the first SIGTERM is recorded; a copy within REPEAT_WINDOW_S (torchrun forwarding the SIGTERM
+    SLURM also sent the worker) changes nothing; a second signal after the window exits at once with 128 + 15."""
+    import subprocess
+    import sys
+
+    code = """
+import os, signal, sys, time
+from mmr1.preemption import REPEAT_WINDOW_S, SignalFlag
+with SignalFlag() as flag:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("alive", flag.signum, flush=True)
+    time.sleep(REPEAT_WINDOW_S + 0.2)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    print("not reached", flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["alive", "15"] and out.returncode == 128 + 2, (out.stdout, out.stderr)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint_and_the_rerun_is_exact(parallel,
                                                                                                         tmp_path):
@@ -870,6 +892,31 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint_a
         step, signum, ckpt = r["stopped"]
         assert (step, signum) == (after, 15) and ckpt.endswith(f"ckpt-{phase}"), (phase, r)
         assert r["resumed_at"] == after and r["same_as_uninterrupted"], (phase, r)
+
+
+def test_a_hung_rank_ends_the_job_with_an_error_naming_it():
+    """torchrun, 2 processes, MMR1_COLLECTIVE_TIMEOUT_S=3: rank 1's reward model hangs (120 s) in the first step;
+    rank 0 raises CollectiveTimeout naming rank 1 and the phase, and the job ends long before the hang would."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.monotonic()
+    out = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(port), str(here / "torchrun_hang.py"), str(here)],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "MMR1_COLLECTIVE_TIMEOUT_S": "3", "OMP_NUM_THREADS": "1"})
+    took = time.monotonic() - t0
+    assert out.returncode != 0 and "not reached" not in out.stdout
+    assert "CollectiveTimeout: rank 0 waited 3 s for the others after step 0's rollouts and rewards" in out.stderr, \
+        out.stderr[-3000:]
+    assert "Ranks 1 failed to pass monitoredBarrier" in out.stderr and took < 100, (took, out.stderr[-2000:])
 
 
 @pytest.mark.parametrize("kind", ["distcp", ".metadata", "meta.json", "rng-rank0.pt"])
