@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -30,10 +31,30 @@ class CollectiveTimeout(RuntimeError):
     """Some rank did not reach a synchronization point within COLLECTIVE_TIMEOUT_S (its message names which)."""
 
 
+def _stop_with_the_launcher() -> None:
+    """Linux: SIGTERM this worker when its launcher dies. torchrun starts each worker in a session of its own, so a
+    SIGKILL to torchrun (``kill -9``, an OOM kill) leaves the workers training on, orphaned -- beside the rerun,
+    writing into the same checkpoint directory (seen in tests/soak.py). With this they stop at the next step
+    boundary with a checkpoint, as after a preemption notice."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher was gone before the request took effect
+        raise RuntimeError("the launcher of this worker has exited; not starting")
+
+
 def init_distributed() -> Tuple[int, int]:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise RuntimeError("init_distributed() must run under torchrun (RANK / WORLD_SIZE are not set)")
     if not dist.is_initialized():
+        _stop_with_the_launcher()
         timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -96,8 +117,6 @@ def finish_distributed(exit_code: int = 0) -> None:
         return
     dist.barrier()
     dist.destroy_process_group()
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)

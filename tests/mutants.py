@@ -215,6 +215,8 @@ MUTANTS: List[Mutant] = [
     Mutant("trainer: no named wait after the rollouts (a hung rank is a bare backend timeout)", "mmr1/grpo.py",
            "            wait_for_all_ranks(f\"step {step}'s rollouts and rewards (round {round_})\")", "            pass",
            ("tests/test_trainer.py::test_a_hung_rank_ends_the_job_with_an_error_naming_it",)),
+    Mutant("distributed: workers of a killed launcher train on, orphaned", "mmr1/distributed.py",
+           "        _stop_with_the_launcher()", "        pass", ("tests/test_soak.py",)),
     Mutant("checkpoint: checksums never compared", "mmr1/sharded_checkpoint.py",
            "        if _sha256(f) != want[\"sha256\"]:", "        if False:",
            ("tests/test_trainer.py::test_a_corrupt_checkpoint_is_named_and_a_resume_falls_back_to_the_newest_that_verifies",)),

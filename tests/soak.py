@@ -1,13 +1,15 @@
 """Soak: a 2-process GRPO job (``torchrun --nproc-per-node 2 -m mmr1.cli grpo``, FSDP2, tiny local checkpoints) run to
 the end through random interruptions, compared with the same job run without any.
 
-    python tests/soak.py [--kills 20] [--steps 16] [--seed 0] [--parallel fsdp] [--out DIR]
+    python tests/soak.py [--kills 20] [--steps 40] [--seed 0] [--parallel fsdp] [--out DIR]
 
 Each launch of the job is interrupted at a random moment (after a random number of logged steps, plus a random
 fraction of a step: during a rollout, an update, a checkpoint write or the start-up) by one of
 
 - ``sigkill-rank``: SIGKILL to one worker (a lost process; torchrun stops the other);
 - ``sigkill-all``: SIGKILL to the launcher and both workers (a lost node);
+- ``sigkill-launcher``: SIGKILL to torchrun alone (``kill -9``, an OOM kill; torchrun's workers live in sessions of
+  their own and would train on, orphaned, beside the rerun: mmr1.distributed makes them stop at the next step);
 - ``sigterm-rank``: SIGTERM to one worker (a preemption notice that reached one process);
 - ``sigterm-all``: SIGTERM to the launcher and both workers at once (what SLURM does to a job step; torchrun also
   forwards its own copy to the workers);
@@ -41,7 +43,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-ACTIONS = ("sigkill-rank", "sigkill-all", "sigterm-rank", "sigterm-all")
+ACTIONS = ("sigkill-rank", "sigkill-all", "sigkill-launcher", "sigterm-rank", "sigterm-all")
 CHECKPOINT_EVERY = 2
 
 
@@ -154,6 +156,7 @@ class Interruption:
     last_logged: Optional[int] = None  # steps done when the launch ended (its last logged step + 1)
     resumed_from: Optional[int] = None  # the published checkpoint's step after it ended
     steps_lost: Optional[int] = None  # finished steps not in that checkpoint
+    preempted: bool = False  # the workers reported a preemption stop (a step boundary, a checkpoint)
     corrupted: Optional[str] = None
     corruption_detected: Optional[bool] = None
 
@@ -178,44 +181,70 @@ class SoakReport:
                 "final weights == uninterrupted": self.same_as_uninterrupted, "seconds": round(self.seconds)}
 
 
-def _wait(proc: subprocess.Popen, timeout: float) -> int:
+def _wait(proc: subprocess.Popen, workers: Dict[int, int], timeout: float) -> int:
+    """The launcher's exit status, once it and every worker have exited (a hang past ``timeout`` is an error)."""
+    deadline = time.monotonic() + timeout
     try:
-        return proc.wait(timeout=timeout)
+        rc = proc.wait(timeout=timeout)
+        while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers.values()):
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            time.sleep(0.05)
+        return rc
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid, *workers.values()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
         raise RuntimeError(f"a launch did not end within {timeout:.0f} s of its interruption (a hang)")
 
 
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
 def interrupted_launch(job: List[str], out_dir: Path, plan: Interruption, log_path: Path,
-                       step_seconds: float) -> Interruption:
+                       step_seconds: float, startup_seconds: float = 3.0) -> Interruption:
     """One launch of the job, interrupted as ``plan`` says (unless it ends first)."""
     start, resumed = len(logged_steps(out_dir)), checkpoint_step(out_dir)
+    mark = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "a") as log:
         log.write(f"\n=== launch: {plan.action} after {plan.after_steps} steps + {plan.delay_s:.2f} of a step\n")
         log.flush()
         proc = launch(job, out_dir, log)
         deadline = time.monotonic() + 600
-        while proc.poll() is None and len(logged_steps(out_dir)) - start < plan.after_steps:
+        # after_steps == 0: during the start-up (the workers exist; loading models and the checkpoint)
+        while proc.poll() is None and (len(logged_steps(out_dir)) - start < plan.after_steps
+                                       or len(_workers(proc)) < 2):
             if time.monotonic() > deadline:
                 raise RuntimeError("a launch logged no step for 600 s")
             time.sleep(0.05)
-        time.sleep(plan.delay_s * step_seconds)
+        time.sleep(plan.delay_s * (step_seconds if plan.after_steps else startup_seconds))
         workers = _workers(proc)
         if proc.poll() is None and len(workers) == 2:
             plan.sent = True
             victim = random.Random(plan.after_steps).choice(sorted(workers))
-            if plan.action == "sigkill-rank":
-                os.kill(workers[victim], signal.SIGKILL)
-            elif plan.action == "sigterm-rank":
-                os.kill(workers[victim], signal.SIGTERM)
-            else:
-                os.killpg(proc.pid, signal.SIGKILL if plan.action == "sigkill-all" else signal.SIGTERM)
-        plan.exit_code = _wait(proc, 180)
+            sig = signal.SIGKILL if plan.action.startswith("sigkill") else signal.SIGTERM
+            targets = {"rank": [workers[victim]], "launcher": [proc.pid],
+                       "all": [proc.pid, *workers.values()]}[plan.action.split("-")[1]]
+            for pid in targets:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        plan.exit_code = _wait(proc, workers, 180)
     mine = logged_steps(out_dir)[start:]
     plan.last_logged = mine[-1] + 1 if mine else resumed
     plan.resumed_from = checkpoint_step(out_dir)  # what the next launch resumes from (before any corruption)
     plan.steps_lost = plan.last_logged - plan.resumed_from
+    with open(log_path) as f:
+        f.seek(mark)
+        plan.preempted = "preempted by SIG" in f.read()
     return plan
 
 
@@ -235,14 +264,15 @@ def run_soak(job: List[str], work: Path, steps: int, schedule: List[Tuple[str, i
     assert rc == 0, (work / "reference.log").read_text()[-3000:]
     rows = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
     step_seconds = sorted(r["time/rollout_s"] + r["time/train_s"] for r in rows)[len(rows) // 2]
+    startup_seconds = max(1.0, time.perf_counter() - t_ref - steps * step_seconds)
     say(f"reference: {steps} steps uninterrupted in {time.perf_counter() - t_ref:.0f} s "
-        f"(a launch, the steps {step_seconds:.2f} s each)")
+        f"(start-up ~{startup_seconds:.0f} s, steps {step_seconds:.2f} s each)")
     corrupted: Optional[Interruption] = None
     for action, after, delay, corrupt in schedule:
         if checkpoint_step(soak) >= steps:
             break
         mark = log.stat().st_size if log.exists() else 0
-        plan = interrupted_launch(job, soak, Interruption(action, after, delay), log, step_seconds)
+        plan = interrupted_launch(job, soak, Interruption(action, after, delay), log, step_seconds, startup_seconds)
         report.launches += 1
         _detected(corrupted, log, mark)
         corrupted = None
@@ -302,14 +332,15 @@ def same_state(a: Path, b: Path, job: List[str]) -> bool:
 
 
 def random_schedule(kills: int, steps: int, rng: random.Random, corrupt: float) -> List[Tuple[str, int, float, bool]]:
-    """Each launch: a random action after 0-2 logged steps and a random fraction of the next one."""
+    """Each launch: a random action after 0-2 logged steps and a random fraction of the next one (0 steps: a
+    random moment of the start-up)."""
     return [(rng.choice(ACTIONS), rng.randrange(0, 3), rng.random(), rng.random() < corrupt) for _ in range(kills)]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=20, help="interrupted launches (default 20)")
-    ap.add_argument("--steps", type=int, default=16, help="GRPO steps of the job (default 16)")
+    ap.add_argument("--steps", type=int, default=40, help="GRPO steps of the job (default 40)")
     ap.add_argument("--corrupt", type=float, default=0.3, help="probability of a flipped byte after a kill")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parallel", choices=("ddp", "fsdp"), default="fsdp")
