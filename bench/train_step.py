@@ -55,9 +55,9 @@ def _reward_set(fmt: XCoTFormat, model) -> RewardSet:
                      {"format": 1.0, "self": 0.1})
 
 
-def bench_grpo_step(side: int, repeats: int) -> List[Row]:
+def bench_grpo_step(side: int, repeats: int, layers: int = 4, hidden: int = 512) -> List[Row]:
     torch.manual_seed(0)
-    model = lumina_shaped_model()
+    model = lumina_shaped_model(layers, hidden)
     fmt = _fmt(side)
     prompts = [{"prompt_ids": [1] + list(range(9200 + 10 * i, 9210 + 10 * i)) + [8710]} for i in range(4)]
     cfg = GRPOConfig(group_size=4, prompts_per_step=2, lr=1e-5, beta=0.04,
@@ -129,9 +129,46 @@ def bench_grpo_step(side: int, repeats: int) -> List[Row]:
     return rows
 
 
-def bench_sft_step(repeats: int, B: int = 8, T: int = 512) -> List[Row]:
+def bench_cfg_loss(side: int, repeats: int, layers: int = 4, hidden: int = 512) -> List[Row]:
+    """The update (forward + loss + backward) under each GRPOConfig.cfg_loss on one rollout: the guided conventions
+    add the unconditional sequences' forward (Lumina-mGPT: each image block alone) and its backward ("guided",
+    "guided_scaled") or only the forward ("guided_detached")."""
+    from mmr1.grpo import CFG_LOSSES
+
     torch.manual_seed(0)
-    model = lumina_shaped_model()
+    model = lumina_shaped_model(layers, hidden)
+    fmt = _fmt(side)
+    prompts = [{"prompt_ids": [1] + list(range(9200 + 10 * i, 9210 + 10 * i)) + [8710]} for i in range(4)]
+    times: Dict[str, List[float]] = {}
+    tokens = 0
+    for cfg_loss in CFG_LOSSES:
+        cfg = GRPOConfig(group_size=4, prompts_per_step=2, lr=1e-5, beta=0.0, cfg_loss=cfg_loss,
+                         sampling=SamplingConfig(cfg_scale=3.0, text_top_k=50))
+        tr = GRPOTrainer(model, VOCAB, fmt, _reward_set(fmt, model), prompts, cfg)
+        model.eval()
+        ro = tr.rollout_fn(model, tr.batch_for(0), 4, cfg.sampling_for(0), torch.arange(8))
+        tokens = int(ro.lengths.sum())
+        adv = torch.linspace(-1, 1, ro.num_samples)
+        model.train()
+        times[cfg_loss] = []
+        for _ in range(repeats + 1):  # the first: warm-up
+            t0 = time.perf_counter()
+            loss, _ = tr.loss(ro, adv, None, None)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            times[cfg_loss].append(time.perf_counter() - t0)
+        times[cfg_loss] = times[cfg_loss][1:]
+    from .common import summarize
+
+    return summarize("GRPO update by cfg_loss (fwd + loss + bwd)", f"G=4 x 2 prompts, {side}x{side}-code images, "
+                     f"{tokens} tokens, CFG 3", times, "cond", {}, None,
+                     {k: "+ the unconditional forward" + ("" if k == "guided_detached" else " and backward")
+                      for k in times if k != "cond"})
+
+
+def bench_sft_step(repeats: int, B: int = 8, T: int = 512, layers: int = 4, hidden: int = 512) -> List[Row]:
+    torch.manual_seed(0)
+    model = lumina_shaped_model(layers, hidden)
     seqs = [torch.randint(4, 65536, (T,)).tolist() for _ in range(B)]
     plen = [T // 4] * B
 
@@ -157,7 +194,7 @@ def bench_sft_step(repeats: int, B: int = 8, T: int = 512) -> List[Row]:
              "eager (full logits + cross_entropy)": peak_extra_mib(reference)}
     from .common import summarize
 
-    return summarize("SFT step (fwd+bwd)", f"B={B} T={T} V=65536 d=512", times, "mmr1 (fused_linear_logprobs)",
+    return summarize("SFT step (fwd+bwd)", f"B={B} T={T} V=65536 d={hidden}", times, "mmr1 (fused_linear_logprobs)",
                      peaks, None, {k: f"{B * T / statistics.median(v):.0f} tok/s" for k, v in times.items()})
 
 
@@ -169,13 +206,17 @@ def main(argv=None) -> List[Row]:
     ap.add_argument("--smoke", action="store_true", help="implies --quick: the smallest shapes, one repeat -- that the suite runs end to end (the GPU check's dry run); its figures mean nothing")
     args = ap.parse_args(argv)
     args.quick |= args.smoke
-    meta = {**machine_info(), "model": "4L d512 V65536"}
+    # --smoke: 1 layer, d 64 (the vocabulary stays Lumina's: the image window and text range live in it)
+    layers, hidden = (1, 64) if args.smoke else (4, 512)
+    meta = {**machine_info(), "model": f"{layers}L d{hidden} V65536"}
     print("machine:", meta)
     if args.smoke:
-        rows = bench_grpo_step(2, 1) + bench_sft_step(1, B=2, T=32)
+        rows = bench_grpo_step(2, 1, layers, hidden) + bench_sft_step(1, B=2, T=32, layers=layers, hidden=hidden)
+        rows += bench_cfg_loss(2, 1, layers, hidden)
     else:
         rows = bench_grpo_step(8 if args.quick else 16, 2 if args.quick else 3)
         rows += bench_sft_step(2 if args.quick else 3, T=128 if args.quick else 512)
+        rows += bench_cfg_loss(8 if args.quick else 16, 3 if args.quick else 5)
     print(format_table(rows))
     path = save_rows("train_step" + ("_quick" if args.quick else ""), rows, meta)
     print(f"\nwrote {path}")

@@ -36,6 +36,26 @@ from .model import Transformer
 from .tokens import ImageVocab, pad_sequences
 
 
+# what a rollout's recorded image log-prob describes (c, u: the conditional and unconditional logits of the image
+# window, g: cfg_scale, T: temperature): "sampler" the sampling distribution; "cond" log_softmax(c / T);
+# "guided" log_softmax((u + g (c - u)) / T) without top-k / top-p; "guided_scaled" the guided logits divided by g,
+# log_softmax((c - (g - 1) / g u) / T)
+CFG_LOGPROBS = ("sampler", "cond", "guided", "guided_scaled")
+
+
+def image_logprobs(cond: torch.Tensor, uncond: Optional[torch.Tensor], tokens: torch.Tensor, cfg_scale: float,
+                   temperature: float, kind: str) -> torch.Tensor:
+    """[m] fp32 log-probs of window-relative ``tokens`` [m] under ``kind`` (CFG_LOGPROBS, not "sampler") for the
+    window's logits cond / uncond [m, W] (uncond None: no CFG, every kind is the conditional distribution)."""
+    z = cond.float()
+    if uncond is not None and kind != "cond":
+        u = uncond.float()
+        z = u + cfg_scale * (z - u)
+        if kind == "guided_scaled":
+            z = z / cfg_scale
+    return torch.log_softmax(z / temperature, -1).gather(-1, tokens.long()[:, None])[:, 0]
+
+
 @dataclass
 class SamplingConfig:
     """How image blocks and text are sampled -- declared once for generation, rollouts and the trainer (GRPOConfig
@@ -65,6 +85,10 @@ class SamplingConfig:
     # lengths: mmr1_kernels.decode_attention), "sdpa" (a prompt copied into each row, masked SDPA) or "flash_attn"
     # (the sdpa layout through flash-attn; CUDA, fp16/bf16) -- the same tokens
     attention: str = "shared_prefix"
+    # the log-prob a rollout records for each image code: "sampler" (the distribution it was drawn from: guided,
+    # top-k / top-p applied) or the distribution a GRPO loss trains (GRPOConfig.cfg_loss sets it; see
+    # CFG_LOGPROBS): then the recorded log-probs equal the trainer's teacher-forced ones and the first ratio is 1
+    cfg_logprobs: str = "sampler"
 
     def __post_init__(self):
         if self.head_mode not in ("hidden_cfg", "logits"):
@@ -78,6 +102,8 @@ class SamplingConfig:
         if self.jacobi_draft not in ("above", "left"):
             raise ValueError(f"jacobi_draft must be 'above' or 'left', got {self.jacobi_draft!r}")
         self.attention = cache_layout_name(self.attention)
+        if self.cfg_logprobs not in CFG_LOGPROBS:
+            raise ValueError(f"cfg_logprobs must be one of {sorted(CFG_LOGPROBS)}, got {self.cfg_logprobs!r}")
 
     @property
     def cache_slack(self) -> int:
@@ -304,15 +330,21 @@ def _draw(model: Transformer, hidden: torch.Tensor, use_cfg: bool, vocab: ImageV
     m = hidden.shape[0] // 2 if use_cfg else hidden.shape[0]
     lo, hi = vocab.window
     forced = None if free is None else torch.where(free, -1, 0)
+    # a loss's log-prob instead of the sampler's (scfg.cfg_logprobs): one more log-softmax over the window per draw
+    recorded = scfg.cfg_logprobs if scfg.cfg_logprobs != "sampler" and scfg.temperature > 0 else None
     if scfg.backend == "reference":
         lc = model.logits(hidden[:m])
         lu = model.logits(hidden[m:]) if use_cfg else None
         tok, lp = reference_draw(lc, lu, vocab.window, scfg.cfg_scale if use_cfg else 1.0, scfg.temperature,
                                  scfg.top_k, scfg.top_p, scfg.seed, offsets, row_ids)
+        if recorded:
+            lp = image_logprobs(lc[:, lo:hi], None if lu is None else lu[:, lo:hi], (tok - lo).clamp(0, hi - lo - 1),
+                                scfg.cfg_scale, scfg.temperature, recorded)
         return (tok, lp) if free is None else (torch.where(free, tok, lo), torch.where(free, lp, 0.0))
     feats, w_head, b_head, first = model.output_head(hidden, vocab.window)  # the image head: features, then linear
     w_img = w_head[lo - first:hi - first]
     b_img = None if b_head is None else b_head[lo - first:hi - first]
+    lc = lu = None
     if scfg.head_mode == "hidden_cfg":  # guidance mixed in the features: one product with the window's weight
         hc = feats[:m]
         hg = feats[m:] + scfg.cfg_scale * (hc - feats[m:]) if use_cfg else hc
@@ -325,6 +357,13 @@ def _draw(model: Transformer, hidden: torch.Tensor, use_cfg: bool, vocab: ImageV
         tok, lp = cfg_sample(lc, lu, cfg_scale=scfg.cfg_scale, temperature=scfg.temperature, top_k=scfg.top_k,
                              top_p=scfg.top_p, seed=scfg.seed, offset=offsets, row_ids=row_ids, forced=forced,
                              check=False)
+    if recorded:
+        if lc is None:
+            lc = torch.nn.functional.linear(feats[:m], w_img, b_img)
+            lu = torch.nn.functional.linear(feats[m:], w_img, b_img) if use_cfg else None
+        lp = image_logprobs(lc, lu, tok, scfg.cfg_scale, scfg.temperature, recorded)
+        if free is not None:
+            lp = torch.where(free, lp, 0.0)
     return tok + lo, lp
 
 
@@ -516,5 +555,5 @@ def sample_text(dec: CachedDecoder, n: int, first_hidden: torch.Tensor, stop_id:
     return out_t, out_l, out_c
 
 
-__all__ = ["SamplingConfig", "ImageBlocks", "CachedDecoder", "sample_image_blocks", "sample_image_blocks_jacobi",
+__all__ = ["CFG_LOGPROBS", "image_logprobs", "SamplingConfig", "ImageBlocks", "CachedDecoder", "sample_image_blocks", "sample_image_blocks_jacobi",
            "generate_images", "sample_text"]

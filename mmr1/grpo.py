@@ -50,7 +50,7 @@ from .model import PrefixSplit, Transformer, shared_prefix_hidden, split_shared_
 from .rewards import RewardSet
 from .rollout import Rollout, XCoTFormat, concat_groups, xcot_rollout
 from .sharded_checkpoint import load_sharded, save_sharded
-from .tokens import ImageVocab
+from .tokens import ImageVocab, pad_sequences
 
 
 @dataclass
@@ -101,6 +101,16 @@ class GRPOConfig:
     micro_batch_size: int = 0
     # recompute every transformer block in the backward of the update (activations: one block input per layer)
     activation_checkpointing: bool = False
+    # with CFG (sampling.cfg_scale != 1), which distribution of the image codes the loss trains -- the public
+    # recipes differ (docs/training.md has the table); the rollouts record the same log-probs, so the importance
+    # ratio is 1 on the first iteration:
+    #   "cond"            the conditional branch alone (T2I-R1); no unconditional forward in the update
+    #   "guided"          the guided logits u + g (c - u), gradients through both branches (AR-GRPO)
+    #   "guided_detached" the same with the unconditional branch detached (ReasonGen-R1)
+    #   "guided_scaled"   the guided logits divided by g, c - (g - 1) / g u (Janus-Pro-R1)
+    # the guided ones run the unconditional sequences (each image block after the family's unconditional context)
+    # through the model once more per update
+    cfg_loss: str = "cond"
     seed: int = 0
     log_path: Optional[str] = None
 
@@ -123,6 +133,8 @@ class GRPOConfig:
         if isinstance(self.max_nonfinite_steps, bool) or not isinstance(self.max_nonfinite_steps, int) \
                 or self.max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be an int >= 1, got {self.max_nonfinite_steps!r}")
+        if self.cfg_loss not in CFG_LOSSES:
+            raise ValueError(f"cfg_loss must be one of {sorted(CFG_LOSSES)}, got {self.cfg_loss!r}")
         if isinstance(self.dynamic_sampling_rounds, bool) or not isinstance(self.dynamic_sampling_rounds, int) \
                 or self.dynamic_sampling_rounds < 1:
             raise ValueError(f"dynamic_sampling_rounds must be an int >= 1, got {self.dynamic_sampling_rounds!r}")
@@ -133,8 +145,19 @@ class GRPOConfig:
         return self.sampling.backend
 
     def sampling_for(self, step: int) -> SamplingConfig:
-        """The rollouts' sampling settings at ``step``: ``sampling`` with the step's seed."""
-        return replace(self.sampling, seed=(self.seed * 1_000_003 + step) % (2**63))
+        """The rollouts' sampling settings at ``step``: ``sampling`` with the step's seed, recording the image
+        log-probs of the distribution ``cfg_loss`` trains."""
+        return replace(self.sampling, seed=(self.seed * 1_000_003 + step) % (2**63),
+                       cfg_logprobs=CFG_LOSSES[self.cfg_loss])
+
+    @property
+    def unconditional_branch(self) -> bool:
+        """Whether the update runs the unconditional sequences (a guided cfg_loss with CFG on)."""
+        return self.cfg_loss != "cond" and self.sampling.cfg_scale != 1.0
+
+
+# GRPOConfig.cfg_loss -> the log-probs its rollouts record (SamplingConfig.cfg_logprobs)
+CFG_LOSSES = {"cond": "cond", "guided": "guided", "guided_detached": "guided", "guided_scaled": "guided_scaled"}
 
 
 def lr_lambda(cfg: GRPOConfig):
@@ -281,6 +304,44 @@ class GRPOTrainer:
             return shared_prefix_hidden(model, split), split
         return teacher_forced_hidden(model, ro.tokens[rows], ro.lengths[rows]), None
 
+    def _uncond_hidden(self, model: Transformer, ro: Rollout, rows: slice) -> torch.Tensor:
+        """[n, T-1, d]: the unconditional CFG branch's hidden states at the rows' targets -- each image block (from
+        ro.image_blocks) run after the family's unconditional context (Transformer.unconditional_context: none for
+        Lumina-mGPT, whose unconditional rows restart at the block; BOS + pads for Janus), as the rollout's
+        unconditional rows saw it; zeros at the other targets. ``model``: the unwrapped module (a DDP wrapper is not
+        called twice per backward; its gradient hooks still see both branches' gradients)."""
+        if ro.image_blocks is None:
+            raise ValueError(f"cfg_loss={self.cfg.cfg_loss!r} needs rollouts that record their image blocks "
+                             "(Rollout.image_blocks, as xcot_rollout writes them)")
+        tokens, blocks = ro.tokens[rows], ro.image_blocks[rows]
+        seqs, dst_row, dst_pos, src_seq, src_pos = [], [], [], [], []
+        for r in range(tokens.shape[0]):
+            for start, length in blocks[r].tolist():
+                ctx = model.unconditional_context([start])
+                ctx = [] if ctx is None else list(ctx[0])
+                seqs.append(ctx + tokens[r, start:start + length - 1].tolist())  # the eoi predicts nothing here
+                j = torch.arange(length - 1)
+                dst_row.append(torch.full((length - 1,), r))
+                dst_pos.append(start + j)  # target start + j + 1 is predicted by hidden start + j
+                src_seq.append(torch.full((length - 1,), len(seqs) - 1))
+                src_pos.append(len(ctx) + j)
+        dev = model.lm_head.weight.device
+        padded, lengths = pad_sequences(seqs)
+        attn = torch.arange(padded.shape[1])[None] < lengths[:, None]
+        hu = model(padded.to(dev), attention_mask=attn.to(dev))
+        out = hu.new_zeros(tokens.shape[0], tokens.shape[1] - 1, hu.shape[-1])
+        out[torch.cat(dst_row).to(dev), torch.cat(dst_pos).to(dev)] = hu[torch.cat(src_seq).to(dev),
+                                                                         torch.cat(src_pos).to(dev)]
+        return out
+
+    def _guided(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """cfg_loss's mix of the two branches' head features (or logits): u + g (c - u) = g c - (g - 1) u, / g
+        for "guided_scaled". The head's output layer is linear, so mixing its inputs mixes its logits (a bias
+        column of ones mixes to 1, or 1 / g)."""
+        g = self.cfg.sampling.cfg_scale
+        mix = uncond + g * (cond - uncond)
+        return mix / g if self.cfg.cfg_loss == "guided_scaled" else mix
+
     def _masks(self, ro: Rollout):
         dev = self.policy.lm_head.weight.device
         chosen, img = ro.chosen[:, 1:].to(dev), ro.image_positions[:, 1:].to(dev)
@@ -295,15 +356,21 @@ class GRPOTrainer:
     def ref_logprobs(self, ro: Rollout) -> torch.Tensor:
         targets, m_img, m_txt = self._masks(ro)
         h, split = self._hidden(self.ref, ro, slice(None), m_img | m_txt)
+        hu = self._uncond_hidden(self.ref, ro, slice(None)) if self.cfg.unconditional_branch else None
         if split is not None:
             targets, m_img, m_txt = split.gather(targets), split.gather(m_img), split.gather(m_txt)
+            hu = None if hu is None else split.gather(hu)
         logits = self.ref.logits(h) if self.cfg.backend == "reference" else None  # once, for both windows
         out = []
-        for _, mask, window, temp in self._windows(m_img, m_txt):
+        for name, mask, window, temp in self._windows(m_img, m_txt):
+            guided = hu is not None and name == "image"
             if logits is not None:
-                lp, _ = K.reference.token_logprobs(logits, targets, temp, *window, mask=mask)
+                z = self._guided(logits, self.ref.logits(hu)) if guided else logits
+                lp, _ = K.reference.token_logprobs(z, targets, temp, *window, mask=mask)
             else:
                 x, w, t, rng = head_inputs(self.ref, h, targets, mask, window)
+                if guided:
+                    x = self._guided(x, head_inputs(self.ref, hu, targets, mask, window)[0])
                 lp = K.fused_linear_logprobs(x, w, t, temp, rng, mask=mask)
             out.append(lp)
         lp = torch.where(m_img, out[0], out[1])
@@ -324,10 +391,15 @@ class GRPOTrainer:
         old = None if old is None else old[rows]
         ref = None if ref is None else ref[rows]
         h, split = self._hidden(self.model, ro, rows, m_img | m_txt)
+        hu = None
+        if self.cfg.unconditional_branch:
+            with torch.no_grad() if self.cfg.cfg_loss == "guided_detached" else contextlib.nullcontext():
+                hu = self._uncond_hidden(self.policy, ro, rows)
         if split is not None:  # per-target tensors in the completions' coordinates
             targets, m_img, m_txt, w_all = (split.gather(t) for t in (targets, m_img, m_txt, w_all))
             old = None if old is None else split.gather(old)
             ref = None if ref is None else split.gather(ref)
+            hu = None if hu is None else split.gather(hu)
         kw = dict(epsilon=self.cfg.eps_low, epsilon_high=self.cfg.eps_high, beta=self.cfg.beta, loss_weights=w_all)
         adv = advantages.to(h.device)[rows]
         logits = self.policy.logits(h) if self.cfg.backend == "reference" else None  # [N, T, V]: the cost avoided
@@ -337,11 +409,15 @@ class GRPOTrainer:
             metrics[f"{name}/tokens"] = float(mask.sum())
             if not bool(mask.any()):
                 continue
+            guided = hu is not None and name == "image"
             if logits is not None:
-                part, m = K.reference.grpo_loss(logits, targets, adv, mask, old, ref, temperature=temp,
+                z = self._guided(logits, self.policy.logits(hu)) if guided else logits
+                part, m = K.reference.grpo_loss(z, targets, adv, mask, old, ref, temperature=temp,
                                                 vocab_range=window, **kw)
             else:
                 x, w, t, rng = head_inputs(self.policy, h, targets, mask, window)
+                if guided:
+                    x = self._guided(x, head_inputs(self.policy, hu, targets, mask, window)[0])
                 part, m = K.fused_linear_grpo_loss(x, w, t, adv, mask, old, ref, temperature=temp, vocab_range=rng,
                                                    **kw)
             loss = loss + part
@@ -673,4 +749,4 @@ class GRPOTrainer:
 # tested; the update's prefix sharing gives the same loss and gradients to rounding)
 CONFIG_KEYS_NOT_CHECKED = frozenset({"attention", "update_prefix"})
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "GRPOStep", "RolloutRound", "StepCallback", "lr_lambda"]
+__all__ = ["CFG_LOSSES", "GRPOConfig", "GRPOTrainer", "GRPOStep", "RolloutRound", "StepCallback", "lr_lambda"]

@@ -59,6 +59,9 @@ class Rollout:
     subject_images: Optional[torch.Tensor] = None  # [N, 3, H, W] in [-1, 1] when a VQ decoder was given
     final_images: Optional[torch.Tensor] = None
     image_forwards: int = 0  # model forwards the image blocks took (sequential: block length - 1 each)
+    # [N, B, 2] long: (start, length) in ``tokens`` of each row's image blocks (subject, final), from the boi to
+    # the eoi; what the unconditional branch of a CFG loss is rebuilt from (GRPOConfig.cfg_loss)
+    image_blocks: Optional[torch.Tensor] = None
 
     @property
     def num_samples(self) -> int:
@@ -104,7 +107,7 @@ def xcot_rollout(model: Transformer, prompts: Sequence[Sequence[int]], vocab: Im
     finally:
         dec.close()
 
-    full, chosen, logps, is_img = [], [], [], []
+    full, chosen, logps, is_img, blocks = [], [], [], [], []
     if subject is not None:
         sub_t, sub_l, sub_c = subject.tokens.tolist(), subject.logprobs.tolist(), subject.chosen.tolist()
     else:
@@ -116,6 +119,8 @@ def xcot_rollout(model: Transformer, prompts: Sequence[Sequence[int]], vocab: Im
         chosen.append([False] * len(p) + text_chosen[r] + sub_c[r] + fin_c[r] + [False])
         logps.append([0.0] * len(p) + text_lp[r] + sub_l[r] + fin_l[r] + [0.0])
         is_img.append([False] * (len(p) + len(text[r])) + sub_c[r] + fin_c[r] + [False])
+        start = len(p) + len(text[r])
+        blocks.append(([(start, len(sub_t[r]))] if subject is not None else []) + [(start + len(sub_t[r]), len(fin_t[r]))])
     tokens, lengths = pad_sequences(full)
     L = tokens.shape[1]
     rollout = Rollout(
@@ -123,7 +128,8 @@ def xcot_rollout(model: Transformer, prompts: Sequence[Sequence[int]], vocab: Im
         chosen=_padded(chosen, L, torch.bool), logprobs=_padded(logps, L, torch.float32),
         image_positions=_padded(is_img, L, torch.bool),
         subject_codes=None if subject is None else subject.codes.cpu(), final_codes=final.codes.cpu(),
-        reasoning=text, image_forwards=final.forwards + (subject.forwards if subject is not None else 0))
+        reasoning=text, image_forwards=final.forwards + (subject.forwards if subject is not None else 0),
+        image_blocks=torch.tensor(blocks, dtype=torch.long))
     if vq_decode is not None:
         rollout.subject_images = None if subject is None else vq_decode(subject.codes).cpu()
         rollout.final_images = vq_decode(final.codes).cpu()
@@ -193,7 +199,7 @@ def concat_groups(parts: Sequence[Tuple[Rollout, int]], group_size: int) -> Roll
                    logprobs=stack("logprobs", 0.0), image_positions=stack("image_positions", False),
                    subject_codes=cat("subject_codes"), final_codes=torch.stack([ro.final_codes[i] for ro, i in rows]),
                    reasoning=[ro.reasoning[i] if ro.reasoning else [] for ro, i in rows],
-                   subject_images=cat("subject_images"), final_images=cat("final_images"),
+                   subject_images=cat("subject_images"), final_images=cat("final_images"), image_blocks=cat("image_blocks"),
                    image_forwards=sum(ro.image_forwards for ro in {id(r): r for r, _ in parts}.values()))
 
 
