@@ -66,7 +66,7 @@ def _run(cmd: List[str], limit: int, env: Dict[str, str], log: Path) -> int:
             return 124
 
 
-SMOKE_SUITES = ("sampler", "logprob", "train_step", "generation", "jacobi", "attention")
+SMOKE_SUITES = ("sampler", "logprob", "train_step", "generation", "jacobi", "attention", "janus")
 
 
 def plan(dry: bool, py: str) -> List[Dict]:

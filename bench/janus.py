@@ -68,12 +68,17 @@ def main(argv=None) -> List[Row]:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--group", type=int, default=8, help="G: samples per prompt")
     ap.add_argument("--quick", action="store_true", help="d 512, 64 image tokens: that it runs (figures mean little)")
+    ap.add_argument("--smoke", action="store_true", help="d 64, 16 image tokens, G = 2: that the suite runs end to "
+                    "end (the GPU check's dry run); its figures mean nothing")
     args = ap.parse_args(argv)
-    hidden = 512 if args.quick else 2048
+    args.quick |= args.smoke
+    if args.smoke:
+        args.group = 2
+    hidden = 64 if args.smoke else 512 if args.quick else 2048
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     hf = hf_janus_pro(args.layers, hidden, dtype)
     if args.quick:
-        hf.model.vision_model.config.num_image_tokens = 64
+        hf.model.vision_model.config.num_image_tokens = 16 if args.smoke else 64
     ours = from_transformers(hf, BOI, EOI).to(DEVICE)
     side = int(hf.model.vision_model.config.num_image_tokens ** 0.5)
     G, g = args.group, 5.0

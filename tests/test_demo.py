@@ -14,8 +14,11 @@ def test_demo_pipeline_and_cli_generate(tmp_path):
     from mmr1.world.demo import DemoConfig, run
 
     out = tmp_path / "demo"
-    summary = run(DemoConfig(out_dir=str(out), sft_steps=20, grpo_steps=3, eval_prompts=6, eval_pair_prompts=4,
-                             sft_batch=4, compare_steps=1, use_shipped=False, grpo_eval_prompts=3))
+    # the pipeline's plumbing on a model trained from scratch: a small one (the shipped one is run below), 2 prompts
+    # x G=4 per GRPO step
+    summary = run(DemoConfig(out_dir=str(out), hidden=64, layers=2, heads=4, sft_steps=20, grpo_steps=3,
+                             prompts_per_step=2, eval_prompts=6, eval_pair_prompts=4, sft_batch=4, compare_steps=1,
+                             use_shipped=False, grpo_eval_prompts=3))
     assert set(summary["before"]) == {"one subject", "two subjects"}
     for split in summary["before"].values():
         for k in ("format", "layout", "text/whole", "subject_image/whole", "final/whole", "final/shape", "text/color"):
@@ -90,8 +93,8 @@ def test_shipped_cold_start_matches_this_code_and_reads_held_out_references():
 def test_demo_on_the_shipped_cold_start(tmp_path, capsys):
     from mmr1.world.demo import DemoConfig, run
 
-    summary = run(DemoConfig(out_dir=str(tmp_path), grpo_steps=2, eval_prompts=8, eval_pair_prompts=4,
-                             compare_steps=1, grpo_eval_prompts=2))
+    summary = run(DemoConfig(out_dir=str(tmp_path), grpo_steps=2, prompts_per_step=2, eval_prompts=8,
+                             eval_pair_prompts=4, compare_steps=1, grpo_eval_prompts=2))
     printed = capsys.readouterr().out
     assert "cold start: shipped weights" in printed
     assert "reasoning names the subject(s)" in printed and "final image shows them" in printed
@@ -199,7 +202,7 @@ def test_jacobi_rollouts_on_the_shipped_model_are_the_sequential_ones():
 @pytest.mark.slow
 @pytest.mark.parametrize("decode", ["sequential", "jacobi"])
 def test_shared_prefix_rollouts_on_the_shipped_model_draw_the_previous_tokens(decode):
-    """The demo's GRPO batch on the shipped model -- 8 prompts (one- and two-reference) x G = 4, CFG 2 and no CFG --
+    """A GRPO batch on the shipped model -- 4 prompts (one- and two-reference) x G = 4, CFG 2 and no CFG --
     through the decode layout (one copy of each prompt; mmr1_kernels.decode_attention) draws, token for token, what
     the previous path (prompts copied per row, masked SDPA) draws, with log-probs equal to fp32 rounding."""
     from mmr1.generate import SamplingConfig
@@ -213,7 +216,7 @@ def test_shared_prefix_rollouts_on_the_shipped_model_draw_the_previous_tokens(de
     assert root is not None, "mmr1/assets/demo is missing or stale: run `make cold-start`"
     world, model = load_world(root / "world"), load_transformer(root / "cold_start")
     train, _ = split_subjects(0, DemoConfig.held_out_frac)
-    prompts = [p["prompt_ids"] for p in make_prompts(world, train, 8, seed=3, pair_frac=0.5)]
+    prompts = [p["prompt_ids"] for p in make_prompts(world, train, 4, seed=3, pair_frac=0.5)]
     assert len({len(p) for p in prompts}) == 2  # one- and two-reference prompts
     for cfg_scale in (2.0, 1.0):
         ros = {att: xcot_rollout(model, prompts, world.image, xcot_format(world), SamplingConfig(
