@@ -45,7 +45,7 @@ import mmr1_kernels as K
 from .distributed import wait_for_all_ranks, wrap_parallel
 from .generate import SamplingConfig
 from .metrics_log import MetricsLog
-from .preemption import Preempted, SignalFlag
+from .preemption import Preempted, SignalFlag, agreed_signal
 from .model import PrefixSplit, Transformer, shared_prefix_hidden, split_shared_prefix, teacher_forced_hidden
 from .rewards import RewardSet
 from .rollout import Rollout, XCoTFormat, concat_groups, xcot_rollout
@@ -697,20 +697,12 @@ class GRPOTrainer:
                 saved = bool(checkpoint_dir and checkpoint_every and self.step_idx % checkpoint_every == 0)
                 if saved:
                     self.save(checkpoint_dir, keep_last)  # every rank writes its shards
-                signum = self._agreed_signal(flag.signum) if flag is not None else 0
+                signum = agreed_signal(flag.signum) if flag is not None else 0
                 if signum:  # every rank stops after this same step
                     if checkpoint_dir and not saved:
                         self.save(checkpoint_dir, keep_last)
                     raise Preempted(self.step_idx, signum, str(checkpoint_dir) if checkpoint_dir else None)
         return self.history
-
-    def _agreed_signal(self, signum: int) -> int:
-        """The largest signal number any rank has recorded (0: none) -- one all-reduce, the same on every rank."""
-        if self.world == 1:
-            return signum
-        t = torch.tensor([float(signum)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
 
     def _evaluate(self, eval_fn) -> Dict[str, float]:
         was_training = self.policy.training

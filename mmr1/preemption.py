@@ -60,4 +60,17 @@ class SignalFlag:
         self._previous.clear()
 
 
-__all__ = ["PREEMPTED_EXIT", "REPEAT_WINDOW_S", "Preempted", "SignalFlag"]
+def agreed_signal(signum: int) -> int:
+    """The largest signal number any rank has recorded (0: none): one all-reduce at a step boundary, the same
+    answer on every rank, so every rank stops after the same step."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return signum
+    t = torch.tensor([float(signum)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+__all__ = ["PREEMPTED_EXIT", "REPEAT_WINDOW_S", "Preempted", "SignalFlag", "agreed_signal"]

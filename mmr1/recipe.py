@@ -32,7 +32,7 @@ from .distributed import finish_distributed, init_distributed
 from .grpo import GRPOConfig, GRPOStep, GRPOTrainer
 from .metrics_log import MetricsLog
 from .model import load_transformer
-from .preemption import PREEMPTED_EXIT, Preempted
+from .preemption import PREEMPTED_EXIT, Preempted, SignalFlag, agreed_signal
 from .rewards import RewardSet, format_reward
 from .sft import SFTConfig, SFTTrainer
 from .sharded_checkpoint import latest_checkpoint
@@ -211,16 +211,27 @@ def sft_main(args) -> None:
     from tqdm import tqdm
 
     per = cfg.batch_size // world
-    for _ in tqdm(range(trainer.step_idx, cfg.steps), desc="sft", disable=rank != 0):
-        step = trainer.step_idx
-        idx = sft_batch_indices(len(seqs), cfg.batch_size, step, cfg.seed)[rank * per:(rank + 1) * per]
-        t0 = time.perf_counter()
-        m = trainer.step([seqs[i] for i in idx], [plens[i] for i in idx], [weights[i] for i in idx])
-        log.write({"step": step, **m, "time_s": time.perf_counter() - t0})
-        if args.checkpoint_every and trainer.step_idx % args.checkpoint_every == 0:
-            trainer.save(ckpt, args.keep_last, extra={"data_position": trainer.step_idx * cfg.batch_size})
+    save = lambda: trainer.save(ckpt, args.keep_last, extra={"data_position": trainer.step_idx * cfg.batch_size})  # noqa: E731
+    with SignalFlag() as flag:  # preemption as in mmr1 grpo: finish the step, checkpoint it, exit PREEMPTED_EXIT
+        for _ in tqdm(range(trainer.step_idx, cfg.steps), desc="sft", disable=rank != 0):
+            step = trainer.step_idx
+            idx = sft_batch_indices(len(seqs), cfg.batch_size, step, cfg.seed)[rank * per:(rank + 1) * per]
+            t0 = time.perf_counter()
+            m = trainer.step([seqs[i] for i in idx], [plens[i] for i in idx], [weights[i] for i in idx])
+            log.write({"step": step, **m, "time_s": time.perf_counter() - t0})
+            saved = bool(args.checkpoint_every and trainer.step_idx % args.checkpoint_every == 0)
+            if saved:
+                save()
+            signum = agreed_signal(flag.signum)
+            if signum:
+                if not saved:
+                    save()
+                if rank == 0:
+                    print(f"mmr1 sft: {Preempted(trainer.step_idx, signum, str(ckpt))}", file=sys.stderr, flush=True)
+                finish_distributed(PREEMPTED_EXIT)
+                sys.exit(PREEMPTED_EXIT)
     if args.checkpoint_every == 0 or trainer.step_idx % args.checkpoint_every:
-        trainer.save(ckpt, args.keep_last, extra={"data_position": trainer.step_idx * cfg.batch_size})
+        save()
     _finish(rank)
 
 

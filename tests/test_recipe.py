@@ -231,23 +231,15 @@ def _load_state(ckpt_dir: Path, model_dir: Path):
     return info, model.state_dict(), {n: opt.state[p] for n, p in model.named_parameters()}
 
 
-@pytest.mark.slow
-def test_end_to_end_real_parts_torchrun(tmp_path):
-    from transformers import Dinov2Config, Dinov2Model
-
+def _real_parts(tmp_path):
+    """Tiny local checkpoints (a transformers Chameleon, a VQGAN, a tokenizer) and data from the DreamBench photos:
+    (vocab size, model dir, GRPO prompts, an X-CoT cold-start set, the CLI arguments naming the parts)."""
     from mmr1.cli import main as cli
-    from mmr1.model import load_transformer
-    from test_trainer import _tiny_clip
 
     tok = make_tokenizer(tmp_path / "tok")
     vocab_size = len(json.loads(tok.read_text())["model"]["vocab"])
     model_dir = make_chameleon(tmp_path / "chameleon", vocab_size)
     vq = make_vq(tmp_path / "vq")
-    clip = _tiny_clip(tmp_path)
-    torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                             num_attention_heads=4)).save_pretrained(tmp_path / "dino")
-    # data: DreamBench photos -> GRPO prompts (converter) and a small X-CoT cold-start set
     prompts = tmp_path / "data" / "prompts.jsonl"
     cli(["convert-dreambench", str(DREAMBENCH), str(prompts), "--prompts-per-subject", "1"])
     subjects = sorted(p for p in DREAMBENCH.iterdir() if p.is_dir())[:4]
@@ -262,6 +254,58 @@ def test_end_to_end_real_parts_torchrun(tmp_path):
     sft_data.write_text("\n".join(json.dumps(r) for r in sft_rows) + "\n")
     common = ["--vqgan", str(vq), "--vq-config", str(vq.parent / "vq_config.json"), "--tokenizer", str(tok),
               "--resize", "--cache-dir", str(tmp_path / "cache")]
+    return vocab_size, model_dir, prompts, sft_data, common
+
+
+@pytest.mark.slow
+def test_sft_preempted_by_sigterm_checkpoints_its_step_and_the_rerun_is_exact(tmp_path):
+    """`mmr1 sft` under SIGTERM: the step under way finishes, its checkpoint is written (no checkpoint_every), the
+    process exits 75; the same command resumes there and ends with an uninterrupted run's weights and AdamW state."""
+    import signal
+    import time
+
+    from mmr1.cli import main as cli
+
+    _, model_dir, _, sft_data, common = _real_parts(tmp_path)
+    sft = ["sft", "--model", str(model_dir), *common, "--data", str(sft_data), "--steps", "20", "--batch-size", "2",
+           "--lr", "1e-3", "--checkpoint-every", "0"]
+    cli(sft + ["--out-dir", str(tmp_path / "full")])
+    part = tmp_path / "part"
+    proc = subprocess.Popen([sys.executable, "-m", "mmr1.cli", *sft, "--out-dir", str(part)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (part / "metrics.jsonl").exists() or not (part / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    done = len((part / "metrics.jsonl").read_text().splitlines())
+    info, _, _ = _load_state(part / "checkpoints", model_dir)
+    assert 1 <= info["step"] == done < 20 and f"preempted by SIGTERM after step {done}" in err
+    cli(sft + ["--out-dir", str(part)])  # the same command: resumes at that step
+    a_info, a_w, a_opt = _load_state(part / "checkpoints", model_dir)
+    b_info, b_w, b_opt = _load_state(tmp_path / "full" / "checkpoints", model_dir)
+    assert a_info["step"] == b_info["step"] == 20
+    for k in b_w:
+        assert torch.equal(a_w[k], b_w[k]), k
+    for n in b_opt:
+        assert torch.equal(a_opt[n]["exp_avg_sq"], b_opt[n]["exp_avg_sq"]), n
+
+
+@pytest.mark.slow
+def test_end_to_end_real_parts_torchrun(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from mmr1.cli import main as cli
+    from mmr1.model import load_transformer
+    from test_trainer import _tiny_clip
+
+    vocab_size, model_dir, prompts, sft_data, common = _real_parts(tmp_path)
+    clip = _tiny_clip(tmp_path)
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                             num_attention_heads=4)).save_pretrained(tmp_path / "dino")
     # cold start: 2 SFT steps, 2 processes (DDP) == the same 2 steps in one process (the loss is normalized by
     # the global token weight, so ranks with more tokens weigh more)
     sft = ["sft", "--model", str(model_dir), *common, "--data", str(sft_data), "--steps", "2", "--batch-size", "4",
