@@ -20,7 +20,8 @@ Loading (``load_janus``) reads either layout from a local directory, detected fr
 - transformers' (``model_type: "janus"``, as ``save_pretrained`` writes it, one or sharded safetensors);
 - DeepSeek's original ``MultiModalityCausalLM`` (``model_type: "multi_modality"``; ``language_model.*``,
   ``gen_embed``, ``gen_aligner.layers.{0,2}``, ``gen_head.output_mlp_projector`` / ``vision_head``).
-The understanding tower, its aligner and the VQ tokenizer are separate components and are not loaded here.
+The VQ-16 image tokenizer loads apart (``load_janus_vq``: transformers' JanusVQVAE module, either layout); the
+understanding tower and its aligner are not loaded yet.
 """
 from __future__ import annotations
 
@@ -292,4 +293,93 @@ def save_janus(model: Janus, path: Union[str, Path]) -> None:
               str(path / "model.safetensors"))
 
 
-__all__ = ["JanusConfig", "Janus", "GenAligner", "GenHead", "load_janus", "save_janus", "from_transformers"]
+# --------------------------------------------------------------------------- the VQ-16 image tokenizer
+
+# DeepSeek's VQ-16 (LlamaGen's names, under gen_vision_model.) -> transformers' JanusVQVAE names
+_VQ_DEEPSEEK = [(r"\.conv_blocks\.", ".up.", "decoder."), (r"\.conv_blocks\.", ".down.", "encoder."),
+                (r"\.res\.", ".block.", ""), (r"\.mid\.0\.", ".mid.block_1.", ""), (r"\.mid\.1\.", ".mid.attn_1.", ""),
+                (r"\.mid\.2\.", ".mid.block_2.", "")]
+
+
+class JanusImageTokenizer:
+    """Janus's VQ-16, frozen: images [B, 3, H, W] in [-1, 1] <-> codes [B, h, w] (0..num_codes-1; the generation
+    ids are V_text + code, ImageVocab.janus). The module is transformers' ``JanusVQVAE`` (prefill-side work, not the
+    decode hot path): encode / decode are exactly its ``encode(...).image_tokens`` / ``decode``."""
+
+    def __init__(self, vq):
+        self.vq = vq.eval().requires_grad_(False)
+        self.side = int(vq.quantize.quant_state_dims[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vq.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.side * 2 ** (len(self.vq.config.channel_multiplier) - 1)  # one halving per level after the first
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
+            raise ValueError(f"images must be [B, 3, {size}, {size}] in [-1, 1] for this VQ, got {tuple(images.shape)}")
+        codes = self.vq.encode(images.to(self.dtype)).image_tokens
+        return codes.view(images.shape[0], self.side, self.side)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.dim() != 3 or tuple(codes.shape[1:]) != (self.side, self.side):
+            raise ValueError(f"codes must be [B, {self.side}, {self.side}], got {tuple(codes.shape)}")
+        if int(codes.min()) < 0 or int(codes.max()) >= self.vq.config.num_embeddings:
+            raise ValueError(f"codes must lie in 0..{self.vq.config.num_embeddings - 1}")
+        return self.vq.decode(codes.reshape(codes.shape[0], -1)).float().clamp(-1, 1)
+
+
+def load_janus_vq(path: Union[str, Path], dtype: torch.dtype = torch.float32) -> JanusImageTokenizer:
+    """The VQ-16 of a Janus-Pro checkpoint directory: transformers' layout (``vq_config``, ``model.vqmodel.*``) or
+    DeepSeek's (``gen_vision_config``, ``gen_vision_model.*`` in LlamaGen's names), detected from config.json."""
+    from transformers.models.janus.configuration_janus import JanusVQVAEConfig
+    from transformers.models.janus.modeling_janus import JanusVQVAE
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"config.json not found in {path}")
+    data = json.loads(cfg_file.read_text())
+    kind = data.get("model_type")
+    state = _read_weights(path)
+    if kind == "janus":
+        cfg = JanusVQVAEConfig(**data.get("vq_config", {}))
+        prefix = "model.vqmodel."
+        vq_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    elif kind == "multi_modality":
+        params = data.get("gen_vision_config", {}).get("params", {})
+        # DeepSeek's config names the codebook only (the VQ-16 architecture is fixed); the other keys, when present,
+        # describe another architecture in JanusVQVAEConfig's names (small test checkpoints)
+        arch = {k: params[k] for k in ("base_channels", "channel_multiplier", "latent_channels", "num_res_blocks",
+                                       "num_patches") if k in params}
+        # codes per side: the understanding tower's image size / 16 (transformers' converter does the same), 384 px
+        # -> 24 for Janus-Pro
+        arch.setdefault("num_patches", data.get("vision_config", {}).get("params", {}).get("image_size", 384) // 16)
+        cfg = JanusVQVAEConfig(embed_dim=params.get("n_embed", 8), num_embeddings=params.get("image_token_size", 16384),
+                               **arch)
+        prefix = "gen_vision_model."
+        vq_state = {}
+        for k, v in state.items():
+            if not k.startswith(prefix) or k.endswith("quantize.codebook_used"):
+                continue
+            k = "." + k[len(prefix):]
+            for pattern, repl, scope in _VQ_DEEPSEEK:
+                if k.startswith("." + scope):
+                    k = re.sub(pattern, repl, k)
+            vq_state[k[1:]] = v
+    else:
+        raise ValueError(f"{cfg_file}: model_type {kind!r} has no Janus VQ (expected 'janus' or 'multi_modality')")
+    if not vq_state:
+        raise ValueError(f"checkpoint {path} holds no VQ weights (expected {prefix}*)")
+    vq = JanusVQVAE(cfg)
+    missing, unexpected = vq.load_state_dict(vq_state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path}: the VQ does not match its config.json:\n  missing ({len(missing)}): "
+                         f"{list(missing)[:20]}\n  unexpected ({len(unexpected)}): {list(unexpected)[:20]}")
+    return JanusImageTokenizer(vq.to(dtype))
+
+
+__all__ = ["JanusConfig", "Janus", "GenAligner", "GenHead", "JanusImageTokenizer", "load_janus", "load_janus_vq",
+           "save_janus", "from_transformers"]

@@ -297,3 +297,52 @@ def test_grpo_on_janus_learns_and_negated_advantages_unlearn(negate, monkeypatch
         assert after < before - 0.05, (before, after)
     else:
         assert after > before + 0.5, (before, after)  # measured: 0.11 -> 0.89 (negated: -> 0.02)
+
+
+# --------------------------------------------------------------------------- the VQ-16 image tokenizer
+
+def test_vq16_loads_from_both_layouts_and_encodes_and_decodes_as_transformers(pair, tmp_path):
+    """load_janus_vq on transformers' save_pretrained directory and on DeepSeek's layout (gen_vision_model.* in
+    LlamaGen's names) gives transformers' own JanusVQVAE codes and pixels, exactly; shapes and ids are checked."""
+    from safetensors.torch import save_file
+
+    from mmr1.janus import load_janus_vq
+
+    hf, path, _ = pair
+    vq = hf.model.vqmodel
+    size = SIDE * 2 ** (len(hf.config.vq_config.channel_multiplier) - 1)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, size, size, generator=g) * 2 - 1
+    want = vq.encode(images).image_tokens.view(3, SIDE, SIDE)
+    pixels = vq.decode(want.view(3, -1)).clamp(-1, 1)
+    assert len(set(want.flatten().tolist())) > 3  # not one code everywhere
+    ours = load_janus_vq(path)
+    assert torch.equal(ours.encode(images), want)
+    assert torch.equal(ours.decode(want), pixels)
+    # DeepSeek's names: LlamaGen's VQ-16 under gen_vision_model.
+    inverse = [("encoder.down.", "encoder.conv_blocks."), ("decoder.up.", "decoder.conv_blocks."), (".block.", ".res."),
+               ("mid.block_1.", "mid.0."), ("mid.attn_1.", "mid.1."), ("mid.block_2.", "mid.2.")]
+    state = {}
+    for k, v in vq.state_dict().items():
+        for a, b in inverse:
+            k = k.replace(a, b)
+        state["gen_vision_model." + k] = v.contiguous()
+    state["gen_vision_model.quantize.codebook_used"] = torch.zeros(CODES)  # in DeepSeek's file, unused
+    save_file(state, str(tmp_path / "model.safetensors"))
+    c = hf.config.vq_config
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "multi_modality", "vision_config": {"params": {"image_size": SIDE * 16}},
+        "gen_vision_config": {"params": {"image_token_size": CODES, "n_embed": c.embed_dim,
+                                         "base_channels": c.base_channels, "channel_multiplier": c.channel_multiplier,
+                                         "latent_channels": c.latent_channels, "num_res_blocks": c.num_res_blocks}}}))
+    theirs = load_janus_vq(tmp_path)
+    assert torch.equal(theirs.encode(images), want) and torch.equal(theirs.decode(want), pixels)
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, 8, 8\]"):
+        ours.encode(images[:, :, :4])
+    with pytest.raises(ValueError, match=r"codes must be \[B, 4, 4\]"):
+        ours.decode(want.view(3, -1))
+    with pytest.raises(ValueError, match="codes must lie in 0..299"):
+        ours.decode(want + CODES)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chameleon"}))
+    with pytest.raises(ValueError, match="has no Janus VQ"):
+        load_janus_vq(tmp_path)
