@@ -341,7 +341,8 @@ def bench_update(repeats: int, prompts: int = 8) -> List[Row]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    ensure_bench_env("bench.attention")
+    if argv is None:  # from the command line (a caller passing argv has set the environment)
+        ensure_bench_env("bench.attention")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="implies --quick: one point per part, one repeat -- that the "

@@ -19,7 +19,8 @@ Steps, each under its own time limit, with a progress line; a failing step is re
 5. results: DIR/gpu.json (every row, the step log, the environment) and DIR/GPU.md; the full run also copies
    gpu.json to bench/results/gpu.json, which ``python -m bench --report`` merges into BENCHMARKS.md.
 
-The dry run uses the quick shapes, CPU tensors, the C++ kernels and the Triton interpreter, and never writes into
+The dry run uses the smallest shapes, CPU tensors, the C++ kernels and the Triton interpreter, runs the benchmark
+steps' ``main(argv)`` one after another in one child process (one import instead of eight), and never writes into
 bench/results/: ``make test`` runs it so that a change that breaks the GPU run fails on CPU first.
 """
 from __future__ import annotations
@@ -64,6 +65,42 @@ def _run(cmd: List[str], limit: int, env: Dict[str, str], log: Path) -> int:
         except subprocess.TimeoutExpired:
             f.write(f"\n[timed out after {limit} s]\n")
             return 124
+
+
+def _run_in_one_process(steps: List[Dict], limit: int, env: Dict[str, str], log: Path, out: Path) -> Dict:
+    """Run the ``python -m bench.<suite> ARGS`` steps one after another in one child process (``run_steps``);
+    returns {step name: (status, seconds)} -- a step the child never reached is "not run"."""
+    status_file = out / "steps.json"
+    plan_ = [{"name": st["name"], "module": st["cmd"][2], "argv": st["cmd"][3:]} for st in steps]
+    from bench.common import BENCH_ENV  # what each suite's command line would re-exec itself under
+
+    rc = _run([sys.executable, "-m", "bench.gpu_check", "--run-steps", json.dumps(plan_), "--status", str(status_file)],
+              limit, {**env, **BENCH_ENV}, log)
+    got = json.loads(status_file.read_text()) if status_file.exists() else {}
+    return {st["name"]: tuple(got.get(st["name"], ("timed out" if rc == 124 else f"not run (exit {rc})", 0.0)))
+            for st in steps}
+
+
+def run_steps(plan_: List[Dict], status_file: Path) -> int:
+    """The child of _run_in_one_process: each step's ``main(argv)``, its status and seconds written after each."""
+    import importlib
+    import traceback
+
+    got: Dict[str, tuple] = {}
+    for st in plan_:
+        print(f"\n$ python -m {st['module']} {' '.join(st['argv'])}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            importlib.import_module(st["module"]).main(st["argv"])
+            status = "ok"
+        except SystemExit as err:
+            status = "ok" if err.code in (0, None) else f"FAILED (exit {err.code})"
+        except Exception:  # noqa: BLE001  (recorded, the next step runs)
+            traceback.print_exc()
+            status = "FAILED (exception)"
+        got[st["name"]] = (status, time.perf_counter() - t0)
+        status_file.write_text(json.dumps(got))
+    return 0 if all(s == "ok" for s, _ in got.values()) else 1
 
 
 SMOKE_SUITES = ("sampler", "logprob", "train_step", "generation", "jacobi", "attention", "janus")
@@ -129,7 +166,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", default=os.environ.get("GPU_CHECK_DRY") == "1",
                     help="CPU, tiny shapes, interpreter (what make test runs)")
     ap.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT", str(ROOT / "runs" / "gpu-check")))
+    ap.add_argument("--run-steps", help=argparse.SUPPRESS)  # internal: the dry run's one child process
+    ap.add_argument("--status", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.run_steps:
+        return run_steps(json.loads(args.run_steps), Path(args.status))
     import torch
 
     out = Path(args.out).resolve()
@@ -155,12 +196,19 @@ def main(argv=None) -> int:
     done = []
     print(f"gpu-check ({'dry run, CPU' if args.dry else env_info.get('gpu')}): {len(steps)} steps, log in {log}",
           flush=True)
+    # the dry run's benchmark steps share one process (one import of torch, triton, transformers instead of eight:
+    # ~35 of its ~75 CPU-s on 2 cores); each step still runs its suite's main() with the same arguments
+    shared = [st for st in steps if args.dry and st.get("suite")]
+    statuses = _run_in_one_process(shared, sum(st["limit"] for st in shared), env, log, out) if shared else {}
     for i, st in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {st['name']} (limit {st['limit']} s) ...", end=" ", flush=True)
-        t0 = time.perf_counter()
-        rc = _run(st["cmd"], st["limit"], env, log)
-        secs = time.perf_counter() - t0
-        status = "ok" if rc == 0 else ("timed out" if rc == 124 else f"FAILED (exit {rc})")
+        if st["name"] in statuses:
+            status, secs = statuses[st["name"]]
+        else:
+            t0 = time.perf_counter()
+            rc = _run(st["cmd"], st["limit"], env, log)
+            secs = time.perf_counter() - t0
+            status = "ok" if rc == 0 else ("timed out" if rc == 124 else f"FAILED (exit {rc})")
         print(f"{status} ({secs:.0f} s)", flush=True)
         done.append({"name": st["name"], "status": status, "seconds": secs, "cmd": " ".join(st["cmd"][1:])})
     suites = {}

@@ -22,6 +22,7 @@ KV cache bytes: ours measured (the cache the decoder held), transformers' comput
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import List
 
@@ -58,6 +59,76 @@ def hf_janus_pro(layers: int, hidden: int = 2048, dtype=torch.float32):
     model.generation_config.generation_kwargs = {"boi_token_id": BOI}
     model.generation_config.pad_token_id, model.generation_config.bos_token_id = PAD, 100000
     return model.eval().to(DEVICE, dtype)
+
+
+def bench_update(ours, G: int, side: int, plen: int, repeats: int) -> List[Row]:
+    """One GRPO update (forward + loss + backward) over G sequences of a plen-token prompt and a side x side image:
+    mmr1's trainer (the image codes' loss through fused_linear_grpo_loss over the generation head: no [N, 16384]
+    logits) vs what a T2I-R1-style loop writes (the generation head's full fp32 logits at the image positions,
+    log_softmax, gather, the same clipped loss). The same backbone forward and backward in both; time and the peak
+    memory one update adds."""
+    from mmr1.grpo import GRPOConfig, GRPOTrainer
+    from mmr1.model import teacher_forced_hidden
+    from mmr1.rewards import RewardSet
+    from mmr1.rollout import Rollout, XCoTFormat
+
+    from .common import peak_extra_mib
+
+    vocab = ours.image_vocab()
+    L = vocab.block_length(side, side)
+    gen = torch.Generator().manual_seed(2)
+    prompt = [100000] + torch.randint(100, 90000, (plen - 1,), generator=gen).tolist()
+    lo, hi = vocab.window
+    rows = []
+    for _ in range(G):  # a rollout's shape: prompt | boi, codes, eoi | end of turn (the codes drawn at random)
+        block = [BOI] + torch.randint(lo, hi, (L - 2,), generator=gen).tolist() + [EOI]
+        rows.append(prompt + block + [100001])
+    tokens = torch.tensor(rows, device=DEVICE)
+    T = tokens.shape[1]
+    img = torch.zeros(G, T, dtype=torch.bool)
+    img[:, plen + 1:plen + L - 1] = True
+    ro = Rollout(tokens=tokens, lengths=torch.full((G,), T), prompt_lengths=torch.full((G,), plen), chosen=img.clone(),
+                 logprobs=torch.zeros(G, T), image_positions=img, subject_codes=None,
+                 final_codes=torch.zeros(G, side, side, dtype=torch.long),
+                 image_blocks=torch.tensor([[[plen, L]]] * G))
+    fmt = XCoTFormat(think_open=0, think_close=0, end_of_turn=100001, subject_hw=(side, side), final_hw=(side, side),
+                     text_range=(3, ours.text_vocab), reasoning=False, subject_image=False)
+    cfg = GRPOConfig(group_size=G, prompts_per_step=1, beta=0.0, sampling=SamplingConfig(cfg_scale=5.0),
+                     update_prefix="per_row")
+    tr = GRPOTrainer(ours, vocab, fmt, RewardSet({"none": lambda r, b: (torch.zeros(r.num_samples), {})}, {}),
+                     [{"prompt_ids": prompt}], cfg)
+    adv = torch.linspace(-1, 1, G, device=DEVICE)
+    targets, mask = tokens[:, 1:], img[:, 1:].to(DEVICE)
+    ours.train()
+
+    def fused():
+        loss, _ = tr.loss(ro, adv, None, None)
+        loss.backward()
+        ours.zero_grad(set_to_none=True)
+
+    def eager():  # T2I-R1's: the generation head's logits at the image positions, log_softmax, gather
+        h = teacher_forced_hidden(ours, tokens, ro.lengths.to(DEVICE))
+        logits = ours.gen_head(h[mask]).float()  # [n_image_tokens, 16384]
+        logp = torch.log_softmax(logits, -1).gather(-1, (targets[mask] - lo)[:, None])[:, 0]
+        ratio = torch.exp(logp - logp.detach())
+        a = adv[:, None].expand_as(mask)[mask]
+        loss = -torch.min(ratio * a, ratio.clamp(0.8, 1.28) * a).mean()
+        loss.backward()
+        ours.zero_grad(set_to_none=True)
+
+    times = {"mmr1 trainer (fused loss over the generation head)": [], "T2I-R1-style (full fp32 code logits)": []}
+    for i in range(repeats + 1):  # the first round warms up
+        for name, fn in zip(times, (fused, eager)):
+            t0 = time.perf_counter()
+            fn()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    peaks = {name: peak_extra_mib(fn) for name, fn in zip(times, (fused, eager))}
+    ours.eval()
+    n = int(mask.sum())
+    return summarize("Janus-Pro GRPO update (fwd + loss + bwd)", f"G={G}, {plen}-token prompt, {n} image tokens",
+                     times, next(iter(times)), peaks, None,
+                     {k: f"{G * T / statistics.median(v):.0f} train tok/s" for k, v in times.items()})
 
 
 def main(argv=None) -> List[Row]:
@@ -139,6 +210,9 @@ def main(argv=None) -> List[Row]:
                        "kv_cache_mib": (kv["ours"] if r.provider == ours_name else kv["hf"]) / 2**20}
         rows += rr
         print(format_table(rr), flush=True)
+    upd = bench_update(ours, G, side, 32, args.repeats)
+    print(format_table(upd), flush=True)
+    rows += upd
     path = save_rows("janus" + ("_quick" if args.quick else ""), rows, meta)
     print(format_table(rows))
     print(f"\nwrote {path}")

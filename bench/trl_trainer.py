@@ -169,7 +169,8 @@ def bench_whole_step(vocab: int, B: int, T: int, root: Path) -> List[Row]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    ensure_bench_env("bench.trl_trainer")
+    if argv is None:  # from the command line (a caller passing argv has set the environment)
+        ensure_bench_env("bench.trl_trainer")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)

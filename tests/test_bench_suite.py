@@ -62,3 +62,19 @@ def test_trl_loss_bench_runs_at_tiny_shapes():
     if trl_loss.peers.have("trl"):
         assert {"TRL ChunkedLogProbFunction +entropy", "TRL GRPOTrainer._compute_loss"} <= providers
     assert all(r.median_ms > 0 for r in rows)
+
+
+def test_the_dry_runs_shared_process_records_a_failing_step_and_runs_the_next(tmp_path):
+    """bench.gpu_check.run_steps (the dry run's one child process for the benchmark steps): a step whose main()
+    exits non-zero is FAILED with its exit code, the steps after it still run, the status file holds every step."""
+    import json
+
+    from bench.gpu_check import run_steps
+
+    status = tmp_path / "steps.json"
+    plan = [{"name": "bad", "module": "bench.sampler", "argv": ["--no-such-flag"]},
+            {"name": "good", "module": "bench.gpu_check", "argv": ["--run-steps", "[]", "--status",
+                                                                   str(tmp_path / "inner.json")]}]
+    assert run_steps(plan, status) == 1
+    got = json.loads(status.read_text())
+    assert got["bad"][0] == "FAILED (exit 2)" and got["good"][0] == "ok"
