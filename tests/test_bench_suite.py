@@ -78,3 +78,21 @@ def test_the_dry_runs_shared_process_records_a_failing_step_and_runs_the_next(tm
     assert run_steps(plan, status) == 1
     got = json.loads(status.read_text())
     assert got["bad"][0] == "FAILED (exit 2)" and got["good"][0] == "ok"
+
+
+def test_janus_memory_table_adds_up():
+    """bench.janus_memory's estimate: the parts by hand for one setting, the peaks as their sums, and the settings
+    ordered as they must be (micro-batches and checkpointing only shrink the update; the fused loss has no logits)."""
+    from bench import janus_memory as M
+
+    t2i, ckpt, ours, micro, both = (M.estimate(s, 8, 1, 64, 256) for s in M.SETTINGS)
+    T = 64 + 256 + 578
+    assert t2i["rollout KV cache"] == 2 * 8 * T * 2 * 30 * 4096 * 2  # 16 rows x T positions, K and V, bf16
+    assert t2i["loss logits"] == 3 * 4 * 8 * (256 * 102400 + 576 * 16384) and ours["loss logits"] == 0
+    assert t2i["update activations"] == 8 * T * 30 * (34 * 4096 + 6 * 11008)
+    for e in (t2i, ours, micro):
+        base = e["train state (fp32 master + grads + AdamW, sharded)"] + e["reference model (bf16)"]
+        assert e["peak in the update"] == base + e["update activations"] + e["loss logits"]
+    assert both["update activations"] < micro["update activations"] < ours["update activations"]
+    assert ckpt["update activations"] < t2i["update activations"]
+    assert "| mmr1, micro_batch_size 1 | 2 |" in M.main(["--prompts-per-gpu", "2"])
