@@ -255,6 +255,12 @@ class GRPOTrainer:
         if cfg.beta != 0.0:  # the frozen reference: a full copy, made before any sharding
             self.ref = ref_model if ref_model is not None else copy.deepcopy(policy)
             self.ref.eval().requires_grad_(False)
+        # a family whose image codes have a head of their own (Janus) trains its text head only through reasoning
+        # text: without any, no loss term reaches it -- frozen, so DDP does not wait for its gradient (its bucket
+        # would never be reduced) and AdamW leaves it alone
+        if not fmt.reasoning and policy.output_head(policy.lm_head.weight.new_zeros(1, policy.config.hidden_size),
+                                                    vocab.window)[1] is not policy.lm_head.weight:
+            policy.lm_head.weight.requires_grad_(False)
         self.model = wrap_parallel(policy, parallel)  # after the reference copy: that one stays whole
         policy.activation_checkpointing = cfg.activation_checkpointing
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

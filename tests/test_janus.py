@@ -233,10 +233,11 @@ def janus_trainer(model, **kw):
     from mmr1.grpo import GRPOConfig, GRPOTrainer
     from mmr1.rewards import RewardSet
 
+    parallel = kw.pop("parallel", "none")
     cfg = GRPOConfig(group_size=4, prompts_per_step=2, steps=kw.pop("steps", 4), lr=kw.pop("lr", 1e-2), beta=0.04,
                      seed=3, sampling=SamplingConfig(cfg_scale=2.0, backend=kw.pop("backend", "kernels")), **kw)
     return GRPOTrainer(model, model.image_vocab(), t2i_format(), RewardSet({"codes": low_codes}, {"codes": 1.0}),
-                       T2I_PROMPTS, cfg)
+                       T2I_PROMPTS, cfg, parallel=parallel)
 
 
 def test_grpo_loss_through_the_generation_head_equals_the_full_logits_path():
@@ -346,3 +347,30 @@ def test_vq16_loads_from_both_layouts_and_encodes_and_decodes_as_transformers(pa
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "chameleon"}))
     with pytest.raises(ValueError, match="has no Janus VQ"):
         load_janus_vq(tmp_path)
+
+
+def janus_distributed_trainer(parallel: str = "none"):
+    """GRPO on a tiny Janus with what a multi-GPU run uses: mu 2, micro-batches of one group, activation
+    checkpointing, the guided CFG loss (an unconditional forward in the update), 2 prompts per step."""
+    return janus_trainer(tiny_janus(3), mu=2, micro_batch_size=4, activation_checkpointing=True, cfg_loss="guided",
+                         parallel=parallel)
+
+
+@pytest.mark.slow
+def test_janus_under_ddp_and_fsdp_equals_one_process(tmp_path):
+    """torchrun --nproc-per-node 2: DDP and FSDP2 (the transformer blocks and the root, the generation path
+    included) take the same 2 GRPO steps on Janus as one process -- logged losses and gradient norms, final
+    weights."""
+    from test_trainer import run_torchrun_script
+
+    run_torchrun_script("torchrun_janus.py", str(tmp_path))
+    single = janus_distributed_trainer()
+    single.train(2, progress=False)
+    for parallel in ("ddp", "fsdp"):
+        got = torch.load(tmp_path / f"{parallel}.pt", weights_only=False)
+        assert len(got["history"]) == 2
+        for step, (m, s) in enumerate(zip(got["history"], single.history)):
+            for key in ("loss", "grad_norm", "image/ratio_mean", "image/kl", "reward/codes"):
+                assert m[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (parallel, step, key)
+        for name, p in single.policy.named_parameters():
+            torch.testing.assert_close(got["weights"][name], p.detach(), atol=1e-5, rtol=0, msg=f"{parallel} {name}")
