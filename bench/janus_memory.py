@@ -39,9 +39,9 @@ SETTINGS = [
     Setting("T2I-R1-style loop (HF static cache, full fp32 logits, ZeRO-3 reference)", False, True, True, False, 0,
             False),
     Setting("... with gradient checkpointing", False, True, True, False, 0, True),
-    Setting("mmr1 defaults (shared-prefix cache, fused loss, FSDP2)", True, False, False, True, 0, False),
-    Setting("mmr1, micro_batch_size 1", True, False, False, True, 1, False),
-    Setting("mmr1, micro_batch_size 1 + activation_checkpointing", True, False, False, True, 1, True),
+    Setting("mmr1 defaults (shared-prefix cache, fused loss, FSDP2)", True, False, True, True, 0, False),
+    Setting("mmr1, micro_batch_size 1", True, False, True, True, 1, False),
+    Setting("mmr1, micro_batch_size 1 + activation_checkpointing", True, False, True, True, 1, True),
 ]
 
 

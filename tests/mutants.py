@@ -235,6 +235,8 @@ MUTANTS: List[Mutant] = [
     Mutant("trainer: Janus's unused text head left trainable (DDP waits for its gradient)", "mmr1/grpo.py",
            "            policy.lm_head.weight.requires_grad_(False)", "            pass",
            ("tests/test_janus.py::test_janus_under_ddp_and_fsdp_equals_one_process",)),
+    Mutant("trainer: the frozen reference model left whole on every rank under FSDP2", "mmr1/grpo.py",
+           "                wrap_parallel(self.ref, \"fsdp\")", "                pass", (DIST,)),
     Mutant("checkpoint: checksums never compared", "mmr1/sharded_checkpoint.py",
            "        if _sha256(f) != want[\"sha256\"]:", "        if False:",
            ("tests/test_trainer.py::test_a_corrupt_checkpoint_is_named_and_a_resume_falls_back_to_the_newest_that_verifies",)),

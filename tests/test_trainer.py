@@ -481,6 +481,7 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     multi = json.loads((tmp_path / "history.json").read_text())
+    assert json.loads((tmp_path / "ref_sharded.json").read_text()) == (parallel == "fsdp")
     single = GRPOTrainer(tiny_model(11), VOCAB, FMT, reward_set(), PROMPTS, distributed_cfg())
     single.train(4, progress=False)
     assert len(multi) == len(single.history) == 4

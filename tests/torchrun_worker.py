@@ -33,4 +33,8 @@ history += resumed.train(2, progress=False)
 resumed.save(out / "final")
 if rank == 0:
     (out / "history.json").write_text(json.dumps(history))
+    # under FSDP2 the frozen reference model is sharded too: each rank holds half of every block's weights
+    ref_weight = next(resumed.ref.model.layers[0].parameters())
+    (out / "ref_sharded.json").write_text(json.dumps(hasattr(ref_weight, "to_local")
+                                                     and ref_weight.to_local().numel() * 2 == ref_weight.numel()))
 finish_distributed()  # barrier, destroy, exit
