@@ -49,7 +49,8 @@ def sft_loss(model: Transformer, seqs: Sequence[Sequence[int]], prompt_lengths: 
     tokens, lengths = pad_sequences(seqs)
     hidden = teacher_forced_hidden(model, tokens, lengths)
     mask = target_span_mask(tokens.shape[1], prompt_lengths, lengths, hidden.device)
-    logp = K.fused_linear_logprobs(hidden, head.lm_head.weight, tokens[:, 1:].to(hidden.device), mask=mask)
+    targets = tokens[:, 1:].to(hidden.device)
+    logp = _family_logprobs(head, hidden, targets, mask)
     n = mask.sum()
     nll = -(logp * mask).sum() / n.clamp(min=1)
     if token_weights is None:
@@ -69,6 +70,24 @@ def sft_loss(model: Transformer, seqs: Sequence[Sequence[int]], prompt_lengths: 
     loss = -(logp * w).sum() / divisor
     return loss, {"loss": float(loss.detach()), "nll": float(nll.detach()), "tokens": int(n),
                   "ppl": float(torch.exp(nll.detach()))}
+
+
+def _family_logprobs(head: Transformer, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+    """Log-probs of the targets under the model's own softmax(es): one over the whole vocabulary through lm_head
+    (Lumina-mGPT / Chameleon: text and image codes share it); for a family whose image codes have a head of their
+    own (Janus: ``image_window`` and Transformer.output_head), text targets over the text head and code targets over
+    the code head -- the two distributions it generates from."""
+    window = getattr(head, "image_window", None)
+    if window is None:
+        return K.fused_linear_logprobs(hidden, head.lm_head.weight, targets, mask=mask)
+    from .grpo import head_inputs
+
+    lo, hi = window
+    is_code = (targets >= lo) & (targets < hi)
+    text = K.fused_linear_logprobs(hidden, head.lm_head.weight, torch.where(is_code, 0, targets), mask=mask & ~is_code)
+    x, w, t, rng = head_inputs(head, hidden, targets, mask & is_code, window)
+    codes = K.fused_linear_logprobs(x, w, t, 1.0, rng, mask=mask & is_code)
+    return torch.where(is_code, codes, text)
 
 
 class SFTTrainer:

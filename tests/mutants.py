@@ -237,6 +237,8 @@ MUTANTS: List[Mutant] = [
            ("tests/test_janus.py::test_janus_under_ddp_and_fsdp_equals_one_process",)),
     Mutant("trainer: the frozen reference model left whole on every rank under FSDP2", "mmr1/grpo.py",
            "                wrap_parallel(self.ref, \"fsdp\")", "                pass", (DIST,)),
+    Mutant("sft: Janus's image codes scored through the text head's softmax", "mmr1/sft.py",
+           "    window = getattr(head, \"image_window\", None)", "    window = None", (JANUS,)),
     Mutant("checkpoint: checksums never compared", "mmr1/sharded_checkpoint.py",
            "        if _sha256(f) != want[\"sha256\"]:", "        if False:",
            ("tests/test_trainer.py::test_a_corrupt_checkpoint_is_named_and_a_resume_falls_back_to_the_newest_that_verifies",)),
