@@ -367,6 +367,14 @@ def run(names=None, check_clean: bool = True) -> int:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    clean = "--no-clean-run" not in args  # the unmutated copy's run (a sanity check) can be skipped when known good
-    sys.exit(run([a for a in args if a != "--no-clean-run"], clean))
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Planted bugs the suite must kill (see this file's docstring).")
+    ap.add_argument("names", nargs="*", help="run only the mutants whose name contains one of these (any case)")
+    ap.add_argument("--no-clean-run", action="store_true",
+                    help="skip the unmutated copy's run (a sanity check) when it is known good")
+    ns = ap.parse_args()
+    chosen = [m for m in MUTANTS if not ns.names or any(n.lower() in m.name.lower() for n in ns.names)]
+    if not chosen:
+        ap.error(f"no mutant's name contains any of {ns.names}")
+    sys.exit(run(ns.names, not ns.no_clean_run))
