@@ -332,6 +332,8 @@ def _draw(model: Transformer, hidden: torch.Tensor, use_cfg: bool, vocab: ImageV
     forced = None if free is None else torch.where(free, -1, 0)
     # a loss's log-prob instead of the sampler's (scfg.cfg_logprobs): one more log-softmax over the window per draw
     recorded = scfg.cfg_logprobs if scfg.cfg_logprobs != "sampler" and scfg.temperature > 0 else None
+    if recorded == "guided" and scfg.top_k == 0 and scfg.top_p >= 1.0:
+        recorded = None  # unfiltered, the guided distribution is the one the sampler drew from: its log-probs are it
     if scfg.backend == "reference":
         lc = model.logits(hidden[:m])
         lu = model.logits(hidden[m:]) if use_cfg else None
@@ -358,9 +360,9 @@ def _draw(model: Transformer, hidden: torch.Tensor, use_cfg: bool, vocab: ImageV
                              top_p=scfg.top_p, seed=scfg.seed, offset=offsets, row_ids=row_ids, forced=forced,
                              check=False)
     if recorded:
-        if lc is None:
+        if lc is None:  # "cond" reads the conditional logits only
             lc = torch.nn.functional.linear(feats[:m], w_img, b_img)
-            lu = torch.nn.functional.linear(feats[m:], w_img, b_img) if use_cfg else None
+            lu = torch.nn.functional.linear(feats[m:], w_img, b_img) if use_cfg and recorded != "cond" else None
         lp = image_logprobs(lc, lu, tok, scfg.cfg_scale, scfg.temperature, recorded)
         if free is not None:
             lp = torch.where(free, lp, 0.0)

@@ -46,7 +46,8 @@ from .distributed import wait_for_all_ranks, wrap_parallel
 from .generate import SamplingConfig
 from .metrics_log import MetricsLog
 from .preemption import Preempted, SignalFlag, agreed_signal
-from .model import PrefixSplit, Transformer, shared_prefix_hidden, split_shared_prefix, teacher_forced_hidden
+from .model import (PrefixSplit, Transformer, head_features, head_inputs, shared_prefix_hidden, split_shared_prefix,
+                    teacher_forced_hidden)
 from .rewards import RewardSet
 from .rollout import Rollout, XCoTFormat, concat_groups, xcot_rollout
 from .sharded_checkpoint import load_sharded, save_sharded
@@ -145,10 +146,12 @@ class GRPOConfig:
         return self.sampling.backend
 
     def sampling_for(self, step: int) -> SamplingConfig:
-        """The rollouts' sampling settings at ``step``: ``sampling`` with the step's seed, recording the image
-        log-probs of the distribution ``cfg_loss`` trains."""
-        return replace(self.sampling, seed=(self.seed * 1_000_003 + step) % (2**63),
-                       cfg_logprobs=CFG_LOSSES[self.cfg_loss])
+        """The rollouts' sampling settings at ``step``: ``sampling`` with the step's seed; with mu > 1 (the only
+        case that reads a rollout's log-probs as the old policy's) recording the image log-probs of the distribution
+        ``cfg_loss`` trains. With mu = 1 the sampler's own are kept: recording another costs the conditional
+        logits' product and a log-softmax per decode step (+11% rollout time for a 4-layer d 512 model, CPU)."""
+        recorded = CFG_LOSSES[self.cfg_loss] if self.mu > 1 else "sampler"
+        return replace(self.sampling, seed=(self.seed * 1_000_003 + step) % (2**63), cfg_logprobs=recorded)
 
     @property
     def unconditional_branch(self) -> bool:
@@ -170,20 +173,6 @@ def lr_lambda(cfg: GRPOConfig):
         return 1.0
 
     return f
-
-
-def head_inputs(model: Transformer, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, window):
-    """What the fused ops take for the ids ``window`` of ``model``'s head (Transformer.output_head): (features,
-    weight, targets, vocab range) with targets and window in the weight's rows (masked targets set to its first
-    row, never read). A bias becomes one more weight column against a column of ones: the fused ops take a weight
-    only, and [f, 1] @ [W, b]^T = f W^T + b."""
-    x, w, b, first = model.output_head(hidden, window)
-    if b is not None:
-        x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], -1)
-        w = torch.cat([w, b[:, None].to(w.dtype)], 1)
-    if first:
-        targets = torch.where(mask, targets - first, 0)
-    return x, w, targets, (window[0] - first, window[1] - first)
 
 
 def _peak_mib() -> float:
@@ -260,8 +249,7 @@ class GRPOTrainer:
         # a family whose image codes have a head of their own (Janus) trains its text head only through reasoning
         # text: without any, no loss term reaches it -- frozen, so DDP does not wait for its gradient (its bucket
         # would never be reduced) and AdamW leaves it alone
-        if not fmt.reasoning and policy.output_head(policy.lm_head.weight.new_zeros(1, policy.config.hidden_size),
-                                                    vocab.window)[1] is not policy.lm_head.weight:
+        if not fmt.reasoning and policy.image_window is not None:
             policy.lm_head.weight.requires_grad_(False)
         self.model = wrap_parallel(policy, parallel)  # after the reference copy: that one stays whole
         policy.activation_checkpointing = cfg.activation_checkpointing
@@ -342,6 +330,11 @@ class GRPOTrainer:
                                                                          torch.cat(src_pos).to(dev)]
         return out
 
+    def _head_inputs(self, model: Transformer, h, hu, targets, mask, window):
+        """head_inputs, with the unconditional branch's features (hu: its hidden states, or None) mixed in."""
+        x, w, t, rng = head_inputs(model, h, targets, mask, window)
+        return (x if hu is None else self._guided(x, head_features(model, hu, window))), w, t, rng
+
     def _guided(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """cfg_loss's mix of the two branches' head features (or logits): u + g (c - u) = g c - (g - 1) u, / g
         for "guided_scaled". The head's output layer is linear, so mixing its inputs mixes its logits (a bias
@@ -371,14 +364,12 @@ class GRPOTrainer:
         logits = self.ref.logits(h) if self.cfg.backend == "reference" else None  # once, for both windows
         out = []
         for name, mask, window, temp in self._windows(m_img, m_txt):
-            guided = hu is not None and name == "image"
+            guided = hu if name == "image" else None
             if logits is not None:
-                z = self._guided(logits, self.ref.logits(hu)) if guided else logits
+                z = logits if guided is None else self._guided(logits, self.ref.logits(guided))
                 lp, _ = K.reference.token_logprobs(z, targets, temp, *window, mask=mask)
             else:
-                x, w, t, rng = head_inputs(self.ref, h, targets, mask, window)
-                if guided:
-                    x = self._guided(x, head_inputs(self.ref, hu, targets, mask, window)[0])
+                x, w, t, rng = self._head_inputs(self.ref, h, guided, targets, mask, window)
                 lp = K.fused_linear_logprobs(x, w, t, temp, rng, mask=mask)
             out.append(lp)
         lp = torch.where(m_img, out[0], out[1])
@@ -417,15 +408,13 @@ class GRPOTrainer:
             metrics[f"{name}/tokens"] = float(mask.sum())
             if not bool(mask.any()):
                 continue
-            guided = hu is not None and name == "image"
+            guided = hu if name == "image" else None
             if logits is not None:
-                z = self._guided(logits, self.policy.logits(hu)) if guided else logits
+                z = logits if guided is None else self._guided(logits, self.policy.logits(guided))
                 part, m = K.reference.grpo_loss(z, targets, adv, mask, old, ref, temperature=temp,
                                                 vocab_range=window, **kw)
             else:
-                x, w, t, rng = head_inputs(self.policy, h, targets, mask, window)
-                if guided:
-                    x = self._guided(x, head_inputs(self.policy, hu, targets, mask, window)[0])
+                x, w, t, rng = self._head_inputs(self.policy, h, guided, targets, mask, window)
                 part, m = K.fused_linear_grpo_loss(x, w, t, adv, mask, old, ref, temperature=temp, vocab_range=rng,
                                                    **kw)
             loss = loss + part

@@ -297,6 +297,10 @@ class Transformer(nn.Module):
     # ----------------------------------------------------------------- how tokens enter and leave
     # A model family is these four methods (mmr1.janus overrides them): the engine -- decoder, sampler calls,
     # rollouts, trainer -- never asks what produced the hidden states.
+    # The ids of image codes when they have a head (and a softmax) of their own, apart from the text's (Janus);
+    # None: one head scores every id (here)
+    image_window: Optional[Tuple[int, int]] = None
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Input embeddings [..., d] of token ids (here: one table for text and image tokens)."""
         return self.model.embed_tokens(tokens)
@@ -319,6 +323,27 @@ class Transformer(nn.Module):
         tokens: None here (Lumina-mGPT: the unconditional branch sees only the image being drawn, its rows restart
         at the block), or one token list per row."""
         return None
+
+
+def head_features(model: "Transformer", hidden: torch.Tensor, window) -> torch.Tensor:
+    """The features the fused ops multiply with the head of ids ``window`` (Transformer.output_head), a bias
+    becoming one more column of ones (see head_inputs)."""
+    x, _, b, _ = model.output_head(hidden, window)
+    return x if b is None else torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], -1)
+
+
+def head_inputs(model: "Transformer", hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, window):
+    """What the fused ops take for the ids ``window`` of ``model``'s head (Transformer.output_head): (features,
+    weight, targets, vocab range) with targets and window in the weight's rows (masked targets set to its first
+    row, never read). A bias becomes one more weight column against a column of ones: the fused ops take a weight
+    only, and [f, 1] @ [W, b]^T = f W^T + b."""
+    x, w, b, first = model.output_head(hidden, window)
+    if b is not None:
+        x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], -1)
+        w = torch.cat([w, b[:, None].to(w.dtype)], 1)
+    if first:
+        targets = torch.where(mask, targets - first, 0)
+    return x, w, targets, (window[0] - first, window[1] - first)
 
 
 def teacher_forced_hidden(model: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -522,4 +547,4 @@ def init_weights(model: Transformer, std: float = 0.02, seed: Optional[int] = No
 
 
 __all__ = ["ModelConfig", "Transformer", "KVCacheLayout", "SharedPrefix", "ATTENTION_LAYOUTS", "load_transformer", "save_transformer", "read_safetensors",
-           "init_weights", "num_params", "teacher_forced_hidden", "target_span_mask"]
+           "init_weights", "num_params", "teacher_forced_hidden", "target_span_mask", "head_inputs", "head_features"]

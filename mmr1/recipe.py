@@ -226,10 +226,7 @@ def sft_main(args) -> None:
             if signum:
                 if not saved:
                     save()
-                if rank == 0:
-                    print(f"mmr1 sft: {Preempted(trainer.step_idx, signum, str(ckpt))}", file=sys.stderr, flush=True)
-                finish_distributed(PREEMPTED_EXIT)
-                sys.exit(PREEMPTED_EXIT)
+                _exit_preempted("sft", rank, Preempted(trainer.step_idx, signum, str(ckpt)))
     if args.checkpoint_every == 0 or trainer.step_idx % args.checkpoint_every:
         save()
     _finish(rank)
@@ -352,13 +349,19 @@ def grpo_main(args) -> None:
         trainer.train(progress=rank == 0, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
                       keep_last=args.keep_last, callbacks=[sample_grid], handle_signals=True)
     except Preempted as stop:  # the checkpoint of the last finished step is written: exit for a rerun to resume
-        if rank == 0:
-            print(f"mmr1 grpo: {stop}", file=sys.stderr, flush=True)
-        finish_distributed(PREEMPTED_EXIT)
-        sys.exit(PREEMPTED_EXIT)
+        _exit_preempted("grpo", rank, stop)
     if args.checkpoint_every == 0 or trainer.step_idx % args.checkpoint_every:
         trainer.save(ckpt, args.keep_last)
     _finish(rank)
+
+
+def _exit_preempted(command: str, rank: int, stop: Preempted) -> None:
+    """After a preemption's checkpoint: say so (rank 0) and exit PREEMPTED_EXIT on every rank (the same command
+    resumes)."""
+    if rank == 0:
+        print(f"mmr1 {command}: {stop}", file=sys.stderr, flush=True)
+    finish_distributed(PREEMPTED_EXIT)
+    sys.exit(PREEMPTED_EXIT)
 
 
 def _finish(rank: int) -> None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import mmr1_kernels as K
 
 from .distributed import wrap_parallel
-from .model import Transformer, target_span_mask, teacher_forced_hidden
+from .model import Transformer, head_inputs, target_span_mask, teacher_forced_hidden
 from .sharded_checkpoint import load_sharded, save_sharded
 from .tokens import pad_sequences
 
@@ -75,13 +75,11 @@ def sft_loss(model: Transformer, seqs: Sequence[Sequence[int]], prompt_lengths: 
 def _family_logprobs(head: Transformer, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
     """Log-probs of the targets under the model's own softmax(es): one over the whole vocabulary through lm_head
     (Lumina-mGPT / Chameleon: text and image codes share it); for a family whose image codes have a head of their
-    own (Janus: ``image_window`` and Transformer.output_head), text targets over the text head and code targets over
+    own (Janus: Transformer.image_window and output_head), text targets over the text head and code targets over
     the code head -- the two distributions it generates from."""
-    window = getattr(head, "image_window", None)
+    window = head.image_window
     if window is None:
         return K.fused_linear_logprobs(hidden, head.lm_head.weight, targets, mask=mask)
-    from .grpo import head_inputs
-
     lo, hi = window
     is_code = (targets >= lo) & (targets < hi)
     text = K.fused_linear_logprobs(hidden, head.lm_head.weight, torch.where(is_code, 0, targets), mask=mask & ~is_code)

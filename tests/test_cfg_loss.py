@@ -145,3 +145,7 @@ def test_cfg_loss_errors():
     with pytest.raises(ValueError, match="needs rollouts that record their image blocks"):
         tr.loss(ro, torch.zeros(ro.num_samples), None, None)
     assert not trainer("lumina", "guided", cfg_scale=1.0).cfg.unconditional_branch  # no CFG: nothing to mix
+    # the rollouts record the loss's distribution only where a step reads them back (mu > 1): with mu = 1 the
+    # sampler's own, at no extra cost
+    assert T.grpo_cfg(mu=2, cfg_loss="guided_scaled").sampling_for(0).cfg_logprobs == "guided_scaled"
+    assert T.grpo_cfg(mu=1, cfg_loss="guided_scaled").sampling_for(0).cfg_logprobs == "sampler"
