@@ -72,3 +72,13 @@ def test_markdown_links_resolve():
             if not (md.parent / target.split("#")[0]).exists():
                 broken.append(f"{md.relative_to(ROOT)}: {target}")
     assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_every_planted_bug_still_matches_its_source_once():
+    """tests/mutants.py pins each mutant to a text of the source: a move or a rewrite that breaks the pin must be
+    seen here, in make test, not only in the next make mutants (one went stale unseen once)."""
+    import mutants
+
+    stale = [(m.name, m.file, (ROOT / m.file).read_text().count(m.find)) for m in mutants.MUTANTS
+             if (ROOT / m.file).read_text().count(m.find) != 1]
+    assert not stale, stale
