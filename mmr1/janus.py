@@ -16,12 +16,19 @@ backbone's hidden state), ``logits`` and ``unconditional_context`` (Janus's
 unconditional branch is the prompt with every token but BOS replaced by pad; prompts of one length share it, and
 the shared-prefix cache stores it once).
 
+Images in a prompt (a reference photo, MM-R1's X-CoT) go through Janus's understanding path: SigLIP + its aligner
+(``JanusUnderstanding``, transformers' modules, frozen, run once per distinct image) give one feature vector per
+patch; ``Janus.prompt_image_ids`` stores them once in the model's ``prompt_images`` bank and returns ids after the
+code window that stand for them. A prompt stays a list of ids -- the rollouts, the shared-prefix cache (one copy per
+prompt), the trainer and the checkpoints see nothing new -- and ``embed`` reads those ids from the bank, as
+transformers scatters the features over its ``<image_placeholder>`` positions.
+
 Loading (``load_janus``) reads either layout from a local directory, detected from config.json:
 - transformers' (``model_type: "janus"``, as ``save_pretrained`` writes it, one or sharded safetensors);
 - DeepSeek's original ``MultiModalityCausalLM`` (``model_type: "multi_modality"``; ``language_model.*``,
   ``gen_embed``, ``gen_aligner.layers.{0,2}``, ``gen_head.output_mlp_projector`` / ``vision_head``).
-The VQ-16 image tokenizer loads apart (``load_janus_vq``: transformers' JanusVQVAE module, either layout); the
-understanding tower and its aligner are not loaded yet.
+The VQ-16 image tokenizer (``load_janus_vq``) and the understanding tower (``load_janus_understanding``) load apart,
+from either layout, into transformers' modules.
 """
 from __future__ import annotations
 
@@ -135,6 +142,47 @@ class GenHead(nn.Module):
         return self.vision_head(self.features(hidden))
 
 
+class PromptImages:
+    """The understanding features of the images in prompts: [rows, d], each distinct image's T rows stored once
+    (keyed by the features' bytes), read by ``Janus.embed`` through the ids ``Janus.prompt_image_ids`` hands out.
+
+    Input data, not weights: outside the state dict and the optimizer (the understanding tower is frozen), and one
+    bank per process, shared -- not copied -- by the policy and the reference model ``copy.deepcopy`` makes of it,
+    so an image added after that copy is seen by both. Cost: T x d values per distinct image (576 x 2048 x 4 B =
+    4.7 MB for Janus-Pro-1B in fp32)."""
+
+    def __init__(self):
+        self._rows: List[torch.Tensor] = []
+        self._start: Dict[str, int] = {}
+        self._count = 0
+        self._tables: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def add(self, features: torch.Tensor) -> int:
+        """[T, d] features -> the first row they occupy (the same row for the same features)."""
+        import hashlib
+
+        f = features.detach().float().cpu().contiguous()
+        key = hashlib.sha256(f.numpy().tobytes()).hexdigest() + str(tuple(f.shape))
+        if key not in self._start:
+            self._start[key] = self._count
+            self._rows.append(f)
+            self._count += f.shape[0]
+            self._tables.clear()
+        return self._start[key]
+
+    def table(self, device, dtype) -> torch.Tensor:
+        key = (torch.device(device), dtype)
+        if key not in self._tables:  # built once per device after each addition, not per decode step
+            self._tables[key] = torch.cat(self._rows).to(device=device, dtype=dtype)
+        return self._tables[key]
+
+
 class Janus(Transformer):
     """Janus-Pro's language model with its image-generation path, on mmr1's transformer and engine."""
 
@@ -146,6 +194,7 @@ class Janus(Transformer):
         self.gen_embed = nn.Embedding(cfg.num_codes, cfg.code_embed_dim)
         self.gen_aligner = GenAligner(cfg.code_embed_dim, cfg.text.hidden_size, cfg.aligner_depth)
         self.gen_head = GenHead(cfg.text.hidden_size, cfg.head_dim, cfg.num_codes)
+        self.prompt_images = PromptImages()
 
     @property
     def text_vocab(self) -> int:
@@ -161,13 +210,34 @@ class Janus(Transformer):
 
         return ImageVocab.janus(self.text_vocab, self.janus.boi_id, self.janus.eoi_id, self.janus.num_codes)
 
+    @property
+    def prompt_image_base(self) -> int:
+        """The first id standing for a prompt image's features (after the text vocabulary and the codes)."""
+        return self.text_vocab + self.janus.num_codes
+
+    def prompt_image_ids(self, features: torch.Tensor) -> List[int]:
+        """One image's understanding features [T, d] (``JanusUnderstanding.features``) -> the T ids that stand for
+        them in a prompt, in place of transformers' T ``<image_placeholder>`` tokens (wrap them in boi / eoi as
+        its processor does)."""
+        if features.dim() != 2 or features.shape[1] != self.config.hidden_size:
+            raise ValueError(f"features must be [T, {self.config.hidden_size}] (one image's understanding features, "
+                             f"the backbone's width), got {tuple(features.shape)}")
+        start = self.prompt_images.add(features)
+        return list(range(self.prompt_image_base + start, self.prompt_image_base + start + features.shape[0]))
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         # every position through both tables and a select: no host sync in a decode step; the aligner's cost is
         # ~2 d^2 FLOPs per token against ~2 x 1.5e9 for the 1B backbone
-        is_code = tokens >= self.text_vocab
-        text = self.model.embed_tokens(torch.where(is_code, 0, tokens))
-        codes = self.gen_aligner(self.gen_embed(torch.where(is_code, tokens - self.text_vocab, 0)))
-        return torch.where(is_code[..., None], codes.to(text.dtype), text)
+        tv, base = self.text_vocab, self.prompt_image_base
+        is_code = (tokens >= tv) & (tokens < base)
+        text = self.model.embed_tokens(torch.where(tokens >= tv, 0, tokens))
+        codes = self.gen_aligner(self.gen_embed(torch.where(is_code, tokens - tv, 0)))
+        out = torch.where(is_code[..., None], codes.to(text.dtype), text)
+        if len(self.prompt_images):  # prompt images: a gather from the bank (an id past it raises IndexError)
+            is_image = tokens >= base
+            feats = F.embedding(torch.where(is_image, tokens - base, 0), self.prompt_images.table(out.device, out.dtype))
+            out = torch.where(is_image[..., None], feats, out)
+        return out
 
     def output_head(self, hidden, window):
         lo, hi = window
@@ -381,5 +451,123 @@ def load_janus_vq(path: Union[str, Path], dtype: torch.dtype = torch.float32) ->
     return JanusImageTokenizer(vq.to(dtype))
 
 
-__all__ = ["JanusConfig", "Janus", "GenAligner", "GenHead", "JanusImageTokenizer", "load_janus", "load_janus_vq",
-           "save_janus", "from_transformers"]
+# --------------------------------------------------------------------------- the understanding path (SigLIP + aligner)
+
+
+class JanusUnderstanding:
+    """Janus's understanding path, frozen: images [B, 3, S, S] in [-1, 1] (its processor's normalization: mean 0.5,
+    std 0.5) -> features [B, T, d] for ``Janus.prompt_image_ids``. The modules are transformers' ``JanusVisionModel``
+    and ``JanusVisionAlignerMLP`` (prefill-side work, once per distinct image): the features are exactly its
+    ``get_image_features(pixel_values).pooler_output``."""
+
+    def __init__(self, vision, aligner):
+        self.vision = vision.eval().requires_grad_(False)
+        self.aligner = aligner.eval().requires_grad_(False)
+        self.image_size = int(vision.config.image_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype
+
+    def to(self, device) -> "JanusUnderstanding":
+        self.vision.to(device)
+        self.aligner.to(device)
+        return self
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        S = self.image_size
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (S, S):
+            raise ValueError(f"images must be [B, 3, {S}, {S}] in [-1, 1] for this understanding tower, got "
+                             f"{tuple(images.shape)}")
+        device = next(self.vision.parameters()).device
+        hidden = self.vision(images.to(device=device, dtype=self.dtype)).last_hidden_state
+        return self.aligner(hidden)
+
+
+def _siglip_from_timm(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """DeepSeek's SigLIP (timm's VisionTransformer names) -> transformers' JanusVisionModel names: the fused qkv
+    split in three, pos_embed [1, N, C] -> [N, C], the attention-pooling head (unused by Janus) dropped."""
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        m = re.match(r"^blocks\.(\d+)\.(.*)$", k)
+        if k.startswith("attn_pool."):
+            continue
+        if m:
+            layer, rest = f"encoder.layers.{m[1]}.", m[2]
+            if rest.startswith("attn.qkv."):
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, 0)):
+                    out[f"{layer}self_attn.{name}.{rest.rsplit('.', 1)[1]}"] = part
+                continue
+            for a, b in (("attn.proj.", "self_attn.projection_layer."), ("norm1.", "layer_norm1."),
+                         ("norm2.", "layer_norm2.")):
+                if rest.startswith(a):
+                    rest = b + rest[len(a):]
+            out[layer + rest] = v
+        elif k == "pos_embed":
+            out["embeddings.position_embedding.weight"] = v.reshape(v.shape[-2], v.shape[-1])
+        elif k.startswith("patch_embed.proj."):
+            out["embeddings.patch_embedding." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("norm."):
+            out["post_layernorm." + k.rsplit(".", 1)[1]] = v
+        else:
+            out[k] = v  # unknown: reported as unexpected
+    return out
+
+
+def load_janus_understanding(path: Union[str, Path], dtype: torch.dtype = torch.float32) -> JanusUnderstanding:
+    """The understanding tower + aligner of a Janus-Pro checkpoint directory: transformers' layout
+    (``vision_config``, ``model.vision_model.*``, ``model.aligner.*``) or DeepSeek's (``vision_config`` /
+    ``aligner_config`` params, ``vision_model.vision_tower.*`` in timm's names, ``aligner.layers.{0,2}``)."""
+    from transformers.models.janus.configuration_janus import JanusVisionConfig
+    from transformers.models.janus.modeling_janus import JanusVisionAlignerMLP, JanusVisionModel
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"config.json not found in {path}")
+    data = json.loads(cfg_file.read_text())
+    kind = data.get("model_type")
+    state = _read_weights(path)
+    if kind == "janus":
+        cfg = JanusVisionConfig(**data.get("vision_config", {}))
+        vision = {k[len("model.vision_model."):]: v for k, v in state.items() if k.startswith("model.vision_model.")}
+        aligner = {k[len("model.aligner."):]: v for k, v in state.items() if k.startswith("model.aligner.")}
+    elif kind == "multi_modality":
+        params = data.get("vision_config", {}).get("params", {})
+        align = data.get("aligner_config", {}).get("params", {})
+        # DeepSeek's config names SigLIP-L/16 at 384 px by its timm name (JanusVisionConfig's defaults); the other
+        # keys, when present, describe another size in JanusVisionConfig's names (small test checkpoints)
+        arch = {k: params[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio",
+                                       "patch_size") if k in params}
+        image_size = params.get("image_size", 384)
+        patch = arch.get("patch_size", 16)
+        cfg = JanusVisionConfig(image_size=image_size, num_image_tokens=(image_size // patch) ** 2,
+                                projection_dim=align.get("n_embed", 2048), depth=align.get("depth", 2), **arch)
+        vision = _siglip_from_timm({k[len("vision_model.vision_tower."):]: v for k, v in state.items()
+                                    if k.startswith("vision_model.vision_tower.")})
+        aligner = {}
+        for k, v in state.items():
+            m = re.match(r"^aligner\.layers\.(\d+)\.(.*)$", k)
+            if m:  # Linear, GELU, Linear, ...: layer 0 -> fc1, layer 2j -> hidden_layers.(j - 1)
+                i = int(m[1])
+                aligner[("fc1." if i == 0 else f"hidden_layers.{i // 2 - 1}.") + m[2]] = v
+    else:
+        raise ValueError(f"{cfg_file}: model_type {kind!r} has no Janus understanding tower (expected 'janus' or "
+                         f"'multi_modality')")
+    if not vision or not aligner:
+        raise ValueError(f"checkpoint {path} holds no understanding tower / aligner weights (a generation-only "
+                         f"checkpoint cannot read images in prompts)")
+    tower, mlp = JanusVisionModel(cfg), JanusVisionAlignerMLP(cfg)
+    for module, part, what in ((tower, vision, "tower"), (mlp, aligner, "aligner")):
+        missing, unexpected = module.load_state_dict(part, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path}: the understanding {what} does not match its config.json:\n  "
+                             f"missing ({len(missing)}): {list(missing)[:20]}\n  unexpected ({len(unexpected)}): "
+                             f"{list(unexpected)[:20]}")
+    return JanusUnderstanding(tower.to(dtype), mlp.to(dtype))
+
+
+__all__ = ["JanusConfig", "Janus", "GenAligner", "GenHead", "PromptImages", "JanusImageTokenizer",
+           "JanusUnderstanding", "load_janus", "load_janus_vq", "load_janus_understanding", "save_janus",
+           "from_transformers"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -141,9 +142,11 @@ def test_deepseek_layout_loads_to_the_same_model(pair, tmp_path):
               ("model.generation_aligner.hidden_layers.0.", "gen_aligner.layers.2."),
               ("model.generation_head.proj_out.", "gen_head.output_mlp_projector."),
               ("model.generation_head.vision_head.", "gen_head.vision_head."), ("model.vqmodel.", "gen_vision_model."),
-              ("model.vision_model.", "vision_model.vision_tower."), ("model.aligner.", "aligner.")]
-    state = {}
+              ("model.aligner.fc1.", "aligner.layers.0."), ("model.aligner.hidden_layers.0.", "aligner.layers.2.")]
+    state = timm_siglip(hf)
     for k, v in hf.state_dict().items():
+        if k.startswith("model.vision_model."):
+            continue
         for a, b in rename:
             if k.startswith(a):
                 k = b + k[len(a):]
@@ -158,7 +161,16 @@ def test_deepseek_layout_loads_to_the_same_model(pair, tmp_path):
                                                  "max_position_embeddings", "pad_token_id", "bos_token_id")},
         "gen_vision_config": {"params": {"image_token_size": CODES, "n_embed": 8}},
         "gen_aligner_config": {"params": {"depth": 2, "input_dim": 8, "n_embed": 48}},
-        "gen_head_config": {"params": {"image_token_embed": 48, "image_token_size": CODES, "n_embed": 48}}}))
+        "gen_head_config": {"params": {"image_token_embed": 48, "image_token_size": CODES, "n_embed": 48}},
+        "vision_config": {"params": {"image_size": SIDE * 16, "hidden_size": 32, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "mlp_ratio": 2.0}},
+        "aligner_config": {"params": {"depth": 2, "input_dim": 32, "n_embed": 48}}}))
+    from mmr1.janus import load_janus_understanding
+
+    pixels = torch.rand(2, 3, SIDE * 16, SIDE * 16) * 2 - 1
+    with torch.no_grad():
+        want = hf.model.get_image_features(pixels).pooler_output
+    assert torch.equal(load_janus_understanding(tmp_path).features(pixels), want)
     theirs = load_janus(tmp_path)
     mine = ours.state_dict()
     assert set(theirs.state_dict()) == set(mine)
@@ -168,6 +180,96 @@ def test_deepseek_layout_loads_to_the_same_model(pair, tmp_path):
     save_janus(theirs, tmp_path / "ours")
     again = load_janus(tmp_path / "ours")
     assert all(torch.equal(v, mine[k]) for k, v in again.state_dict().items())
+
+
+def timm_siglip(hf):
+    """transformers' SigLIP weights in DeepSeek's names (timm's VisionTransformer under vision_model.vision_tower.:
+    fused qkv, pos_embed [1, N, C], patch_embed.proj, norm) plus an attention-pooling head Janus does not use."""
+    out = {}
+    pre = "model.vision_model."
+    sd = {k[len(pre):]: v for k, v in hf.state_dict().items() if k.startswith(pre)}
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
+    for i in layers:
+        a = f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([sd[f"{a}self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            out[f"blocks.{i}.attn.proj.{kind}"] = sd[f"{a}self_attn.projection_layer.{kind}"]
+            for j in (1, 2):
+                out[f"blocks.{i}.norm{j}.{kind}"] = sd[f"{a}layer_norm{j}.{kind}"]
+            for fc in ("fc1", "fc2"):
+                out[f"blocks.{i}.mlp.{fc}.{kind}"] = sd[f"{a}mlp.{fc}.{kind}"]
+    out["pos_embed"] = sd["embeddings.position_embedding.weight"][None]
+    for kind in ("weight", "bias"):
+        out[f"patch_embed.proj.{kind}"] = sd[f"embeddings.patch_embedding.{kind}"]
+        out[f"norm.{kind}"] = sd[f"post_layernorm.{kind}"]
+    out["attn_pool.latent"] = torch.zeros(1, 1, 32)
+    return {"vision_model.vision_tower." + k: v.contiguous() for k, v in out.items()}
+
+
+IMAGE_PLACEHOLDER, T_IMAGE = 96, SIDE * SIDE  # hf_janus's image_token_id; 64 px / 16 px patches
+
+
+def test_an_image_in_the_prompt_is_understood_as_transformers_does(pair):
+    """Understanding: SigLIP + aligner features equal transformers' get_image_features exactly; a prompt with an
+    image (boi, the image's T ids, eoi) gives transformers' logits for the same prompt with T <image_placeholder>
+    tokens and pixel_values; the same image gets the same ids, stored once; another image changes the logits."""
+    from mmr1.janus import load_janus_understanding
+
+    hf, path, _ = pair
+    ours = load_janus(path)  # a fresh model: an empty prompt-image bank
+    und = load_janus_understanding(path)
+    torch.manual_seed(3)
+    pixels = torch.rand(2, 3, SIDE * 16, SIDE * 16) * 2 - 1
+    feats = und.features(pixels)
+    with torch.no_grad():
+        assert torch.equal(feats, hf.model.get_image_features(pixels).pooler_output)
+    text = prompts(2, 6)
+    hf_ids = torch.tensor([t[:2] + [BOI] + [IMAGE_PLACEHOLDER] * T_IMAGE + [EOI] + t[2:] for t in text])
+    image_ids = [ours.prompt_image_ids(f) for f in feats]
+    ids = torch.tensor([t[:2] + [BOI] + image_ids[i] + [EOI] + t[2:] for i, t in enumerate(text)])
+    with torch.no_grad():
+        want = hf(input_ids=hf_ids, pixel_values=pixels).logits
+        got = ours.logits(ours(ids))[..., :V_TEXT]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert image_ids[0][0] == V_TEXT + CODES and image_ids[1][0] == V_TEXT + CODES + T_IMAGE
+    assert ours.prompt_image_ids(feats[0]) == image_ids[0] and len(ours.prompt_images) == 2 * T_IMAGE
+    swapped = torch.tensor([t[:2] + [BOI] + image_ids[1 - i] + [EOI] + t[2:] for i, t in enumerate(text)])
+    with torch.no_grad():
+        assert (ours.logits(ours(swapped))[:, -1, :V_TEXT] - got[:, -1]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match=r"features must be \[T, 48\]"):
+        ours.prompt_image_ids(feats)
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, 64, 64\]"):
+        und.features(pixels[:, :, :32])
+
+
+@pytest.mark.parametrize("attention", ["shared_prefix", "sdpa"])
+def test_xcot_rollouts_on_janus_read_reference_images(pair, attention):
+    """MM-R1's X-CoT on Janus (reasoning text, a subject image, the final image) with a reference image in each
+    prompt: greedy tokens equal the plain-SDPA path and a one-prompt-at-a-time rollout; the reference matters."""
+    from mmr1.janus import load_janus_understanding
+    from mmr1.rollout import XCoTFormat, xcot_rollout
+
+    _, path, _ = pair
+    ours = load_janus(path)
+    und = load_janus_understanding(path)
+    torch.manual_seed(4)
+    feats = und.features(torch.rand(2, 3, SIDE * 16, SIDE * 16) * 2 - 1)
+    refs = [[BOI] + ours.prompt_image_ids(f) + [EOI] for f in feats]
+    text = prompts(2, 5, seed=5)
+    ps = [t[:1] + refs[i] + t[1:] for i, t in enumerate(text)]
+    fmt = XCoTFormat(think_open=90, think_close=91, end_of_turn=2, subject_hw=(SIDE, SIDE), final_hw=(SIDE, SIDE),
+                     text_range=(3, 92), max_text_tokens=6)
+    scfg = SamplingConfig(cfg_scale=3.0, temperature=0.0, text_temperature=0.0, attention=attention)
+    with torch.no_grad():
+        both = xcot_rollout(ours, ps, ours.image_vocab(), fmt, scfg, num_samples=2)
+        alone = [xcot_rollout(ours, [p], ours.image_vocab(), fmt, replace(scfg, attention="sdpa")) for p in ps]
+        swapped = xcot_rollout(ours, [text[0][:1] + refs[1] + text[0][1:]], ours.image_vocab(), fmt, scfg)
+    for i, one in enumerate(alone):
+        n = int(one.lengths[0])
+        assert torch.equal(both.tokens[2 * i, :n], one.tokens[0, :n]) and int(both.lengths[2 * i]) == n
+        assert torch.equal(both.final_codes[2 * i], one.final_codes[0])
+    assert not torch.equal(swapped.tokens[0, len(ps[0]):], both.tokens[0, len(ps[0]):int(both.lengths[0])]) or \
+        not torch.equal(swapped.final_codes[0], both.final_codes[0])
 
 
 def test_load_errors_name_what_is_wrong(pair, tmp_path):
