@@ -15,7 +15,12 @@ Real checkpoints (mmr1.recipe; under torchrun: torchrun --nproc-per-node N -m mm
     mmr1 grpo --model DIR --vqgan CKPT --tokenizer JSON --prompts FILE.jsonl --clip DIR --dino DIR
               [--detector DIR] [--rewards format=0.5,clip_t=1,dino=1,psr=1] --out-dir runs/grpo
     mmr1 convert-dreambench tests/data/dreambench prompts.jsonl [--references 1]
-    mmr1 export runs/grpo/checkpoints out_dir          consolidated HF-layout safetensors (load_transformer)
+    mmr1 export runs/grpo/checkpoints out_dir [--base DIR]   consolidated weights (mmr1.model.load_model); a
+                                                       Janus-Pro run writes into --base's layout (the directory
+                                                       it started from)
+
+--model may be a Chameleon / Lumina-mGPT or a Janus-Pro directory (transformers' or DeepSeek's layout; the family
+from config.json). Janus-Pro reads reference images through its understanding path and draws with its own VQ.
 """
 from __future__ import annotations
 
@@ -83,11 +88,11 @@ def _generate(args) -> None:
 
 MODES = {
     "sft": ("Two modes. Without --model: the synthetic world's cold start (the demo's tiny model; what `make "
-            "cold-start` ships) with the options below. With --model: SFT of a real Chameleon / Lumina-mGPT "
-            "checkpoint on a JSONL dataset, under torchrun for several processes -- its options follow."),
+            "cold-start` ships) with the options below. With --model: SFT of a real Chameleon / Lumina-mGPT or "
+            "Janus-Pro checkpoint on a JSONL dataset, under torchrun for several processes -- its options follow."),
     "grpo": ("Two modes. Without --model: GRPO of the synthetic world's cold start with before/after evaluation "
-             "(the options below). With --model: GRPO of a real Chameleon / Lumina-mGPT checkpoint with CLIP / DINO "
-             "rewards, under torchrun for several processes -- its options follow."),
+             "(the options below). With --model: GRPO of a real Chameleon / Lumina-mGPT or Janus-Pro checkpoint "
+             "with CLIP / DINO rewards, under torchrun for several processes -- its options follow."),
 }
 
 
@@ -170,6 +175,8 @@ def main(argv=None) -> None:
     x = sub.add_parser("export", help="a training checkpoint -> consolidated HF-layout safetensors directory")
     x.add_argument("checkpoint", help="a checkpoint root (its latest) or one step directory")
     x.add_argument("out", help="output directory (config.json + model.safetensors)")
+    x.add_argument("--base", default=None, help="Janus-Pro: the checkpoint directory the run started from; the "
+                                                "export is that directory with the trained weights")
     c = sub.add_parser("convert-dreambench", help="DreamBench-layout directory -> GRPO prompts JSONL")
     c.add_argument("root", help="subject folders + prompts_and_classes.txt")
     c.add_argument("out", help="the JSONL file to write")
@@ -180,7 +187,7 @@ def main(argv=None) -> None:
         from .sharded_checkpoint import export_consolidated
 
         try:
-            print(f"wrote {export_consolidated(args.checkpoint, args.out)}")
+            print(f"wrote {export_consolidated(args.checkpoint, args.out, base=args.base)}")
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"error: {err}")
         return

@@ -11,8 +11,8 @@ GRPO prompts::
 
     {"references": ["dog/00.jpg"], "prompt": "a sks dog on the beach", "classes": ["dog"], "id": "dog-03"}
 
-(two references and two class words make a multi-subject prompt, scored by PSR). Sequences, as the rollouts
-generate them (mmr1.rollout)::
+(two references and two class words make a multi-subject prompt, scored by PSR; "references" may be left out for a
+text-only prompt, as in T2I-R1). Sequences, as the rollouts generate them (mmr1.rollout)::
 
     prompt      <bos> [reference image block]... prompt text <end-of-turn>
     completion  <think> reasoning </think> [subject image block] [final image block] <end-of-turn>
@@ -20,6 +20,9 @@ generate them (mmr1.rollout)::
 Every problem is an error naming the file, the line and the field: a missing file, an unreadable image, an
 image whose size is not the checkpoint's resolution (``resize=True`` center-crops and resizes instead), a
 sequence longer than the model's context.
+
+A reference image's block is the model family's way of reading an image: Lumina-mGPT's VQ tokens (the default),
+Janus-Pro's understanding features (``mmr1.janus.JanusReferenceImages``, passed as ``XCoTData(references=...)``).
 """
 from __future__ import annotations
 
@@ -151,18 +154,27 @@ def _field(rec: dict, key: str, kind, where: str):
     return value
 
 
+def _references(rec: dict, where: str) -> List[str]:
+    refs = rec.get("references", [])
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise ValueError(f"{where}field 'references' must be a list of image paths, got {refs!r}")
+    return refs
+
+
 class XCoTData:
-    """Turns records into token sequences (shared by the SFT and GRPO loaders)."""
+    """Turns records into token sequences (shared by the SFT and GRPO loaders). ``references``: what turns a
+    reference image into prompt ids (its ``block(path, where)``; default ``images``, the generation tokenizer)."""
 
     def __init__(self, text: TextTokenizer, images: ImageTokenizer, turn: TurnTokens = TurnTokens(),
-                 max_seq_len: Optional[int] = None):
+                 max_seq_len: Optional[int] = None, references=None):
         self.text, self.images, self.max_seq_len = text, images, max_seq_len
+        self.references = images if references is None else references
         self.ids = turn.ids(text)
 
     def prompt_ids(self, rec: dict, base: Path, where: str) -> List[int]:
         ids = [self.ids["bos"]]
-        for r in _field(rec, "references", list, where):
-            ids += self.images.block(base / r, where)
+        for r in _references(rec, where):
+            ids += self.references.block(base / r, where)
         return ids + self.text.encode(_field(rec, "prompt", str, where)) + [self.ids["end_of_turn"]]
 
     def completion_ids(self, rec: dict, base: Path, where: str) -> List[int]:
@@ -211,13 +223,15 @@ def load_grpo_prompts(path: Union[str, Path], data: XCoTData, completion_budget:
         where = f"{path}:{n}: "
         ids = data.prompt_ids(rec, path.parent, where)
         data._check_length(len(ids) + completion_budget, where, "the prompt plus its completion")
-        refs = _field(rec, "references", list, where)
+        refs = _references(rec, where)
         classes = rec.get("classes", [])
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise ValueError(f"{where}field 'classes' must be a list of strings, got {classes!r}")
         if classes and len(classes) != len(refs):
             raise ValueError(f"{where}'classes' names {len(classes)} subject(s) for {len(refs)} reference(s)")
-        pixels = torch.stack([data.images.pixels(path.parent / r, where) for r in refs])
+        R = data.images.resolution
+        pixels = torch.stack([data.images.pixels(path.parent / r, where) for r in refs]) if refs else \
+            torch.zeros(0, 3, R, R)
         out.append({"prompt_ids": ids, "prompt": rec["prompt"], "classes": classes, "references": pixels,
                     "id": str(rec.get("id", f"{path.name}:{n}"))})
     if not out:

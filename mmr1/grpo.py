@@ -717,7 +717,7 @@ class GRPOTrainer:
         cfg = asdict(self.cfg)
         sampling = cfg.pop("sampling")
         sampling.pop("seed")
-        return {**cfg, **sampling, "model": asdict(self.policy.config)}
+        return {**cfg, **sampling, "model": self.policy.checkpoint_config()}
 
     def save(self, root, keep_last: int = 3) -> Path:
         """Write ``<root>/step-<step>`` through torch.distributed.checkpoint (mmr1.sharded_checkpoint): weights

@@ -253,6 +253,9 @@ class Janus(Transformer):
         full = torch.cat([F.linear(hidden, self.lm_head.weight), self.gen_head(hidden).to(hidden.dtype)], -1)
         return full if vocab_range is None else full[..., vocab_range[0]:vocab_range[1]]
 
+    def checkpoint_config(self) -> Dict:
+        return json.loads(self.janus.to_json())
+
     def unconditional_context(self, lengths: List[int]) -> Optional[List[List[int]]]:
         bos, pad = self.config.bos_id, self.janus.pad_id
         return [[bos] + [pad] * (n - 1) for n in lengths]
@@ -363,6 +366,53 @@ def save_janus(model: Janus, path: Union[str, Path]) -> None:
               str(path / "model.safetensors"))
 
 
+def save_janus_into(model: Janus, base: Union[str, Path], out: Union[str, Path]) -> Path:
+    """``base`` (the Janus-Pro directory a run started from, transformers' or DeepSeek's layout) with ``model``'s
+    weights in its names: every file of ``base`` but the weights copied (config, tokenizer, processor), and one
+    model.safetensors holding the trained tensors where ``base`` has them and ``base``'s own elsewhere (the frozen
+    understanding tower, its aligner, the VQ). What ``mmr1 export --base`` writes; load_janus reads it, and for
+    transformers' layout so does ``JanusForConditionalGeneration.from_pretrained``."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base, out = Path(base), Path(out)
+    if not (base / "config.json").exists():
+        raise FileNotFoundError(f"config.json not found in the base checkpoint {base}")
+    kind = json.loads((base / "config.json").read_text()).get("model_type")
+    if kind not in ("janus", "multi_modality"):
+        raise ValueError(f"base {base}: model_type {kind!r} is not a Janus-Pro layout (expected 'janus' or "
+                         f"'multi_modality')")
+    rules = _TRANSFORMERS if kind == "janus" else _DEEPSEEK
+    trained = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, used = {}, set()
+    for key, value in _read_weights(base).items():
+        ours = next(iter(_rename({key: None}, rules)), None)
+        if ours in trained:
+            if tuple(trained[ours].shape) != tuple(value.shape):
+                raise ValueError(f"base {base}: {key} has shape {tuple(value.shape)}, the trained model's {ours} "
+                                 f"{tuple(trained[ours].shape)}: not the checkpoint this run started from")
+            state[key] = trained[ours]
+            used.add(ours)
+        else:
+            state[key] = value.contiguous()
+    unwritten = sorted(set(trained) - used)
+    if unwritten == ["lm_head.weight"] and torch.equal(trained["lm_head.weight"], trained["model.embed_tokens.weight"]):
+        unwritten = []  # tied embeddings, saved once
+    if unwritten:
+        raise ValueError(f"base {base} has no place for trained weights {unwritten[:10]} (not the checkpoint this run "
+                         f"started from?)")
+    out.mkdir(parents=True, exist_ok=True)
+    weights = re.compile(r".*\.(safetensors|bin)$|.*\.index\.json$")
+    for f in base.iterdir():
+        if f.is_file() and not weights.match(f.name):
+            shutil.copy2(f, out / f.name)
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "model.safetensors")
+    return out
+
+
 # --------------------------------------------------------------------------- the VQ-16 image tokenizer
 
 # DeepSeek's VQ-16 (LlamaGen's names, under gen_vision_model.) -> transformers' JanusVQVAE names
@@ -384,12 +434,20 @@ class JanusImageTokenizer:
     def dtype(self) -> torch.dtype:
         return next(self.vq.parameters()).dtype
 
+    def state_dict(self) -> Dict[str, torch.Tensor]:  # the identity mmr1.data.ImageTokenizer's cache keys on
+        return self.vq.state_dict()
+
+    def to(self, device) -> "JanusImageTokenizer":
+        self.vq.to(device)
+        return self
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         size = self.side * 2 ** (len(self.vq.config.channel_multiplier) - 1)  # one halving per level after the first
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
             raise ValueError(f"images must be [B, 3, {size}, {size}] in [-1, 1] for this VQ, got {tuple(images.shape)}")
-        codes = self.vq.encode(images.to(self.dtype)).image_tokens
+        device = next(self.vq.parameters()).device
+        codes = self.vq.encode(images.to(device=device, dtype=self.dtype)).image_tokens
         return codes.view(images.shape[0], self.side, self.side)
 
     @torch.no_grad()
@@ -398,7 +456,8 @@ class JanusImageTokenizer:
             raise ValueError(f"codes must be [B, {self.side}, {self.side}], got {tuple(codes.shape)}")
         if int(codes.min()) < 0 or int(codes.max()) >= self.vq.config.num_embeddings:
             raise ValueError(f"codes must lie in 0..{self.vq.config.num_embeddings - 1}")
-        return self.vq.decode(codes.reshape(codes.shape[0], -1)).float().clamp(-1, 1)
+        device = next(self.vq.parameters()).device
+        return self.vq.decode(codes.reshape(codes.shape[0], -1).to(device)).float().clamp(-1, 1)
 
 
 def load_janus_vq(path: Union[str, Path], dtype: torch.dtype = torch.float32) -> JanusImageTokenizer:
@@ -485,6 +544,39 @@ class JanusUnderstanding:
         return self.aligner(hidden)
 
 
+class JanusReferenceImages:
+    """Reference images in prompts read through the understanding path: ``block(path, where)`` -> boi, the image's
+    T prompt-image ids (``Janus.prompt_image_ids``), eoi -- what ``mmr1.data.XCoTData(references=...)`` calls.
+    ``pixels(path, where)``: the image as [3, S, S] in [-1, 1] (mmr1.data.ImageTokenizer.pixels: size check or
+    --resize); ``understanding``: a JanusUnderstanding or a function loading one (at the first image, so that
+    text-only prompts never load SigLIP). Each distinct file runs through the tower once."""
+
+    def __init__(self, model: "Janus", understanding, pixels):
+        self.model, self._understanding, self.pixels = model, understanding, pixels
+        self._ids: Dict[str, List[int]] = {}
+
+    @property
+    def understanding(self) -> JanusUnderstanding:
+        if not isinstance(self._understanding, JanusUnderstanding):
+            self._understanding = self._understanding()
+        return self._understanding
+
+    def block(self, path: Union[str, Path], where: str = "") -> List[int]:
+        import hashlib
+
+        path = Path(path)
+        key = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else str(path)
+        if key not in self._ids:
+            pix = self.pixels(path, where)
+            S = self.understanding.image_size
+            if tuple(pix.shape[1:]) != (S, S):
+                raise ValueError(f"{where}image {path}: the understanding tower reads {S}x{S} images, the data "
+                                 f"pipeline gives {pix.shape[2]}x{pix.shape[1]} (the generation resolution)")
+            feats = self.understanding.features(pix[None])[0]
+            self._ids[key] = self.model.prompt_image_ids(feats.to(next(self.model.parameters()).device))
+        return [self.model.janus.boi_id] + self._ids[key] + [self.model.janus.eoi_id]
+
+
 def _siglip_from_timm(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """DeepSeek's SigLIP (timm's VisionTransformer names) -> transformers' JanusVisionModel names: the fused qkv
     split in three, pos_embed [1, N, C] -> [N, C], the attention-pooling head (unused by Janus) dropped."""
@@ -569,5 +661,5 @@ def load_janus_understanding(path: Union[str, Path], dtype: torch.dtype = torch.
 
 
 __all__ = ["JanusConfig", "Janus", "GenAligner", "GenHead", "PromptImages", "JanusImageTokenizer",
-           "JanusUnderstanding", "load_janus", "load_janus_vq", "load_janus_understanding", "save_janus",
-           "from_transformers"]
+           "JanusUnderstanding", "JanusReferenceImages", "load_janus", "load_janus_vq", "load_janus_understanding", "save_janus",
+           "save_janus_into", "from_transformers"]

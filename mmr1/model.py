@@ -324,6 +324,11 @@ class Transformer(nn.Module):
         at the block), or one token list per row."""
         return None
 
+    def checkpoint_config(self) -> Dict:
+        """The model's shape as training checkpoints record it (meta.json's "model"; mmr1 export rebuilds the model
+        from it): ModelConfig's fields here."""
+        return asdict(self.config)
+
 
 def head_features(model: "Transformer", hidden: torch.Tensor, window) -> torch.Tensor:
     """The features the fused ops multiply with the head of ids ``window`` (Transformer.output_head), a bias
@@ -514,6 +519,23 @@ def load_transformer(path: Union[str, Path], dtype: torch.dtype = torch.float32,
             raise ValueError(f"checkpoint {path}: {k} has shape {tuple(v.shape)}, the config expects {tuple(want)}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return model.to(device=device, dtype=dtype).eval()
+
+
+JANUS_MODEL_TYPES = ("janus", "multi_modality", "mmr1_janus")  # transformers', DeepSeek's, mmr1.janus's config.json
+
+
+def load_model(path: Union[str, Path], dtype: torch.dtype = torch.float32,
+               device: Union[str, torch.device] = "cpu") -> Transformer:
+    """A checkpoint directory of either family, told apart by config.json's model_type: Janus-Pro
+    (mmr1.janus.load_janus) or Chameleon / Lumina-mGPT (load_transformer)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"config.json not found in {path}")
+    if json.loads(cfg_file.read_text()).get("model_type") in JANUS_MODEL_TYPES:
+        from .janus import load_janus
+
+        return load_janus(path, dtype=dtype, device=device)
+    return load_transformer(path, dtype=dtype, device=device)
 
 
 def save_transformer(model: Transformer, path: Union[str, Path]) -> None:

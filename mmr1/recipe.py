@@ -31,7 +31,7 @@ from .data import ImageTokenizer, TurnTokens, XCoTData, load_grpo_prompts, load_
 from .distributed import finish_distributed, init_distributed
 from .grpo import GRPOConfig, GRPOStep, GRPOTrainer
 from .metrics_log import MetricsLog
-from .model import load_transformer
+from .model import JANUS_MODEL_TYPES, load_transformer
 from .preemption import PREEMPTED_EXIT, Preempted, SignalFlag, agreed_signal
 from .rewards import RewardSet, format_reward
 from .sft import SFTConfig, SFTTrainer
@@ -113,9 +113,11 @@ def config_from_args(cls, args, config_file: Optional[str]):
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Lumina-mGPT / Chameleon directory (config.json + safetensors)")
-    p.add_argument("--vqgan", required=True, help="the VQGAN checkpoint (taming .ckpt with the decoder, or a "
-                                                  "safetensors directory with model.vqmodel.*)")
+    p.add_argument("--model", required=True, help="Lumina-mGPT / Chameleon or Janus-Pro directory (config.json + "
+                                                  "weights; the family from config.json's model_type)")
+    p.add_argument("--vqgan", default=None, help="Lumina-mGPT / Chameleon: the VQGAN checkpoint (taming .ckpt with the "
+                                                 "decoder, or a safetensors directory with model.vqmodel.*; required)."
+                                                 " Janus-Pro: default --model's own VQ")
     p.add_argument("--vq-config", default=None, help="VQ config JSON (default: vq_config of --model's config.json)")
     p.add_argument("--tokenizer", required=True, help="the model's tokenizer.json (text + IMGIMG image tokens)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the VQ config's)")
@@ -133,15 +135,47 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 class Parts:
-    """The model, its tokenizers and the dataset builder, loaded from the flags."""
+    """The model, its tokenizers and the dataset builder, loaded from the flags; the family (Chameleon /
+    Lumina-mGPT or Janus-Pro) from --model's config.json."""
 
     def __init__(self, args):
-        for need, what in ((args.model, "--model"), (args.vqgan, "--vqgan"), (args.tokenizer, "--tokenizer")):
+        for need, what in ((args.model, "--model"), (args.tokenizer, "--tokenizer")):
             if not Path(need).exists():
                 raise SystemExit(f"error: {what} {need} not found")
+        if not (Path(args.model) / "config.json").exists():
+            raise SystemExit(f"error: --model {args.model} has no config.json")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = getattr(torch, args.dtype)
-        self.model = load_transformer(args.model, dtype=dtype).to(self.device).train()
+        self.dtype = getattr(torch, args.dtype)
+        kind = json.loads((Path(args.model) / "config.json").read_text()).get("model_type")
+        self.janus = kind in JANUS_MODEL_TYPES
+        self.text = TextTokenizer(args.tokenizer)
+        try:
+            (self._janus if self.janus else self._lumina)(args)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"error: {err}")
+        side = self.resolution // self.downsample
+        self.image_hw = (side, side)
+        cache = args.cache_dir or str(Path(args.out_dir) / "token_cache")
+        images = ImageTokenizer(self.vq, self.vocab, self.resolution, cache, resize=args.resize, device=self.device)
+        references = None
+        if self.janus:  # reference images through the understanding path (SigLIP loaded at the first one)
+            from .janus import JanusReferenceImages, load_janus_understanding
+
+            references = JanusReferenceImages(
+                self.model, lambda: load_janus_understanding(args.model, self.dtype).to(self.device), images.pixels)
+        turn = TurnTokens(args.bos_token, args.end_of_turn_token, args.think_open_token, args.think_close_token)
+        try:
+            self.data = XCoTData(self.text, images, turn, max_seq_len=self.model.config.max_seq_len,
+                                 references=references)
+        except ValueError as err:
+            raise SystemExit(f"error: {err} (set it with --{{bos,end-of-turn,think-open,think-close}}-token)")
+
+    def _lumina(self, args) -> None:
+        if not args.vqgan:
+            raise SystemExit(f"error: --vqgan is required for a Chameleon / Lumina-mGPT checkpoint ({args.model})")
+        if not Path(args.vqgan).exists():
+            raise SystemExit(f"error: --vqgan {args.vqgan} not found")
+        self.model = load_transformer(args.model, dtype=self.dtype).to(self.device).train()
         if args.vq_config:
             vq_cfg = VQConfig.from_dict(json.loads(Path(args.vq_config).read_text()))
         else:
@@ -153,21 +187,37 @@ class Parts:
         if self.vq.decoder is None:
             raise SystemExit(f"error: {args.vqgan} has no VQ decoder; the image rewards need one (use the taming "
                              "vqgan.ckpt that ships with Chameleon / Lumina-mGPT)")
-        self.text = TextTokenizer(args.tokenizer)
         self.vocab = ImageVocab.from_tokenizer_json(args.tokenizer)
         if self.vocab.num_codes != vq_cfg.num_embeddings:
             raise SystemExit(f"error: the tokenizer has {self.vocab.num_codes} image codes, the VQGAN "
                              f"{vq_cfg.num_embeddings}")
-        self.resolution = args.resolution or vq_cfg.resolution
-        side = self.resolution // vq_cfg.downsample
-        self.image_hw = (side, side)
-        cache = args.cache_dir or str(Path(args.out_dir) / "token_cache")
-        images = ImageTokenizer(self.vq, self.vocab, self.resolution, cache, resize=args.resize, device=self.device)
-        turn = TurnTokens(args.bos_token, args.end_of_turn_token, args.think_open_token, args.think_close_token)
-        try:
-            self.data = XCoTData(self.text, images, turn, max_seq_len=self.model.config.max_seq_len)
-        except ValueError as err:
-            raise SystemExit(f"error: {err} (set it with --{{bos,end-of-turn,think-open,think-close}}-token)")
+        self.resolution, self.downsample = args.resolution or vq_cfg.resolution, vq_cfg.downsample
+        lo, hi = self.vocab.window
+        self.text_range = (hi, self.text.vocab_size)  # Lumina's text ids follow its image codes
+
+    def _janus(self, args) -> None:
+        from .janus import load_janus, load_janus_vq
+
+        if args.vq_config:
+            raise SystemExit("error: --vq-config is for Chameleon / Lumina-mGPT; a Janus-Pro VQ reads its "
+                             "checkpoint's config.json")
+        self.model = load_janus(args.model, dtype=self.dtype).to(self.device).train()
+        # the image-structure ids as the tokenizer names them (transformers' config.json does not hold them)
+        for field_name, name in (("boi_id", "<begin_of_image>"), ("eoi_id", "<end_of_image>")):
+            try:
+                setattr(self.model.janus, field_name, self.text.token_id(name))
+            except KeyError:
+                pass
+        self.vq = load_janus_vq(args.vqgan or args.model).to(self.device)  # --vqgan: another Janus directory
+        self.vocab = self.model.image_vocab()
+        if self.vocab.num_codes != self.vq.vq.config.num_embeddings:
+            raise SystemExit(f"error: the model's image head has {self.vocab.num_codes} codes, the VQ "
+                             f"{self.vq.vq.config.num_embeddings}")
+        size = self.model.janus.image_size
+        if args.resolution not in (None, size):
+            raise SystemExit(f"error: --resolution {args.resolution}: this Janus-Pro checkpoint draws {size} px images")
+        self.resolution, self.downsample = size, size // self.vq.side  # 384 px, 24 x 24 codes for Janus-Pro
+        self.text_range = (0, min(self.text.vocab_size, self.model.text_vocab))  # text ids come first
 
 
 def _parallel(args, world: int) -> str:
@@ -324,13 +374,17 @@ def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
 
 def grpo_main(args) -> None:
     rank, world, cfg, parts, out = _start(args, GRPOConfig)
-    lo, hi = parts.vocab.window
-    text_range = tuple(args.text_range) if args.text_range else (hi, parts.text.vocab_size)
+    text_range = tuple(args.text_range) if args.text_range else parts.text_range
     fmt = parts.data.xcot_format(parts.image_hw, text_range, args.max_reasoning_tokens)
     block = parts.vocab.block_length(*parts.image_hw)
     budget = 2 + args.max_reasoning_tokens + 2 * block + 1
     prompts = load_grpo_prompts(args.prompts, parts.data, completion_budget=budget)
-    rewards = build_rewards(args, parts, fmt, parse_reward_weights(args.rewards))
+    weights = parse_reward_weights(args.rewards)
+    by_reference = sorted({"clip_i", "dino", "psr"} & set(weights))
+    bare = [p["id"] for p in prompts if len(p["references"]) == 0]
+    if by_reference and bare:
+        raise SystemExit(f"error: rewards {by_reference} compare with reference images; prompts {bare[:5]} have none")
+    rewards = build_rewards(args, parts, fmt, weights)
     # the trainer appends every step's metrics to log_path on rank 0 (default <out-dir>/metrics.jsonl)
     cfg = dataclasses.replace(cfg, log_path=cfg.log_path or str(out / "metrics.jsonl"))
     trainer = GRPOTrainer(parts.model, parts.vocab, fmt, rewards, prompts, cfg, parallel=_parallel(args, world))
@@ -393,7 +447,8 @@ def real_grpo_parser() -> argparse.ArgumentParser:
                                                      "whole image)")
     p.add_argument("--max-reasoning-tokens", type=int, default=128)
     p.add_argument("--text-range", type=int, nargs=2, default=None,
-                   help="ids the reasoning is sampled from (default: after the image window to the text vocab end)")
+                   help="ids the reasoning is sampled from (default: every text id -- Lumina-mGPT: from the end of "
+                        "the image window to the text vocab's end; Janus-Pro: from 0 to the text vocab's end)")
     p.add_argument("--sample-every", type=int, default=0, help="save a grid of the step's final images every K "
                                                                 "steps (0: never)")
     add_config_flags(p, GRPOConfig)

@@ -124,7 +124,7 @@ class SFTTrainer:
         return float(total) / self.world
 
     def config_dict(self) -> Dict:
-        return {**asdict(self.cfg), "model": asdict(self.model.config)}
+        return {**asdict(self.cfg), "model": self.model.checkpoint_config()}
 
     def save(self, root, keep_last: int = 3, extra=None):
         """``<root>/step-<step>``: sharded, atomic, keep-last-K (mmr1.sharded_checkpoint); call on every rank."""

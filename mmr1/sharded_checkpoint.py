@@ -334,9 +334,12 @@ def load_sharded(path: Union[str, Path], model: torch.nn.Module, optimizer: Opti
     return {"step": meta["step"], "extra": meta["extra"], "config": meta.get("config", {}), "path": path}
 
 
-def export_consolidated(path: Union[str, Path], out_dir: Union[str, Path]) -> Path:
-    """A checkpoint (or a root: its latest) -> a consolidated HF-layout directory (config.json +
-    model.safetensors) that ``mmr1.model.load_transformer`` reads. Runs in one process, no process group."""
+def export_consolidated(path: Union[str, Path], out_dir: Union[str, Path],
+                        base: Optional[Union[str, Path]] = None) -> Path:
+    """A checkpoint (or a root: its latest) -> a consolidated directory that ``mmr1.model.load_model`` reads:
+    Chameleon / Lumina-mGPT: config.json + model.safetensors in HF names; Janus-Pro: ``base`` (the checkpoint
+    directory the run started from, required) with the trained weights in its layout (mmr1.janus.save_janus_into).
+    Runs in one process, no process group."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from .model import ModelConfig, Transformer, save_transformer
@@ -351,6 +354,12 @@ def export_consolidated(path: Union[str, Path], out_dir: Union[str, Path]) -> Pa
     model_cfg = meta.get("config", {}).get("model")
     if not model_cfg:
         raise ValueError(f"checkpoint {path} has no model config in meta.json (was it written by mmr1?)")
+    janus = model_cfg.get("model_type") == "mmr1_janus"
+    if janus and base is None:
+        raise ValueError(f"checkpoint {path} holds a Janus-Pro model: it exports into the layout of the checkpoint "
+                         f"the run started from -- pass base (mmr1 export --base <that directory>)")
+    if not janus and base is not None:
+        raise ValueError(f"checkpoint {path} holds a Chameleon / Lumina-mGPT model: base is for Janus-Pro only")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = out_dir / ".consolidated.pt"
@@ -360,6 +369,12 @@ def export_consolidated(path: Union[str, Path], out_dir: Union[str, Path]) -> Pa
     finally:
         if scratch.exists():
             scratch.unlink()
+    if janus:
+        from .janus import Janus, JanusConfig, save_janus_into
+
+        model = Janus(JanusConfig.from_dict(model_cfg))
+        model.load_state_dict(state)
+        return save_janus_into(model, base, out_dir)
     model = Transformer(ModelConfig(**model_cfg))
     model.load_state_dict(state)
     save_transformer(model, out_dir)

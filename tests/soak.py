@@ -315,13 +315,13 @@ def _detected(plan: Optional[Interruption], log: Path, mark: int) -> None:
 
 def same_state(a: Path, b: Path, job: List[str]) -> bool:
     """Weights and AdamW state of the two checkpoints, read into one process, bit for bit."""
-    from mmr1.model import load_transformer
+    from mmr1.model import load_model
     from mmr1.sharded_checkpoint import load_sharded
 
     model_dir = job[job.index("--model") + 1]
     states = []
     for root in (a, b):
-        model = load_transformer(model_dir)
+        model = load_model(model_dir)
         opt = torch.optim.AdamW(model.parameters())
         info = load_sharded(root, model, opt, restore_rng=False)
         states.append((info["step"], model.state_dict(),

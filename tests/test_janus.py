@@ -132,39 +132,66 @@ def test_seeded_sampling_follows_transformers_probabilities(pair):
     assert chi2 < dof + 3.72 * math.sqrt(2 * dof) + 8, (chi2, dof)
 
 
-def test_deepseek_layout_loads_to_the_same_model(pair, tmp_path):
-    """DeepSeek's MultiModalityCausalLM names and config.json (model_type "multi_modality") give the same weights."""
-    hf, path, ours = pair
+# transformers' names -> DeepSeek's MultiModalityCausalLM names (the SigLIP tower: timm_siglip; the VQ: LlamaGen's)
+_TO_DEEPSEEK = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                ("model.generation_embeddings.", "gen_embed."),
+                ("model.generation_aligner.fc1.", "gen_aligner.layers.0."),
+                ("model.generation_aligner.hidden_layers.0.", "gen_aligner.layers.2."),
+                ("model.generation_head.proj_out.", "gen_head.output_mlp_projector."),
+                ("model.generation_head.vision_head.", "gen_head.vision_head."),
+                ("model.aligner.fc1.", "aligner.layers.0."), ("model.aligner.hidden_layers.0.", "aligner.layers.2.")]
+_VQ_TO_LLAMAGEN = [("encoder.down.", "encoder.conv_blocks."), ("decoder.up.", "decoder.conv_blocks."),
+                   (".block.", ".res."), ("mid.block_1.", "mid.0."), ("mid.attn_1.", "mid.1."),
+                   ("mid.block_2.", "mid.2.")]
+
+
+def save_deepseek_layout(hf, d, boi: int, eoi: int) -> None:
+    """A transformers Janus written as DeepSeek's original checkpoint: MultiModalityCausalLM names (SigLIP in timm's,
+    the VQ in LlamaGen's) and config.json (model_type "multi_modality"; the small sizes in extra params keys)."""
     from safetensors.torch import save_file
 
-    rename = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-              ("model.generation_embeddings.", "gen_embed."), ("model.generation_aligner.fc1.", "gen_aligner.layers.0."),
-              ("model.generation_aligner.hidden_layers.0.", "gen_aligner.layers.2."),
-              ("model.generation_head.proj_out.", "gen_head.output_mlp_projector."),
-              ("model.generation_head.vision_head.", "gen_head.vision_head."), ("model.vqmodel.", "gen_vision_model."),
-              ("model.aligner.fc1.", "aligner.layers.0."), ("model.aligner.hidden_layers.0.", "aligner.layers.2.")]
     state = timm_siglip(hf)
     for k, v in hf.state_dict().items():
         if k.startswith("model.vision_model."):
             continue
-        for a, b in rename:
+        if k.startswith("model.vqmodel."):
+            k = k[len("model.vqmodel."):]
+            for a, b in _VQ_TO_LLAMAGEN:
+                k = k.replace(a, b)
+            k = "gen_vision_model." + k
+        for a, b in _TO_DEEPSEEK:
             if k.startswith(a):
                 k = b + k[len(a):]
                 break
         state[k] = v.contiguous()
-    save_file(state, str(tmp_path / "model.safetensors"))
-    text = hf.config.text_config.to_dict()
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "multi_modality", "boi_token_id": BOI, "eoi_token_id": EOI,
+    c, vq, vis = hf.config, hf.config.vq_config, hf.config.vision_config
+    state["gen_vision_model.quantize.codebook_used"] = torch.zeros(vq.num_embeddings)  # in DeepSeek's file, unused
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(d / "model.safetensors"))
+    text = c.text_config.to_dict()
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "multi_modality", "boi_token_id": boi, "eoi_token_id": eoi,
         "language_config": {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                                  "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
                                                  "max_position_embeddings", "pad_token_id", "bos_token_id")},
-        "gen_vision_config": {"params": {"image_token_size": CODES, "n_embed": 8}},
-        "gen_aligner_config": {"params": {"depth": 2, "input_dim": 8, "n_embed": 48}},
-        "gen_head_config": {"params": {"image_token_embed": 48, "image_token_size": CODES, "n_embed": 48}},
-        "vision_config": {"params": {"image_size": SIDE * 16, "hidden_size": 32, "num_hidden_layers": 1,
-                                     "num_attention_heads": 2, "mlp_ratio": 2.0}},
-        "aligner_config": {"params": {"depth": 2, "input_dim": 32, "n_embed": 48}}}))
+        "gen_vision_config": {"params": {"image_token_size": vq.num_embeddings, "n_embed": vq.embed_dim,
+                                         "base_channels": vq.base_channels, "channel_multiplier": vq.channel_multiplier,
+                                         "latent_channels": vq.latent_channels, "num_res_blocks": vq.num_res_blocks,
+                                         "num_patches": vq.num_patches}},
+        "gen_aligner_config": {"params": {"depth": 2, "input_dim": vq.embed_dim, "n_embed": text["hidden_size"]}},
+        "gen_head_config": {"params": {"image_token_embed": vq.image_token_embed_dim,
+                                       "image_token_size": vq.num_embeddings, "n_embed": text["hidden_size"]}},
+        "vision_config": {"params": {"image_size": vis.image_size, "patch_size": vis.patch_size,
+                                     "hidden_size": vis.hidden_size, "num_hidden_layers": vis.num_hidden_layers,
+                                     "num_attention_heads": vis.num_attention_heads, "mlp_ratio": vis.mlp_ratio}},
+        "aligner_config": {"params": {"depth": vis.depth, "input_dim": vis.hidden_size,
+                                      "n_embed": vis.projection_dim}}}))
+
+
+def test_deepseek_layout_loads_to_the_same_model(pair, tmp_path):
+    """DeepSeek's MultiModalityCausalLM names and config.json (model_type "multi_modality") give the same weights."""
+    hf, path, ours = pair
+    save_deepseek_layout(hf, tmp_path, BOI, EOI)
     from mmr1.janus import load_janus_understanding
 
     pixels = torch.rand(2, 3, SIDE * 16, SIDE * 16) * 2 - 1
@@ -340,6 +367,18 @@ def janus_trainer(model, **kw):
                      seed=3, sampling=SamplingConfig(cfg_scale=2.0, backend=kw.pop("backend", "kernels")), **kw)
     return GRPOTrainer(model, model.image_vocab(), t2i_format(), RewardSet({"codes": low_codes}, {"codes": 1.0}),
                        T2I_PROMPTS, cfg, parallel=parallel)
+
+
+def test_the_reference_model_reads_the_policys_prompt_images():
+    """The KL reference (a deep copy of the policy) shares the prompt-image bank: an image added after the copy
+    embeds the same in both."""
+    model = tiny_janus(5)
+    tr = janus_trainer(model)
+    assert tr.ref is not model and tr.ref.prompt_images is model.prompt_images
+    ids = model.prompt_image_ids(torch.randn(3, 32))
+    tokens = torch.tensor([[1, BOI] + ids + [EOI, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(tr.ref(tokens), model(tokens), rtol=0, atol=0)
 
 
 def test_grpo_loss_through_the_generation_head_equals_the_full_logits_path():

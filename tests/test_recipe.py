@@ -114,7 +114,7 @@ def test_sft_examples_layout_weights_and_cache(tmp_path):
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda r: r.pop("prompt"), "sft.jsonl:1: missing field 'prompt'"),
-    (lambda r: r.update(references=[]), "field 'references' must be a non-empty list"),
+    (lambda r: r.update(references="a.png"), "field 'references' must be a list of image paths"),
     (lambda r: r.update(final_image="nope.png"), "sft.jsonl:1: image .*nope.png not found"),
     (lambda r: r.update(final_image="bad.png"), "bad.png is not a readable image"),
     (lambda r: r.update(final_image="big.png"), "big.png is 32x32; the checkpoint's resolution is 16x16"),
