@@ -14,6 +14,8 @@ Real checkpoints (mmr1.recipe; under torchrun: torchrun --nproc-per-node N -m mm
     mmr1 sft --model DIR --vqgan CKPT --tokenizer JSON --data FILE.jsonl --out-dir runs/sft [--parallel fsdp]
     mmr1 grpo --model DIR --vqgan CKPT --tokenizer JSON --prompts FILE.jsonl --clip DIR --dino DIR
               [--detector DIR] [--rewards format=0.5,clip_t=1,dino=1,psr=1] --out-dir runs/grpo
+    mmr1 generate --model DIR --tokenizer JSON --prompt "a sks dog on the beach" [--reference dog.jpg]
+                  [--format xcot|reasoning|direct] [--cfg-scale 5] --out out.png
     mmr1 convert-dreambench tests/data/dreambench prompts.jsonl [--references 1]
     mmr1 export runs/grpo/checkpoints out_dir [--base DIR]   consolidated weights (mmr1.model.load_model); a
                                                        Janus-Pro run writes into --base's layout (the directory
@@ -90,6 +92,9 @@ MODES = {
     "sft": ("Two modes. Without --model: the synthetic world's cold start (the demo's tiny model; what `make "
             "cold-start` ships) with the options below. With --model: SFT of a real Chameleon / Lumina-mGPT or "
             "Janus-Pro checkpoint on a JSONL dataset, under torchrun for several processes -- its options follow."),
+    "generate": ("Two modes. With --run (and --model grpo|cold_start): a demo run's model on the synthetic world "
+                 "(the options below). With --model <checkpoint directory>: a real Chameleon / Lumina-mGPT or "
+                 "Janus-Pro checkpoint -- its options follow."),
     "grpo": ("Two modes. Without --model: GRPO of the synthetic world's cold start with before/after evaluation "
              "(the options below). With --model: GRPO of a real Chameleon / Lumina-mGPT or Janus-Pro checkpoint "
              "with CLIP / DINO rewards, under torchrun for several processes -- its options follow."),
@@ -100,26 +105,45 @@ def _real_help(cmd: str) -> str:
     """The real-checkpoint parser's help, shown under the synthetic one (`mmr1 sft|grpo --help`)."""
     from . import recipe
 
-    parser = recipe.real_sft_parser() if cmd == "sft" else recipe.real_grpo_parser()
+    parser = {"sft": recipe.real_sft_parser, "grpo": recipe.real_grpo_parser,
+              "generate": recipe.real_generate_parser}[cmd]()
     parser.prog = f"mmr1 {cmd}"
     return f"with --model (real checkpoints):\n\n{parser.format_help()}"
 
 
+def _real_model(args) -> bool:
+    """--model names a checkpoint directory (not the demo's `mmr1 generate --model grpo|cold_start`)."""
+    for i, a in enumerate(args):
+        value = a.split("=", 1)[1] if a.startswith("--model=") else (args[i + 1] if a == "--model" and
+                                                                      i + 1 < len(args) else None)
+        if value is not None:
+            return value not in ("grpo", "cold_start")
+    return False
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["sft"], ["grpo"]) and any(a == "--model" or a.startswith("--model=") for a in argv[1:]):
+    if argv[:1] in (["sft"], ["grpo"], ["generate"]) and _real_model(argv[1:]):
         from . import recipe
 
-        parser = recipe.real_sft_parser() if argv[0] == "sft" else recipe.real_grpo_parser()
-        args = parser.parse_args(argv[1:])
-        return (recipe.sft_main if argv[0] == "sft" else recipe.grpo_main)(args)
+        parser, entry = {"sft": (recipe.real_sft_parser, recipe.sft_main),
+                         "grpo": (recipe.real_grpo_parser, recipe.grpo_main),
+                         "generate": (recipe.real_generate_parser, recipe.generate_main)}[argv[0]]
+        return entry(parser().parse_args(argv[1:]))
     ap = argparse.ArgumentParser(prog="mmr1", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="MM-R1 on the synthetic world: cold-start SFT, GRPO, before/after evaluation")
     d.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m mmr1.world.demo (see --help there)")
     a = sub.add_parser("ablation", help="X-CoT vs direct: same model, cold-start and GRPO budgets (about an hour)")
     a.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m mmr1.world.ablation")
-    g = sub.add_parser("generate", help="prompt + reference image -> X-CoT reasoning, subject image, final image")
+    wants_help = any(a in ("-h", "--help") for a in argv[1:])
+
+    def modes(cmd):  # description and (only when --help is asked: it imports the recipe) the real mode's options
+        return dict(description=MODES[cmd], formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=_real_help(cmd) if argv[:1] == [cmd] and wants_help else None)
+
+    g = sub.add_parser("generate", help="prompt + reference image -> X-CoT reasoning, subject image, final image",
+                       **modes("generate"))
     g.add_argument("--run", default="runs/demo", help="a demo output directory (world + trained models)")
     g.add_argument("--model", default="grpo", choices=["grpo", "cold_start"])
     g.add_argument("--prompt", required=True, help='e.g. "my subject big at the left on sky"')
@@ -129,12 +153,6 @@ def main(argv=None) -> None:
     g.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the demo's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="xcot.png")
-    wants_help = any(a in ("-h", "--help") for a in argv[1:])
-
-    def modes(cmd):  # description and (only when --help is asked: it imports the recipe) the real mode's options
-        return dict(description=MODES[cmd], formatter_class=argparse.RawDescriptionHelpFormatter,
-                    epilog=_real_help(cmd) if argv[:1] == [cmd] and wants_help else None)
-
     s_ = sub.add_parser("sft", help="cold-start SFT: the synthetic world's tiny model, or a real checkpoint (--model)",
                         **modes("sft"))
     s_.add_argument("--out-dir", default="runs/sft")

@@ -186,10 +186,12 @@ class XCoTData:
         if self.max_seq_len is not None and n > self.max_seq_len:
             raise ValueError(f"{where}{what} is {n} tokens, over the model's context of {self.max_seq_len}")
 
-    def xcot_format(self, image_hw: Tuple[int, int], text_range: Tuple[int, int], max_text_tokens: int = 256):
+    def xcot_format(self, image_hw: Tuple[int, int], text_range: Tuple[int, int], max_text_tokens: int = 256,
+                    reasoning: bool = True, subject_image: bool = True):
         return XCoTFormat(think_open=self.ids["think_open"], think_close=self.ids["think_close"],
                           end_of_turn=self.ids["end_of_turn"], subject_hw=image_hw, final_hw=image_hw,
-                          text_range=text_range, max_text_tokens=max_text_tokens)
+                          text_range=text_range, max_text_tokens=max_text_tokens, reasoning=reasoning,
+                          subject_image=subject_image)
 
 
 def load_sft_examples(path: Union[str, Path], data: XCoTData,

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from .data import ImageTokenizer, TurnTokens, XCoTData, load_grpo_prompts, load_sft_examples
 from .distributed import finish_distributed, init_distributed
+from .generate import SamplingConfig
 from .grpo import GRPOConfig, GRPOStep, GRPOTrainer
 from .metrics_log import MetricsLog
 from .model import JANUS_MODEL_TYPES, load_transformer
@@ -39,6 +40,10 @@ from .sharded_checkpoint import latest_checkpoint
 from .tokens import ImageVocab, TextTokenizer
 from .vqgan import VQConfig, load_vqgan
 
+# what a completion holds: X-CoT (MM-R1: reasoning, a subject image, the final image), reasoning then the image
+# (T2I-R1's semantic CoT), the image alone
+FORMATS = {"xcot": dict(reasoning=True, subject_image=True), "reasoning": dict(reasoning=True, subject_image=False),
+           "direct": dict(reasoning=False, subject_image=False)}
 REWARDS = ("format", "clip_t", "pickscore", "clip_i", "dino", "psr", "self", "self_und")
 
 
@@ -112,7 +117,9 @@ def config_from_args(cls, args, config_file: Optional[str]):
         raise SystemExit(f"error: {cls.__name__}: {err}")
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """The flags naming the model and its tokenizers; ``training``: also the run's (out dir, parallelism, config
+    file, checkpoints)."""
     p.add_argument("--model", required=True, help="Lumina-mGPT / Chameleon or Janus-Pro directory (config.json + "
                                                   "weights; the family from config.json's model_type)")
     p.add_argument("--vqgan", default=None, help="Lumina-mGPT / Chameleon: the VQGAN checkpoint (taming .ckpt with the "
@@ -125,13 +132,15 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="image-token cache (default: <out-dir>/token_cache)")
     for field_name, default in dataclasses.asdict(TurnTokens()).items():
         p.add_argument(_flag(field_name + "_token"), default=default, help=f"default {default!r}")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    if not training:
+        return
     p.add_argument("--out-dir", required=True)
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
                    help="default: ddp under torchrun with > 1 process, else none")
     p.add_argument("--config", default=None, help="JSON file of config fields (flags override it)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only the last)")
     p.add_argument("--keep-last", type=int, default=3)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
 
 class Parts:
@@ -155,7 +164,8 @@ class Parts:
             raise SystemExit(f"error: {err}")
         side = self.resolution // self.downsample
         self.image_hw = (side, side)
-        cache = args.cache_dir or str(Path(args.out_dir) / "token_cache")
+        out_dir = getattr(args, "out_dir", None)
+        cache = args.cache_dir or (str(Path(out_dir) / "token_cache") if out_dir else None)
         images = ImageTokenizer(self.vq, self.vocab, self.resolution, cache, resize=args.resize, device=self.device)
         references = None
         if self.janus:  # reference images through the understanding path (SigLIP loaded at the first one)
@@ -374,10 +384,8 @@ def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
 
 def grpo_main(args) -> None:
     rank, world, cfg, parts, out = _start(args, GRPOConfig)
-    text_range = tuple(args.text_range) if args.text_range else parts.text_range
-    fmt = parts.data.xcot_format(parts.image_hw, text_range, args.max_reasoning_tokens)
-    block = parts.vocab.block_length(*parts.image_hw)
-    budget = 2 + args.max_reasoning_tokens + 2 * block + 1
+    fmt = completion_format(args, parts)
+    budget = completion_budget(fmt, parts.vocab)
     prompts = load_grpo_prompts(args.prompts, parts.data, completion_budget=budget)
     weights = parse_reward_weights(args.rewards)
     by_reference = sorted({"clip_i", "dino", "psr"} & set(weights))
@@ -407,6 +415,48 @@ def grpo_main(args) -> None:
     if args.checkpoint_every == 0 or trainer.step_idx % args.checkpoint_every:
         trainer.save(ckpt, args.keep_last)
     _finish(rank)
+
+
+def completion_format(args, parts: Parts):
+    text_range = tuple(args.text_range) if args.text_range else parts.text_range
+    return parts.data.xcot_format(parts.image_hw, text_range, args.max_reasoning_tokens, **FORMATS[args.format])
+
+
+def completion_budget(fmt, vocab: ImageVocab) -> int:
+    """The most tokens a rollout appends to a prompt in this format."""
+    text = 2 + fmt.max_text_tokens if fmt.reasoning else 0
+    subject = vocab.block_length(*fmt.subject_hw) if fmt.subject_image else 0
+    return text + subject + vocab.block_length(*fmt.final_hw) + 1
+
+
+def generate_main(args) -> None:
+    """`mmr1 generate --model DIR ...`: one prompt (and its reference images) -> the completion's reasoning on
+    stdout, its images (a row per sample: [subject image,] final image) in one PNG."""
+    from .rollout import xcot_rollout
+
+    if args.num_samples < 1:
+        raise SystemExit(f"error: --num-samples must be >= 1, got {args.num_samples}")
+    parts = Parts(args)
+    fmt = completion_format(args, parts)
+    rec = {"references": [str(Path(r).resolve()) for r in args.reference], "prompt": args.prompt}
+    try:
+        ids = parts.data.prompt_ids(rec, Path.cwd(), "")
+        parts.data._check_length(len(ids) + completion_budget(fmt, parts.vocab), "", "the prompt plus its completion")
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
+    scfg = config_from_args(SamplingConfig, args, None)
+    model = parts.model.eval()
+    with torch.no_grad():
+        ro = xcot_rollout(model, [ids], parts.vocab, fmt, scfg, num_samples=args.num_samples,
+                          vq_decode=parts.vq.decode)
+    for i in range(args.num_samples):
+        if fmt.reasoning:
+            print(f"[{i}] reasoning:", parts.text.decode(ro.reasoning[i]))
+    images = ro.final_images if ro.subject_images is None else \
+        torch.stack([ro.subject_images, ro.final_images], 1).flatten(0, 1)
+    save_grid(images, Path(args.out), 1 if ro.subject_images is None else 2)
+    print(f"wrote {args.out} ({args.num_samples} sample(s): {'subject image | ' if fmt.subject_image else ''}"
+          f"final image)")
 
 
 def _exit_preempted(command: str, rank: int, stop: Preempted) -> None:
@@ -445,15 +495,34 @@ def real_grpo_parser() -> argparse.ArgumentParser:
     p.add_argument("--dino", default=None, help="local DINO / DINOv2 directory (dino, psr)")
     p.add_argument("--detector", default=None, help="local Grounding-DINO directory for PSR crops (default: "
                                                      "whole image)")
-    p.add_argument("--max-reasoning-tokens", type=int, default=128)
-    p.add_argument("--text-range", type=int, nargs=2, default=None,
-                   help="ids the reasoning is sampled from (default: every text id -- Lumina-mGPT: from the end of "
-                        "the image window to the text vocab's end; Janus-Pro: from 0 to the text vocab's end)")
+    add_format_flags(p)
     p.add_argument("--sample-every", type=int, default=0, help="save a grid of the step's final images every K "
                                                                 "steps (0: never)")
     add_config_flags(p, GRPOConfig)
     return p
 
 
-__all__ = ["sft_main", "grpo_main", "real_sft_parser", "real_grpo_parser", "sft_batch_indices",
+def add_format_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=sorted(FORMATS), default="xcot",
+                   help="the completion: xcot (reasoning, subject image, final image: MM-R1), reasoning (reasoning, "
+                        "final image: T2I-R1), direct (the final image)")
+    p.add_argument("--max-reasoning-tokens", type=int, default=128)
+    p.add_argument("--text-range", type=int, nargs=2, default=None,
+                   help="ids the reasoning is sampled from (default: every text id -- Lumina-mGPT: from the end of "
+                        "the image window to the text vocab's end; Janus-Pro: from 0 to the text vocab's end)")
+
+
+def real_generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmr1 generate", description="a real checkpoint's completion for one prompt")
+    add_model_flags(p, training=False)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--reference", action="append", default=[], help="a reference image (repeat for several)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--out", default="generated.png")
+    add_format_flags(p)
+    add_config_flags(p, SamplingConfig)
+    return p
+
+
+__all__ = ["sft_main", "grpo_main", "generate_main", "real_generate_parser", "real_sft_parser", "real_grpo_parser", "sft_batch_indices",
            "parse_reward_weights", "add_config_flags", "config_from_args"]

@@ -143,6 +143,14 @@ def test_janus_sft_export_grpo_resume_export_under_torchrun(tmp_path, layout, pa
     with torch.no_grad():
         want = direct.logits(direct(tokens))
         torch.testing.assert_close(final.logits(final(tokens)), want, rtol=0, atol=0)
+    # mmr1 generate on the export: T2I-R1's format (reasoning, then the image), a reference photo, 2 samples
+    photo = sorted(sorted(p for p in DREAMBENCH.iterdir() if p.is_dir())[0].glob("*.jpg"))[0]
+    out = cli(["generate", "--model", str(tmp_path / "final"), *common, "--prompt", "a photo of sks dog",
+               "--reference", str(photo), "--format", "reasoning", "--max-reasoning-tokens", "3", "--cfg-scale", "2",
+               "--num-samples", "2", "--out", str(tmp_path / "gen.png")])
+    from PIL import Image
+
+    assert Image.open(tmp_path / "gen.png").size == (32, 64)  # a row per sample, the final image alone
     if layout == "transformers":
         from transformers import JanusForConditionalGeneration
 

@@ -354,24 +354,37 @@ def test_end_to_end_real_parts_torchrun(tmp_path):
     direct.load_state_dict(state)
     tokens = torch.randint(0, vocab_size, (2, 11))
     torch.testing.assert_close(exported(tokens), direct(tokens), rtol=0, atol=0)
+    # mmr1 generate on it: X-CoT, one reference photo -> reasoning on stdout, [subject | final] per sample
+    from PIL import Image
+
+    photo = sorted(sorted(p for p in DREAMBENCH.iterdir() if p.is_dir())[0].glob("*.jpg"))[0]
+    cli(["generate", "--model", str(tmp_path / "final"), *common, "--prompt", "a photo of sks dog", "--reference",
+         str(photo), "--max-reasoning-tokens", "3", "--cfg-scale", "2", "--out", str(tmp_path / "gen.png")])
+    assert Image.open(tmp_path / "gen.png").size == (32, 16)
 
 
-@pytest.mark.parametrize("cmd", ["sft", "grpo"])
+@pytest.mark.parametrize("cmd", ["sft", "grpo", "generate"])
 def test_help_shows_both_modes(cmd, capsys):
-    """`mmr1 sft|grpo --help` without --model: the synthetic world's options, then the real-checkpoint ones."""
+    """`mmr1 sft|grpo|generate --help` without --model: the synthetic world's options, then the real-checkpoint
+    ones."""
     from mmr1.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main([cmd, "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert "Two modes" in text and "--cold-start" in text or "--out-dir" in text
+    assert "Two modes" in text
     real = text.split("with --model (real checkpoints):")
     assert len(real) == 2, text[:2000]
+    if cmd == "generate":
+        for flag in ("--model", "--tokenizer", "--reference", "--format", "--cfg-scale", "--num-samples"):
+            assert flag in real[1], flag
+        assert "--parallel" not in real[1] and "--run" in real[0]
+        return
     for flag in ("--model", "--vqgan", "--tokenizer", "--parallel", "--config", "--lr"):
         assert flag in real[1], flag
     if cmd == "grpo":
-        for flag in ("--prompts", "--clip", "--dino", "--rewards", "--dynamic-sampling", "--attention"):
+        for flag in ("--prompts", "--clip", "--dino", "--rewards", "--dynamic-sampling", "--attention", "--format"):
             assert flag in real[1], flag
     else:
         assert "--data" in real[1]
