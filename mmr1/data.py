@@ -177,10 +177,18 @@ class XCoTData:
             ids += self.references.block(base / r, where)
         return ids + self.text.encode(_field(rec, "prompt", str, where)) + [self.ids["end_of_turn"]]
 
-    def completion_ids(self, rec: dict, base: Path, where: str) -> List[int]:
-        return ([self.ids["think_open"]] + self.text.encode(_field(rec, "reasoning", str, where))
-                + [self.ids["think_close"]] + self.images.block(base / _field(rec, "subject_image", str, where), where)
-                + self.images.block(base / _field(rec, "final_image", str, where), where) + [self.ids["end_of_turn"]])
+    def completion_ids(self, rec: dict, base: Path, where: str, reasoning: bool = True,
+                       subject_image: bool = True) -> List[int]:
+        """The completion in the rollouts' format: <think> reasoning </think> (``reasoning``), the subject image
+        (``subject_image``), the final image, <end-of-turn>."""
+        ids = []
+        if reasoning:
+            ids += ([self.ids["think_open"]] + self.text.encode(_field(rec, "reasoning", str, where))
+                    + [self.ids["think_close"]])
+        if subject_image:
+            ids += self.images.block(base / _field(rec, "subject_image", str, where), where)
+        return ids + self.images.block(base / _field(rec, "final_image", str, where), where) + \
+            [self.ids["end_of_turn"]]
 
     def _check_length(self, n: int, where: str, what: str) -> None:
         if self.max_seq_len is not None and n > self.max_seq_len:
@@ -194,20 +202,22 @@ class XCoTData:
                           subject_image=subject_image)
 
 
-def load_sft_examples(path: Union[str, Path], data: XCoTData,
-                      reasoning_weight: float = 1.0) -> Tuple[List[List[int]], List[int], List[List[float]]]:
+def load_sft_examples(path: Union[str, Path], data: XCoTData, reasoning_weight: float = 1.0, reasoning: bool = True,
+                      subject_image: bool = True) -> Tuple[List[List[int]], List[int], List[List[float]]]:
     """(sequences, prompt lengths, token weights) of a cold-start JSONL file; the reasoning text (after <think>,
-    through </think>) weighs ``reasoning_weight``, every other completion token 1."""
+    through </think>) weighs ``reasoning_weight``, every other completion token 1. ``reasoning`` /
+    ``subject_image``: the completion's format (XCoTData.completion_ids; X-CoT by default)."""
     path = Path(path)
     seqs, plens, weights = [], [], []
     for n, rec in _records(path):
         where = f"{path}:{n}: "
         p = data.prompt_ids(rec, path.parent, where)
-        c = data.completion_ids(rec, path.parent, where)
+        c = data.completion_ids(rec, path.parent, where, reasoning, subject_image)
         data._check_length(len(p) + len(c), where, "the example")
         w = [1.0] * (len(p) + len(c))
-        end = len(p) + c.index(data.ids["think_close"])
-        w[len(p) + 1:end + 1] = [float(reasoning_weight)] * (end - len(p))
+        if reasoning:
+            end = len(p) + c.index(data.ids["think_close"])
+            w[len(p) + 1:end + 1] = [float(reasoning_weight)] * (end - len(p))
         seqs.append(p + c)
         plens.append(len(p))
         weights.append(w)

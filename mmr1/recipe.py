@@ -260,7 +260,11 @@ def _start(args, config_cls):
 
 def sft_main(args) -> None:
     rank, world, cfg, parts, out = _start(args, SFTConfig)
-    seqs, plens, weights = load_sft_examples(args.data, parts.data, reasoning_weight=args.reasoning_weight)
+    try:
+        seqs, plens, weights = load_sft_examples(args.data, parts.data, reasoning_weight=args.reasoning_weight,
+                                                 **FORMATS[args.format])
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
     if cfg.batch_size % world:
         raise SystemExit(f"error: batch_size={cfg.batch_size} must be divisible by the {world} processes")
     trainer = SFTTrainer(parts.model, cfg, parallel=_parallel(args, world))
@@ -480,6 +484,9 @@ def real_sft_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     p.add_argument("--data", required=True, help="X-CoT examples, JSONL (mmr1.data)")
     p.add_argument("--reasoning-weight", type=float, default=1.0, help="SFT loss weight of the reasoning tokens")
+    p.add_argument("--format", choices=sorted(FORMATS), default="xcot",
+                   help="the examples' completion: xcot (reasoning, subject_image, final_image), reasoning "
+                        "(reasoning, final_image), direct (final_image)")
     add_config_flags(p, SFTConfig)
     return p
 

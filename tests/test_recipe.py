@@ -112,6 +112,26 @@ def test_sft_examples_layout_weights_and_cache(tmp_path):
     assert other.fingerprint != images.fingerprint
 
 
+def test_sft_examples_in_the_other_formats(tmp_path):
+    """T2I-R1's completion (reasoning, then the image) and the image alone: no subject image (nor reasoning) read,
+    the reasoning weighted as in X-CoT; text-only prompts (no references) allowed."""
+    data, images, vocab = _data(tmp_path)
+    a, _, c = _images(tmp_path)
+    rec = {"prompt": "a photo of sks dog", "reasoning": "the subject is a red dog", "final_image": c.name}
+    (tmp_path / "sft.jsonl").write_text(json.dumps(rec) + "\n")
+    ids, text = data.ids, data.text.encode
+    (s,), (p,), (w,) = load_sft_examples(tmp_path / "sft.jsonl", data, reasoning_weight=2.0, subject_image=False)
+    reasoning = text("the subject is a red dog")
+    assert s[:p] == [ids["bos"]] + text("a photo of sks dog") + [ids["end_of_turn"]]
+    assert s[p:] == [ids["think_open"]] + reasoning + [ids["think_close"]] + images.block(c) + [ids["end_of_turn"]]
+    assert w[p] == 1.0 and w[p + 1:p + 2 + len(reasoning)] == [2.0] * (len(reasoning) + 1) and w[-1] == 1.0
+    (s,), (p,), (w,) = load_sft_examples(tmp_path / "sft.jsonl", data, reasoning_weight=2.0, reasoning=False,
+                                         subject_image=False)
+    assert s[p:] == images.block(c) + [ids["end_of_turn"]] and set(w) == {1.0}
+    with pytest.raises(ValueError, match="missing field 'subject_image'"):
+        load_sft_examples(tmp_path / "sft.jsonl", data)
+
+
 @pytest.mark.parametrize("mutate,match", [
     (lambda r: r.pop("prompt"), "sft.jsonl:1: missing field 'prompt'"),
     (lambda r: r.update(references="a.png"), "field 'references' must be a list of image paths"),
