@@ -1,6 +1,6 @@
 """Benchmark: Janus-Pro image-token rollouts -- mmr1's engine vs transformers' own JanusForConditionalGeneration.generate.
 
-    python -m bench.janus [--layers 2] [--repeats 1] [--quick]
+    python -m bench.janus [--layers 2] [--repeats 1] [--shape both|t2i|mmr1] [--skip-update] [--quick]
 
 The same random weights in both (mmr1.janus.from_transformers shares them): Janus-Pro-1B's width (d 2048, 16 heads,
 MLP 5632, text vocab 102,400, 16,384 codes, head 2048) with fewer layers so that a CPU run takes minutes; one prompt
@@ -138,6 +138,8 @@ def main(argv=None) -> List[Row]:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--group", type=int, default=8, help="G: samples per prompt")
+    ap.add_argument("--shape", choices=["both", "t2i", "mmr1"], default="both", help="which prompt shape(s)")
+    ap.add_argument("--skip-update", action="store_true", help="rollouts only (no GRPO update comparison)")
     ap.add_argument("--quick", action="store_true", help="d 512, 64 image tokens: that it runs (figures mean little)")
     ap.add_argument("--smoke", action="store_true", help="d 64, 16 image tokens, G = 2: that the suite runs end to "
                     "end (the GPU check's dry run); its figures mean nothing")
@@ -159,7 +161,10 @@ def main(argv=None) -> List[Row]:
     print("machine:", meta)
     rows: List[Row] = []
     gen = torch.Generator().manual_seed(1)
-    for shape, plen in (("T2I-R1 (32-token text prompt)", 32), ("MM-R1 (576 image + 32 text prompt tokens)", 608)):
+    shapes = {"t2i": ("T2I-R1 (32-token text prompt)", 32), "mmr1": ("MM-R1 (576 image + 32 text prompt tokens)", 608)}
+    for key, (shape, plen) in shapes.items():
+        if args.shape not in ("both", key):
+            continue
         prompt = [100000] + torch.randint(100, 90000, (plen - 1,), generator=gen).tolist()
         ids = torch.tensor([prompt + [BOI]] * G, device=DEVICE)  # G rows (greedy refuses num_return_sequences)
         kv = {}
@@ -210,10 +215,14 @@ def main(argv=None) -> List[Row]:
                        "kv_cache_mib": (kv["ours"] if r.provider == ours_name else kv["hf"]) / 2**20}
         rows += rr
         print(format_table(rr), flush=True)
-    upd = bench_update(ours, G, side, 32, args.repeats)
-    print(format_table(upd), flush=True)
-    rows += upd
-    path = save_rows("janus" + ("_quick" if args.quick else ""), rows, meta)
+    if not args.skip_update:
+        upd = bench_update(ours, G, side, 32, args.repeats)
+        print(format_table(upd), flush=True)
+        rows += upd
+    # the default run writes results/janus.json (BENCHMARKS.md's section); other settings a file of their own
+    variant = "".join([f"_layers{args.layers}" if args.layers != 2 else "", f"_{args.shape}" if args.shape != "both"
+                       else "", "_rollouts" if args.skip_update else ""])
+    path = save_rows("janus" + ("_quick" if args.quick else variant), rows, meta)
     print(format_table(rows))
     print(f"\nwrote {path}")
     return rows
