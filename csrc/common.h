@@ -7,8 +7,16 @@
 // the NaN/inf handling the kernels rely on).
 #pragma once
 
-#include <ATen/ATen.h>
+// Per-op ATen headers, not <ATen/ATen.h>, which declares every operator: the baseline build of the four files
+// takes 24 s of CPU instead of 30 (a precompiled header of these and torch/library.h saved no more: writing it
+// took 9.5 s).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
