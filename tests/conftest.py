@@ -65,6 +65,14 @@ def _seed():
     yield
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (the order is otherwise kept): with `make test`'s --maxschedchunk 1, pytest-xdist hands
+    out one test at a time to whichever worker is free, so the longest start first and the short ones fill in.
+    (With xdist's default chunks one worker was left with the slow tests queued, running them one after another
+    for minutes after the other had finished: pytest 252 s -> 222 s here, the same CPU time.)"""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_terminal_summary(terminalreporter):
     """MMR1_TOLERANCE_REPORT=1: the worst observed error / tolerance of every error-analysis check (tests/tolerance.py)."""
     if os.environ.get("MMR1_TOLERANCE_REPORT") == "1":
