@@ -269,10 +269,12 @@ def test_an_image_in_the_prompt_is_understood_as_transformers_does(pair):
         und.features(pixels[:, :, :32])
 
 
-@pytest.mark.parametrize("attention", ["shared_prefix", "sdpa"])
-def test_xcot_rollouts_on_janus_read_reference_images(pair, attention):
+@pytest.mark.parametrize("attention,decode", [("shared_prefix", "sequential"), ("sdpa", "sequential"),
+                                              ("shared_prefix", "jacobi")])
+def test_xcot_rollouts_on_janus_read_reference_images(pair, attention, decode):
     """MM-R1's X-CoT on Janus (reasoning text, a subject image, the final image) with a reference image in each
-    prompt: greedy tokens equal the plain-SDPA path and a one-prompt-at-a-time rollout; the reference matters."""
+    prompt: greedy tokens of two prompts x 2 samples (shared-prefix or SDPA cache, sequential or Jacobi windows)
+    equal each prompt's sequential SDPA rollout alone; the reference matters."""
     from mmr1.janus import load_janus_understanding
     from mmr1.rollout import XCoTFormat, xcot_rollout
 
@@ -286,10 +288,12 @@ def test_xcot_rollouts_on_janus_read_reference_images(pair, attention):
     ps = [t[:1] + refs[i] + t[1:] for i, t in enumerate(text)]
     fmt = XCoTFormat(think_open=90, think_close=91, end_of_turn=2, subject_hw=(SIDE, SIDE), final_hw=(SIDE, SIDE),
                      text_range=(3, 92), max_text_tokens=6)
-    scfg = SamplingConfig(cfg_scale=3.0, temperature=0.0, text_temperature=0.0, attention=attention)
+    scfg = SamplingConfig(cfg_scale=3.0, temperature=0.0, text_temperature=0.0, attention=attention, decode=decode,
+                          jacobi_window=4)
     with torch.no_grad():
         both = xcot_rollout(ours, ps, ours.image_vocab(), fmt, scfg, num_samples=2)
-        alone = [xcot_rollout(ours, [p], ours.image_vocab(), fmt, replace(scfg, attention="sdpa")) for p in ps]
+        alone = [xcot_rollout(ours, [p], ours.image_vocab(), fmt, replace(scfg, attention="sdpa", decode="sequential"))
+                 for p in ps]
         swapped = xcot_rollout(ours, [text[0][:1] + refs[1] + text[0][1:]], ours.image_vocab(), fmt, scfg)
     for i, one in enumerate(alone):
         n = int(one.lengths[0])
