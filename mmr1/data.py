@@ -190,7 +190,7 @@ class XCoTData:
         return ids + self.images.block(base / _field(rec, "final_image", str, where), where) + \
             [self.ids["end_of_turn"]]
 
-    def _check_length(self, n: int, where: str, what: str) -> None:
+    def check_length(self, n: int, where: str, what: str) -> None:
         if self.max_seq_len is not None and n > self.max_seq_len:
             raise ValueError(f"{where}{what} is {n} tokens, over the model's context of {self.max_seq_len}")
 
@@ -213,7 +213,7 @@ def load_sft_examples(path: Union[str, Path], data: XCoTData, reasoning_weight: 
         where = f"{path}:{n}: "
         p = data.prompt_ids(rec, path.parent, where)
         c = data.completion_ids(rec, path.parent, where, reasoning, subject_image)
-        data._check_length(len(p) + len(c), where, "the example")
+        data.check_length(len(p) + len(c), where, "the example")
         w = [1.0] * (len(p) + len(c))
         if reasoning:
             end = len(p) + c.index(data.ids["think_close"])
@@ -234,7 +234,7 @@ def load_grpo_prompts(path: Union[str, Path], data: XCoTData, completion_budget:
     for n, rec in _records(path):
         where = f"{path}:{n}: "
         ids = data.prompt_ids(rec, path.parent, where)
-        data._check_length(len(ids) + completion_budget, where, "the prompt plus its completion")
+        data.check_length(len(ids) + completion_budget, where, "the prompt plus its completion")
         refs = _references(rec, where)
         classes = rec.get("classes", [])
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import ModelConfig, Transformer, read_safetensors
+from .model import ModelConfig, Transformer
 
 
 @dataclass
@@ -284,29 +284,47 @@ _DEEPSEEK = [
 ]
 
 
+def _our_name(key: str, rules) -> Optional[str]:
+    """A checkpoint name -> this module's (None: a part loaded elsewhere, e.g. the VQ; unknown names unchanged, to be
+    reported as unexpected)."""
+    for pattern, repl in rules:
+        m = re.match(pattern, key)
+        if m:
+            return None if repl is None else m.expand(repl) if isinstance(repl, str) else repl(m)
+    return key
+
+
 def _rename(state: Dict[str, torch.Tensor], rules) -> Dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in rules:
-            m = re.match(pattern, key)
-            if m:
-                if repl is not None:
-                    out[m.expand(repl) if isinstance(repl, str) else repl(m)] = value
-                break
-        else:
-            out[key] = value  # unknown: reported as unexpected below
-    return out
+    return {name: v for k, v in state.items() if (name := _our_name(k, rules)) is not None}
 
 
-def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
-    if list(path.glob("*.safetensors")):
-        return read_safetensors(path)
+def _read_config(path: Path) -> Tuple[Dict, Optional[str]]:
+    """(config.json, its model_type) of a checkpoint directory."""
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"config.json not found in {path}")
+    data = json.loads(cfg_file.read_text())
+    return data, data.get("model_type")
+
+
+def _read_weights(path: Path, keep=None) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory whose names pass ``keep`` (default: all); safetensors are opened lazily,
+    so the VQ or the understanding tower is read without the language model's 14 GB (Janus-Pro-7B, bf16)."""
+    files = sorted(path.glob("*.safetensors"))
+    state: Dict[str, torch.Tensor] = {}
+    if files:
+        import safetensors
+
+        for f in files:
+            with safetensors.safe_open(str(f), framework="pt") as handle:
+                state.update({k: handle.get_tensor(k) for k in handle.keys() if keep is None or keep(k)})
+        return state
     bins = sorted(path.glob("pytorch_model*.bin"))
     if not bins:
         raise FileNotFoundError(f"no .safetensors or pytorch_model*.bin weights in {path}")
-    state: Dict[str, torch.Tensor] = {}
-    for f in bins:
-        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    for f in bins:  # memory-mapped: the tensors not kept are never read
+        part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        state.update({k: v for k, v in part.items() if keep is None or keep(k)})
     return state
 
 
@@ -314,13 +332,10 @@ def load_janus(path: Union[str, Path], dtype: torch.dtype = torch.float32,
                device: Union[str, torch.device] = "cpu") -> Janus:
     """A Janus-Pro checkpoint directory (transformers' or DeepSeek's layout, detected from config.json) -> Janus."""
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"config.json not found in {path}")
-    data = json.loads(cfg_file.read_text())
+    data, kind = _read_config(path)
     cfg = JanusConfig.from_dict(data)
-    rules = {"janus": _TRANSFORMERS, "multi_modality": _DEEPSEEK, "mmr1_janus": []}[data["model_type"]]
-    state = _rename(_read_weights(path), rules)
+    rules = {"janus": _TRANSFORMERS, "multi_modality": _DEEPSEEK, "mmr1_janus": []}[kind]
+    state = _rename(_read_weights(path, keep=lambda k: _our_name(k, rules) is not None), rules)
     if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:  # tied embeddings, saved once
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     with torch.device("meta"):
@@ -377,9 +392,7 @@ def save_janus_into(model: Janus, base: Union[str, Path], out: Union[str, Path])
     from safetensors.torch import save_file
 
     base, out = Path(base), Path(out)
-    if not (base / "config.json").exists():
-        raise FileNotFoundError(f"config.json not found in the base checkpoint {base}")
-    kind = json.loads((base / "config.json").read_text()).get("model_type")
+    _, kind = _read_config(base)
     if kind not in ("janus", "multi_modality"):
         raise ValueError(f"base {base}: model_type {kind!r} is not a Janus-Pro layout (expected 'janus' or "
                          f"'multi_modality')")
@@ -387,7 +400,7 @@ def save_janus_into(model: Janus, base: Union[str, Path], out: Union[str, Path])
     trained = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state, used = {}, set()
     for key, value in _read_weights(base).items():
-        ours = next(iter(_rename({key: None}, rules)), None)
+        ours = _our_name(key, rules)
         if ours in trained:
             if tuple(trained[ours].shape) != tuple(value.shape):
                 raise ValueError(f"base {base}: {key} has shape {tuple(value.shape)}, the trained model's {ours} "
@@ -467,17 +480,16 @@ def load_janus_vq(path: Union[str, Path], dtype: torch.dtype = torch.float32) ->
     from transformers.models.janus.modeling_janus import JanusVQVAE
 
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"config.json not found in {path}")
-    data = json.loads(cfg_file.read_text())
-    kind = data.get("model_type")
-    state = _read_weights(path)
+    data, kind = _read_config(path)
+    if kind not in ("janus", "multi_modality"):
+        raise ValueError(f"{path}/config.json: model_type {kind!r} has no Janus VQ (expected 'janus' or "
+                         f"'multi_modality')")
+    state = _read_weights(path, keep=lambda k: k.startswith(("model.vqmodel.", "gen_vision_model.")))
     if kind == "janus":
         cfg = JanusVQVAEConfig(**data.get("vq_config", {}))
         prefix = "model.vqmodel."
         vq_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    elif kind == "multi_modality":
+    else:  # multi_modality
         params = data.get("gen_vision_config", {}).get("params", {})
         # DeepSeek's config names the codebook only (the VQ-16 architecture is fixed); the other keys, when present,
         # describe another architecture in JanusVQVAEConfig's names (small test checkpoints)
@@ -498,8 +510,6 @@ def load_janus_vq(path: Union[str, Path], dtype: torch.dtype = torch.float32) ->
                 if k.startswith("." + scope):
                     k = re.sub(pattern, repl, k)
             vq_state[k[1:]] = v
-    else:
-        raise ValueError(f"{cfg_file}: model_type {kind!r} has no Janus VQ (expected 'janus' or 'multi_modality')")
     if not vq_state:
         raise ValueError(f"checkpoint {path} holds no VQ weights (expected {prefix}*)")
     vq = JanusVQVAE(cfg)
@@ -615,17 +625,17 @@ def load_janus_understanding(path: Union[str, Path], dtype: torch.dtype = torch.
     from transformers.models.janus.modeling_janus import JanusVisionAlignerMLP, JanusVisionModel
 
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"config.json not found in {path}")
-    data = json.loads(cfg_file.read_text())
-    kind = data.get("model_type")
-    state = _read_weights(path)
+    data, kind = _read_config(path)
+    if kind not in ("janus", "multi_modality"):
+        raise ValueError(f"{path}/config.json: model_type {kind!r} has no Janus understanding tower (expected "
+                         f"'janus' or 'multi_modality')")
+    state = _read_weights(path, keep=lambda k: k.startswith(("model.vision_model.", "model.aligner.", "vision_model.",
+                                                             "aligner.")))
     if kind == "janus":
         cfg = JanusVisionConfig(**data.get("vision_config", {}))
         vision = {k[len("model.vision_model."):]: v for k, v in state.items() if k.startswith("model.vision_model.")}
         aligner = {k[len("model.aligner."):]: v for k, v in state.items() if k.startswith("model.aligner.")}
-    elif kind == "multi_modality":
+    else:  # multi_modality
         params = data.get("vision_config", {}).get("params", {})
         align = data.get("aligner_config", {}).get("params", {})
         # DeepSeek's config names SigLIP-L/16 at 384 px by its timm name (JanusVisionConfig's defaults); the other
@@ -644,9 +654,6 @@ def load_janus_understanding(path: Union[str, Path], dtype: torch.dtype = torch.
             if m:  # Linear, GELU, Linear, ...: layer 0 -> fc1, layer 2j -> hidden_layers.(j - 1)
                 i = int(m[1])
                 aligner[("fc1." if i == 0 else f"hidden_layers.{i // 2 - 1}.") + m[2]] = v
-    else:
-        raise ValueError(f"{cfg_file}: model_type {kind!r} has no Janus understanding tower (expected 'janus' or "
-                         f"'multi_modality')")
     if not vision or not aligner:
         raise ValueError(f"checkpoint {path} holds no understanding tower / aligner weights (a generation-only "
                          f"checkpoint cannot read images in prompts)")

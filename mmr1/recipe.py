@@ -445,7 +445,7 @@ def generate_main(args) -> None:
     rec = {"references": [str(Path(r).resolve()) for r in args.reference], "prompt": args.prompt}
     try:
         ids = parts.data.prompt_ids(rec, Path.cwd(), "")
-        parts.data._check_length(len(ids) + completion_budget(fmt, parts.vocab), "", "the prompt plus its completion")
+        parts.data.check_length(len(ids) + completion_budget(fmt, parts.vocab), "", "the prompt plus its completion")
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     scfg = config_from_args(SamplingConfig, args, None)
@@ -453,8 +453,8 @@ def generate_main(args) -> None:
     with torch.no_grad():
         ro = xcot_rollout(model, [ids], parts.vocab, fmt, scfg, num_samples=args.num_samples,
                           vq_decode=parts.vq.decode)
-    for i in range(args.num_samples):
-        if fmt.reasoning:
+    if fmt.reasoning:
+        for i in range(args.num_samples):
             print(f"[{i}] reasoning:", parts.text.decode(ro.reasoning[i]))
     images = ro.final_images if ro.subject_images is None else \
         torch.stack([ro.subject_images, ro.final_images], 1).flatten(0, 1)

@@ -303,6 +303,43 @@ def test_xcot_rollouts_on_janus_read_reference_images(pair, attention, decode):
         not torch.equal(swapped.final_codes[0], both.final_codes[0])
 
 
+def test_each_loader_reads_only_its_own_tensors(pair, monkeypatch):
+    """The language model, the VQ and the understanding tower load from one directory; each reads only its tensors
+    (at 7B, reading the whole checkpoint three times at start-up would be 3 x 14 GB)."""
+    import safetensors
+
+    from mmr1.janus import load_janus_understanding, load_janus_vq
+
+    real, read = safetensors.safe_open, []
+
+    class Spy:  # safe_open, recording which tensors are read
+        def __init__(self, *args, **kwargs):
+            self.handle = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    _, path, _ = pair
+    for load, own in ((load_janus_vq, ("model.vqmodel.",)),
+                      (load_janus_understanding, ("model.vision_model.", "model.aligner.")),
+                      (load_janus, ("model.language_model.", "model.generation_", "lm_head."))):
+        read.clear()
+        load(path)
+        assert read and all(k.startswith(own) for k in read), (load.__name__, sorted(set(read))[:5])
+
+
 def test_load_errors_name_what_is_wrong(pair, tmp_path):
     _, path, _ = pair
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
