@@ -223,15 +223,15 @@ struct RowOut {
   int32_t status;
 };
 
-struct Scratch {
+struct RowScratch {
   std::vector<float> c, u, z, q, u4, c2;
-  explicit Scratch(int64_t n) : c(n), u(n), z(n), q(n), u4(n + 8), c2(n) {}
+  explicit RowScratch(int64_t n) : c(n), u(n), z(n), q(n), u4(n + 8), c2(n) {}
 };
 
 template <typename scalar_t>
 RowOut sample_row(const scalar_t* crow, const scalar_t* urow, int64_t lo, int64_t W, float cfg, float temp,
                   int64_t top_k, float top_p, uint32_t row_id, uint64_t seed, uint64_t offset, bool want_cond,
-                  Scratch& s) {
+                  RowScratch& s) {
   RowOut out{lo, 0.0f, 0.0f, kOk};
   load_row_f32(crow, s.c.data(), W);
   if (urow != nullptr) load_row_f32(urow, s.u.data(), W);
@@ -316,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cfg_sample_cpu(
       const scalar_t* ub = uncond.has_value() ? uncond->const_data_ptr<scalar_t>() : nullptr;
       const int64_t cstride = cond.stride(0), ustride = uncond.has_value() ? uncond->stride(0) : 0;
       at::parallel_for(0, B, 1, [&](int64_t b, int64_t e) {
-        Scratch scratch(W);
+        RowScratch scratch(W);
         for (int64_t r = b; r < e; ++r) {
           if (fz != nullptr && fz[r] >= 0) {  // structure token: no logits read at all
             tok[r] = fz[r];

@@ -18,9 +18,12 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Under pytest-xdist (`make test` runs `-n 2`: one worker per core) each worker computes on one thread: two workers
-# with two threads each would contend for the two cores.
+# with two threads each would contend for the two cores. The processes the tests start (torchrun jobs, the CLI, the
+# GPU check's dry run) inherit OMP_NUM_THREADS=1 for the same reason: with the other worker busy, a second OpenMP
+# thread spins at every barrier (the dry run took 70 CPU-s in the suite, 47 with this).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import mmr1_kernels  # noqa: E402,F401  (registers the ops)
 from mmr1_kernels._library import HAS_CPP, HAS_TRITON  # noqa: E402
@@ -63,6 +66,48 @@ def triton_kernels():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def torchrun_scenarios(tmp_path_factory):
+    """tests/torchrun_scenarios.py (every two-process scenario of the trainer and Janus tests) under `torchrun
+    --nproc-per-node 2`, launched once per session however many tests and xdist workers ask (a file lock in the
+    session's shared temporary directory: the pattern pytest-xdist documents for once-per-session fixtures).
+    Returns ``scenario(name) -> Path``, that scenario's output directory; a scenario that did not finish fails the
+    asking test with the launch's exit code and stderr."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root = shared / "torchrun_scenarios"
+    here = Path(__file__).resolve().parent
+    with FileLock(str(shared / "torchrun_scenarios.lock")):
+        if not (root / "launch.json").exists():
+            root.mkdir(exist_ok=True)
+            with socket.socket() as sock:  # a free port for the rendezvous
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            out = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2",
+                                  "--master-addr", "127.0.0.1", "--master-port", str(port),
+                                  str(here / "torchrun_scenarios.py"), str(root), str(here)],
+                                 capture_output=True, text=True, timeout=900,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+            (root / "launch.json").write_text(json.dumps({"rc": out.returncode, "stderr": out.stderr[-6000:]}))
+    launch = json.loads((root / "launch.json").read_text())
+
+    def scenario(name: str) -> Path:
+        if not (root / name / "done").exists():
+            pytest.fail(f"tests/torchrun_scenarios.py did not finish scenario {name!r} (torchrun exit {launch['rc']}):"
+                        f"\n{launch['stderr']}", pytrace=False)
+        return root / name
+
+    return scenario
 
 
 def pytest_collection_modifyitems(config, items):

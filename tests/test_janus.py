@@ -539,13 +539,11 @@ def janus_distributed_trainer(parallel: str = "none"):
 
 
 @pytest.mark.slow
-def test_janus_under_ddp_and_fsdp_equals_one_process(tmp_path):
+def test_janus_under_ddp_and_fsdp_equals_one_process(torchrun_scenarios):
     """torchrun --nproc-per-node 2: DDP and FSDP2 (the transformer blocks and the root, the generation path
     included) take the same 2 GRPO steps on Janus as one process -- logged losses and gradient norms, final
     weights."""
-    from test_trainer import run_torchrun_script
-
-    run_torchrun_script("torchrun_janus.py", str(tmp_path))
+    out = torchrun_scenarios("janus")
     # one thread, as each worker runs: with two, the CPU kernels reduce in another order, and after an AdamW step
     # of lr 1e-2 a parameter whose gradient is ~0 can move by ~lr (observed: 9e-4 in the weights, 1e-4 in losses)
     threads = torch.get_num_threads()
@@ -556,13 +554,44 @@ def test_janus_under_ddp_and_fsdp_equals_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
     for parallel in ("ddp", "fsdp"):
-        got = torch.load(tmp_path / f"{parallel}.pt", weights_only=False)
+        got = torch.load(out / f"{parallel}.pt", weights_only=False)
         assert len(got["history"]) == 2
         for step, (m, s) in enumerate(zip(got["history"], single.history)):
             for key in ("loss", "grad_norm", "image/ratio_mean", "image/kl", "reward/codes"):
                 assert m[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (parallel, step, key)
         for name, p in single.policy.named_parameters():
             torch.testing.assert_close(got["weights"][name], p.detach(), atol=1e-5, rtol=0, msg=f"{parallel} {name}")
+
+
+def janus_sft_batch():
+    """4 SFT sequences for tiny_janus: text, then codes between BOI / EOI, then text; different lengths."""
+    lo = tiny_janus(0).text_vocab
+    g = torch.Generator().manual_seed(1)
+    seqs = [[1, 5 + i] + [7] * i + [BOI] + (lo + torch.randint(0, 64, (3 + i,), generator=g)).tolist() + [EOI, 9, 2]
+            for i in range(4)]
+    return seqs, [2 + i for i in range(4)]
+
+
+@pytest.mark.slow
+def test_janus_sft_under_ddp_equals_one_process(torchrun_scenarios):
+    """torchrun --nproc-per-node 2, DDP: 2 SFT steps on Janus, each rank on half of the batch (of other token
+    counts), equal one process's 2 steps on the whole batch -- logged losses, gradient norms, final weights."""
+    from mmr1.sft import SFTConfig, SFTTrainer
+
+    got = torch.load(torchrun_scenarios("janus_sft") / "sft.pt", weights_only=False)
+    seqs, plens = janus_sft_batch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs (see the GRPO test above)
+    try:
+        tr = SFTTrainer(tiny_janus(4), SFTConfig(lr=1e-2))
+        single = [tr.step(seqs, plens) for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    for step, (m, s) in enumerate(zip(got["history"], single)):
+        for key in ("loss", "grad_norm"):
+            assert m[key] == pytest.approx(s[key], rel=1e-5), (step, key)
+    for name, p in tr.model.named_parameters():
+        torch.testing.assert_close(got["weights"][name], p.detach(), atol=1e-5, rtol=0, msg=name)
 
 
 def test_sft_on_janus_trains_text_and_codes_under_their_own_heads():

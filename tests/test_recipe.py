@@ -360,12 +360,8 @@ def test_end_to_end_real_parts_torchrun(tmp_path):
     assert (full / "samples" / "step-000002.png").exists() and (full / "samples" / "step-000004.png").exists()
     moved = any(not torch.equal(b_w[k], v) for k, v in load_transformer(tmp_path / "sft_model").state_dict().items())
     assert moved, "GRPO did not change the weights"
-    # DDP through the CLI: the same 2 first steps as FSDP's (the same global batch, gradients averaged alike)
-    ddp = tmp_path / "ddp"
-    _torchrun(grpo + ["--parallel", "ddp", "--out-dir", str(ddp), "--steps", "2"])
-    d_log = [json.loads(x) for x in (ddp / "metrics.jsonl").read_text().splitlines()]
-    for d, f in zip(d_log, log[:2]):
-        assert d["loss"] == pytest.approx(f["loss"], rel=1e-4, abs=1e-6) and d["step"] == f["step"]
+    # (`grpo --parallel ddp` through the CLI: tests/test_janus_cli.py; DDP and FSDP2 each take one process's steps:
+    # tests/test_trainer.py -- a launch here would cost ~8 CPU-s before its first step)
     # export -> reload -> same logits as the checkpoint read through DCP
     cli(["export", str(tmp_path / "full_fsdp" / "checkpoints"), str(tmp_path / "final")])
     exported = load_transformer(tmp_path / "final")

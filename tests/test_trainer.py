@@ -51,24 +51,6 @@ def grpo_cfg(**kw):
     return GRPOConfig(**base)
 
 
-def run_torchrun_script(script: str, *args: str) -> None:
-    """``torchrun --nproc-per-node 2 tests/<script> <args> <tests dir>`` on a free local port; asserts it succeeded."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parent
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                          str(port), str(here / script), *args, str(here)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-
-
 # --------------------------------------------------------------------------- rewards
 
 
@@ -460,28 +442,14 @@ def distributed_cfg():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
+def test_torchrun_two_processes_equal_single_process(torchrun_scenarios, parallel):
     """torchrun --nproc-per-node 2 (gloo), 2 steps, checkpoint, resume in a fresh trainer, 2 more steps == one
     process, 4 uninterrupted steps on the same global batches: the logged loss, metrics and pre-clip gradient norm
     of every step (so summing instead of averaging gradients across ranks fails: it doubles the norm), and the
     final weights and AdamW state."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import socket
-
-    with socket.socket() as sock:  # a free port for the rendezvous (back-to-back runs must not collide)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    here = Path(__file__).parent
-    torchrun = Path(sys.executable).with_name("torchrun")
-    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                          str(here / "torchrun_worker.py"), parallel, str(tmp_path), str(here)],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    multi = json.loads((tmp_path / "history.json").read_text())
-    assert json.loads((tmp_path / "ref_sharded.json").read_text()) == (parallel == "fsdp")
+    out = torchrun_scenarios(parallel)
+    multi = json.loads((out / "history.json").read_text())
+    assert json.loads((out / "ref_sharded.json").read_text()) == (parallel == "fsdp")
     single = GRPOTrainer(tiny_model(11), VOCAB, FMT, reward_set(), PROMPTS, distributed_cfg())
     single.train(4, progress=False)
     assert len(multi) == len(single.history) == 4
@@ -493,7 +461,7 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
             assert m[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (step, key)
     weights, opt = tiny_model(0), None
     opt = torch.optim.AdamW(weights.parameters())
-    load_sharded(tmp_path / "final", weights, opt, restore_rng=False)  # 2 ranks' shards -> one process
+    load_sharded(out / "final", weights, opt, restore_rng=False)  # 2 ranks' shards -> one process
     # 1e-5 = lr / 300: a resume without AdamW's moments or the LR schedule moves weights by ~lr; reductions in
     # another order move them by < 4e-6 (k_norm.bias, whose true gradient is 0, takes Adam-normalized noise steps)
     for k, v in single.policy.state_dict().items():
@@ -505,24 +473,10 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, parallel):
 
 
 @pytest.mark.slow
-def test_fsdp_rollouts_gather_each_block_once(tmp_path):
+def test_fsdp_rollouts_gather_each_block_once(torchrun_scenarios):
     """Under FSDP2 a GRPO step keeps the blocks gathered through the rollout: a handful of all-gathers per step
     instead of one per block per decode step, and the same step."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    here = Path(__file__).parent
-    torchrun = Path(sys.executable).with_name("torchrun")
-    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                          str(port), str(here / "torchrun_gather_count.py"), str(tmp_path / "count.json"), str(here)],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads((tmp_path / "count.json").read_text())
+    res = json.loads((torchrun_scenarios("gather_count") / "count.json").read_text())
     blocks = tiny_model(0).config.num_layers
     assert res["same_step"], res
     # the rollout decodes > 20 tokens per sample: re-gathering every block at every step costs > 15 x blocks more
@@ -713,11 +667,11 @@ def test_dynamic_sampling_is_bounded_and_logs_what_it_could_not_fill():
 
 
 @pytest.mark.slow
-def test_dynamic_sampling_under_torchrun_ranks_agree(tmp_path):
+def test_dynamic_sampling_under_torchrun_ranks_agree(torchrun_scenarios):
     """2 processes: every rank runs the same rounds and logs the same global step (the rank-0 log and the other
     rank's agree), each rank's batch holds only groups with signal."""
-    run_torchrun_script("torchrun_dynamic.py", str(tmp_path))
-    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    out = torchrun_scenarios("dynamic_sampling")
+    logs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert len(logs[0]) == len(logs[1]) == 2
     for a, b in zip(*logs):
         for k in ("dynamic/rounds", "dynamic/prompts_drawn", "dynamic/zero_std_frac_before", "loss", "grad_norm",
@@ -808,11 +762,11 @@ def test_a_nonfinite_step_is_applied_nowhere_logged_and_the_run_stops_after_max_
         grpo_cfg(max_nonfinite_steps=0)
 
 
-def test_a_nonfinite_loss_on_one_rank_of_two_skips_the_step_on_both(tmp_path):
+def test_a_nonfinite_loss_on_one_rank_of_two_skips_the_step_on_both(torchrun_scenarios):
     """torchrun, DDP, 2 processes: rank 1's loss is NaN at step 1; neither rank applies that step (their weights
     after step 1 equal those after step 0, and equal each other), both log it naming rank 1, step 2 trains again."""
-    run_torchrun_script("torchrun_nonfinite.py", str(tmp_path))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    out = torchrun_scenarios("nonfinite")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         m = r["metrics"]
         assert [x["step/skipped_nonfinite"] for x in m] == [0.0, 1.0, 0.0]
@@ -880,14 +834,13 @@ with SignalFlag() as flag:
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint_and_the_rerun_is_exact(parallel,
-                                                                                                        tmp_path):
+def test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint_and_the_rerun_is_exact(
+        parallel, torchrun_scenarios):
     """torchrun, 2 processes: a real SIGTERM to rank 0 during the rollout or the update of the second step ends the
     run on both ranks after that step (it finishes) with its checkpoint; during the checkpoint save after the first
     step, after that save. A fresh trainer resumes there and its 4th step's weights and AdamW state equal an
     uninterrupted run's, bit for bit."""
-    run_torchrun_script("torchrun_preempt.py", str(tmp_path), parallel)
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = json.loads((torchrun_scenarios(f"preempt_{parallel}") / "result.json").read_text())
     for phase, after in (("rollout", 2), ("update", 2), ("save", 1)):
         r = result[phase]
         step, signum, ckpt = r["stopped"]
