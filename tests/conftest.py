@@ -76,12 +76,12 @@ def torchrun_scenarios(tmp_path_factory):
     Returns ``scenario(name) -> Path``, that scenario's output directory; a scenario that did not finish fails the
     asking test with the launch's exit code and stderr."""
     import json
-    import socket
     import subprocess
-    import sys
     from pathlib import Path
 
     from filelock import FileLock
+
+    from soak import torchrun_command
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
@@ -90,13 +90,8 @@ def torchrun_scenarios(tmp_path_factory):
     with FileLock(str(shared / "torchrun_scenarios.lock")):
         if not (root / "launch.json").exists():
             root.mkdir(exist_ok=True)
-            with socket.socket() as sock:  # a free port for the rendezvous
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
             try:
-                out = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2",
-                                      "--master-addr", "127.0.0.1", "--master-port", str(port),
-                                      str(here / "torchrun_scenarios.py"), str(root), str(here)],
+                out = subprocess.run(torchrun_command(str(here / "torchrun_scenarios.py"), str(root), str(here)),
                                      capture_output=True, text=True, timeout=900,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
                 rc, err = out.returncode, out.stderr

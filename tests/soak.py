@@ -70,18 +70,20 @@ def build_job(root: Path, steps: int, parallel: str = "fsdp") -> List[str]:
             "--keep-last", "3", "--parallel", parallel]
 
 
-def _free_port() -> int:
+def torchrun_command(*args: str) -> List[str]:
+    """``torchrun --nproc-per-node 2 ... ARGS`` on a free local port (back-to-back and concurrent launches of the
+    suite must not collide at the rendezvous) -- every two-process launch of the tests."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    return [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(port), *args]
 
 
 def launch(job: List[str], out_dir: Path, log) -> subprocess.Popen:
     """torchrun with 2 workers in a new session (its own process group, so a whole-job signal reaches only it)."""
-    torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                             str(_free_port()), "-m", "mmr1.cli", *job, "--out-dir", str(out_dir)],
+    return subprocess.Popen(torchrun_command("-m", "mmr1.cli", *job, "--out-dir", str(out_dir)),
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 

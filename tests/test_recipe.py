@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -228,14 +227,11 @@ def test_config_flags_file_and_batches(tmp_path):
 
 
 def _torchrun(args, env_extra=None, timeout=900):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torchrun = Path(sys.executable).with_name("torchrun")
+    from soak import torchrun_command
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                          str(port), "-m", "mmr1.cli", *args], capture_output=True, text=True, timeout=timeout,
-                         env=env)
+    out = subprocess.run(torchrun_command("-m", "mmr1.cli", *args), capture_output=True, text=True,
+                         timeout=timeout, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
 

@@ -851,19 +851,15 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint_a
 def test_a_hung_rank_ends_the_job_with_an_error_naming_it():
     """torchrun, 2 processes, MMR1_COLLECTIVE_TIMEOUT_S=3: rank 1's reward model hangs (120 s) in the first step;
     rank 0 raises CollectiveTimeout naming rank 1 and the phase, and the job ends long before the hang would."""
-    import socket
     import subprocess
-    import sys
     import time
     from pathlib import Path
 
+    from soak import torchrun_command
+
     here = Path(__file__).resolve().parent
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     t0 = time.monotonic()
-    out = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "--master-addr",
-                          "127.0.0.1", "--master-port", str(port), str(here / "torchrun_hang.py"), str(here)],
+    out = subprocess.run(torchrun_command(str(here / "torchrun_hang.py"), str(here)),
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "MMR1_COLLECTIVE_TIMEOUT_S": "3", "OMP_NUM_THREADS": "1"})
     took = time.monotonic() - t0
